@@ -1,0 +1,1 @@
+"""edgeota OTA server: releases, devices, staged rollouts over MQTT, telemetry."""

@@ -1,0 +1,1 @@
+"""edgeota packager: per-hardware-profile optimisation passes, gates, and signed bundles."""
