@@ -62,7 +62,7 @@ def test_trusted_keys_pem_roundtrip_and_revoke(tmp_path: Path) -> None:
     assert trusted.key_ids == sorted([a.key_id, b.key_id])
     trusted.revoke(a.key_id)
     assert trusted.get(a.key_id) is None and len(trusted) == 1
-    priv, pub = write_keypair(tmp_path / "s.pem", a)
+    _priv, pub = write_keypair(tmp_path / "s.pem", a)
     assert TrustedKeys.from_files([pub]).key_ids == [a.key_id]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -19,7 +20,7 @@ from edgeota_contract.telemetry import (
 
 def test_happy_path_moves_forward_only() -> None:
     path = [S.PENDING, S.NOTIFIED, S.DOWNLOADING, S.DOWNLOADED, S.VERIFYING, S.INSTALLING, S.TRIAL, S.COMMITTED]
-    for a, b in zip(path, path[1:], strict=False):
+    for a, b in itertools.pairwise(path):
         assert deployment_transition_allowed(a, b)
         assert not deployment_transition_allowed(b, a)  # late report of an earlier step
     assert deployment_transition_allowed(S.NOTIFIED, S.TRIAL)  # skipped steps are fine
