@@ -10,6 +10,7 @@ the new version. A second release then replaces the first the same way.
 from __future__ import annotations
 
 import subprocess
+import tarfile
 import sys
 import tomllib
 from pathlib import Path
@@ -99,7 +100,9 @@ def test_package_publish_install_update(
 
         # Bad input at the boundary: a tampered bundle is refused with a 4xx and nothing is stored.
         tampered = bytearray(bundles["1.0.0"].read_bytes())
-        tampered[-2000] ^= 0xFF
+        with tarfile.open(bundles["1.0.0"]) as tar:
+            model_offset = tar.getmember("model.onnx").offset_data
+        tampered[model_offset + 100] ^= 0xFF  # one byte inside the model, same length
         refused = client.post("/api/v1/bundles", content=bytes(tampered))
         assert 400 <= refused.status_code < 500, refused.text
         assert _release_list(client) == []
