@@ -1,0 +1,398 @@
+"""The packager's public Python API: :func:`package_model`.
+
+One source model (ONNX file, TorchScript file, ``ExportedProgram`` ``.pt2`` file, or an
+``nn.Module``), one calibration set, optionally one evaluation set, any number of hardware
+profiles -> one signed bundle per profile that passed its gates, plus ``out_dir/report.json``.
+
+Bad input (corrupt model, unknown or broken profile, data that does not fit the model, missing
+labels for a labelled gate, unreadable key, bad name/version) raises a
+:class:`~edgeota_contract.errors.EdgeotaError` with a one-line message before any bundle is
+written. A profile whose ladder finds no passing recipe is reported (``ok = False``), and no
+bundle is written for it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgeota_contract.bundle import sha256_file
+from edgeota_contract.errors import EdgeotaError
+from edgeota_contract.manifest import NAME_PATTERN, SEMVER_PATTERN, release_counter_from_version
+from edgeota_contract.signing import SigningKey, load_private_key
+from packager.data import Dataset, load_dataset
+from packager.errors import PackagerError, ProfileError
+from packager.evaluate import LatencySettings
+from packager.gates import GateResult
+from packager.ladder import (
+    Attempt,
+    LadderRunner,
+    RunOptions,
+    SourceModel,
+    failure_message,
+    resolve_gate_metric,
+)
+from packager.onnx_utils import io_specs, load_onnx_file, sha256_bytes
+from packager.profiles import HardwareProfile, load_profiles
+from packager.progress import Reporter
+
+if TYPE_CHECKING:
+    import torch
+
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
+EXPORTED_PROGRAM_SUFFIXES = (".pt2",)
+REPORT_FILE = "report.json"
+
+
+@dataclass
+class ProfileResult:
+    profile: str
+    ok: bool
+    error: str | None = None
+    recipe: str | None = None
+    bundle_path: Path | None = None
+    bundle_sha256: str | None = None
+    bundle_size: int | None = None
+    gate_metric: str | None = None
+    gates_overridden: bool = False
+    baseline: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    gates: list[GateResult] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k != "attempts"}
+        data["attempts"] = [a.to_dict() for a in self.attempts]
+        data["bundle_path"] = str(self.bundle_path) if self.bundle_path else None
+        return data
+
+
+@dataclass
+class PackagingReport:
+    model_name: str
+    version: str
+    release_counter: int
+    source: dict[str, Any]
+    calibration: dict[str, Any]
+    evaluation: dict[str, Any]
+    results: dict[str, ProfileResult]  # by profile id, in the order the profiles were given
+    host: dict[str, Any]
+    packager_version: str
+    seconds: float = 0.0
+    report_path: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k not in ("results", "report_path")}
+        data["ok"] = self.ok
+        data["results"] = {pid: r.to_dict() for pid, r in self.results.items()}
+        return data
+
+    def to_json(self) -> str:
+        from packager.bundling import dumps
+
+        return dumps(self.to_dict())
+
+
+EventFn = Callable[[str, str], None]
+
+
+def _validate_release(name: str, version: str, release_counter: int | None) -> int:
+    if not re.match(NAME_PATTERN, name):
+        raise PackagerError(f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+    if not re.match(SEMVER_PATTERN, version):
+        raise PackagerError(f"invalid version {version!r}: expected a semantic version such as 1.2.0")
+    if release_counter is None:
+        return release_counter_from_version(version)
+    if not 1 <= release_counter <= 2**53:
+        raise PackagerError(f"invalid release counter {release_counter}: must be between 1 and 2**53")
+    return release_counter
+
+
+def _load_key(key: Path | SigningKey) -> SigningKey:
+    if isinstance(key, SigningKey):
+        return key
+    return load_private_key(key)
+
+
+def load_source(model: Path | str | torch.nn.Module, example_inputs: Any, calibration_path: Path | None) -> SourceModel:
+    """Read the model; PyTorch inputs are exported to ONNX (torch is imported only for them)."""
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        suffix = path.suffix.lower()
+        if suffix in TORCHSCRIPT_SUFFIXES or suffix in EXPORTED_PROGRAM_SUFFIXES:
+            from packager.torch_input import load_torch_file
+
+            return load_torch_file(path, example_inputs, calibration_path)
+        onnx_model, data = load_onnx_file(path)
+        return SourceModel(onnx_model, sha256_bytes(data), "onnx")
+    from packager.torch_input import load_torch_module
+
+    return load_torch_module(model, example_inputs, calibration_path)
+
+
+def package_model(
+    model: Path | str | torch.nn.Module,
+    *,
+    profiles: Sequence[str],
+    calibration: Path,
+    eval_data: Path | None = None,
+    key: Path | SigningKey,
+    out_dir: Path,
+    name: str | None = None,
+    version: str = "0.1.0",
+    release_counter: int | None = None,
+    profiles_dir: Path | None = None,
+    example_inputs: Any = None,
+    jobs: int = 1,
+    progress: bool = False,
+    latency: LatencySettings | None = None,
+    measure_memory: bool = True,
+    gate_metric: str | None = None,
+    created_at: datetime | None = None,
+    created_by: str | None = None,
+    on_event: EventFn | None = None,
+    structured_pruning: bool | None = None,
+    recipes: Sequence[str] | None = None,
+    enforce_gates: bool = True,
+) -> PackagingReport:
+    """Package ``model`` for each of ``profiles``; see the module doc. Returns the report.
+
+    ``latency`` shrinks or grows the host latency measurement; ``gate_metric`` (``accuracy`` or
+    ``fidelity``) overrides every profile's choice; ``created_at``/``created_by`` pin the lineage
+    fields (bundles are byte-identical for identical inputs apart from them and the signature).
+    ``structured_pruning`` (PyTorch input only) forces channel pruning on or off; by default it
+    follows each profile's ``pruning.structured`` settings (pruned first, unpruned if no recipe passes).
+    ``recipes`` replaces every profile's ladder with these built-in recipe names (each must use a
+    precision the profile allows). ``enforce_gates=False`` is for demos and tests only: a profile
+    whose ladder fails still gets a bundle, built from the last attempt that produced a model, with
+    ``gates_overridden = 1`` in the manifest metrics and a warning in the model card.
+    """
+    started = time.perf_counter()
+    if name is None:
+        if not isinstance(model, (str, os.PathLike)):
+            raise PackagerError("a name is required when packaging an nn.Module")
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(model).stem).strip("-.") or "model"
+    counter = _validate_release(name, version, release_counter)
+    profile_objs = load_profiles(list(profiles), profiles_dir)
+    if recipes is not None:
+        profile_objs = [_with_ladder(p, list(recipes)) for p in profile_objs]
+    signing_key = _load_key(key)
+    if jobs < 1:
+        raise PackagerError("jobs must be at least 1")
+    calibration = Path(calibration)
+    if not calibration.is_file():
+        raise PackagerError(f"calibration data {calibration} does not exist")
+    if eval_data is not None and not Path(eval_data).is_file():
+        raise PackagerError(f"evaluation data {eval_data} does not exist")
+
+    source = load_source(model, example_inputs, calibration)
+    specs = io_specs(source.model, "input")
+    calib = load_dataset(calibration, specs, "calibration")
+    evald = load_dataset(Path(eval_data), specs, "evaluation") if eval_data is not None else calib
+    options = RunOptions(
+        latency=latency or LatencySettings(),
+        measure_memory=measure_memory,
+        gate_metric=gate_metric,
+        enforce_gates=enforce_gates,
+    )
+    for profile in profile_objs:  # a labelled gate without labels fails before any work
+        resolve_gate_metric(profile, evald, gate_metric)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    from packager.bundling import host_info
+
+    reporter = Reporter(profile_objs, progress, on_event)
+    runners: dict[float | None, LadderRunner] = {None: LadderRunner(source, calib, evald, options, reporter.event)}
+    plans: dict[str, list[LadderRunner]] = {}
+    try:
+        for p in profile_objs:
+            ratio = _structured_ratio(p, model, structured_pruning)
+            if ratio is not None and ratio not in runners:
+                from packager.torch_input import load_torch_pruned
+
+                pruned = load_torch_pruned(model, example_inputs, calibration, ratio)
+                runners[ratio] = LadderRunner(
+                    pruned, calib, evald, options, reporter.event, variant=f"channels-{round(ratio * 100)}%"
+                )
+            plans[p.id] = ([runners[ratio]] if ratio is not None else []) + [runners[None]]
+        args = (
+            out_dir,
+            name,
+            version,
+            counter,
+            signing_key,
+            calib,
+            evald,
+            eval_data is None,
+            created_at,
+            created_by,
+            reporter,
+        )
+        with reporter:
+            if jobs == 1 or len(profile_objs) == 1:
+                results = [_package_one(plans[p.id], p, *args) for p in profile_objs]
+            else:
+                with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="edgeota-pack") as pool:
+                    futures = [pool.submit(_package_one, plans[p.id], p, *args) for p in profile_objs]
+                    results = [f.result() for f in futures]
+    finally:
+        for runner in runners.values():
+            runner.close()
+    report = PackagingReport(
+        model_name=name,
+        version=version,
+        release_counter=counter,
+        source={
+            "path": None if not isinstance(model, (str, os.PathLike)) else str(model),
+            "format": source.format,
+            "sha256": source.sha256,
+            "inputs": [s.to_contract() for s in specs],
+        },
+        calibration={
+            "path": str(calibration),
+            "sha256": calib.sha256,
+            "samples": calib.count,
+            "labels": calib.labels is not None,
+        },
+        evaluation={
+            "path": str(eval_data) if eval_data is not None else None,
+            "sha256": evald.sha256,
+            "samples": evald.count,
+            "labels": evald.labels is not None,
+            "note": None if eval_data is not None else "no evaluation data given: evaluated on the calibration data",
+        },
+        results={r.profile: r for r in results},
+        host={**host_info(), "jobs": jobs},
+        packager_version=_version(),
+        seconds=time.perf_counter() - started,
+    )
+    report.report_path = out_dir / REPORT_FILE
+    tmp = report.report_path.with_name(f".{REPORT_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(report.to_json() + "\n", encoding="utf-8")
+    os.replace(tmp, report.report_path)
+    return report
+
+
+def _with_ladder(profile: HardwareProfile, names: list[str]) -> HardwareProfile:
+    from packager.recipes import resolve_recipe
+
+    if not names:
+        raise ProfileError("the recipe override is empty")
+    for entry in names:
+        recipe = resolve_recipe(entry)
+        if recipe.precision not in profile.allowed_precisions:
+            raise ProfileError(f"recipe {recipe.name!r} ({recipe.precision}) is not allowed by profile {profile.id}")
+    return profile.model_copy(update={"recipes": names})
+
+
+def _is_torch_input(model: Any) -> bool:
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model).suffix.lower() in TORCHSCRIPT_SUFFIXES + EXPORTED_PROGRAM_SUFFIXES
+    return True
+
+
+def _structured_ratio(profile: HardwareProfile, model: Any, forced: bool | None) -> float | None:
+    """Channel-pruning ratio for this profile: PyTorch input only, when the profile enables it."""
+    sp = profile.pruning.structured
+    if forced is False or not _is_torch_input(model):
+        return None
+    if sp.enabled and sp.ratio > 0:
+        return sp.ratio
+    return 0.25 if forced else None
+
+
+def _package_one(
+    runners: list[LadderRunner],
+    profile: HardwareProfile,
+    out_dir: Path,
+    name: str,
+    version: str,
+    counter: int,
+    key: SigningKey,
+    calib: Dataset,
+    evald: Dataset,
+    eval_is_calibration: bool,
+    created_at: datetime | None,
+    created_by: str | None,
+    reporter: Reporter,
+) -> ProfileResult:
+    from packager.bundling import build_bundle, bundle_file_name
+
+    started = time.perf_counter()
+    result = ProfileResult(profile=profile.id, ok=False)
+    target = out_dir / bundle_file_name(name, version, profile.id)
+    try:
+        attempts: list[Attempt] = []
+        for runner in runners:  # a channel-pruned source first (PyTorch input), then the unpruned one
+            outcome = runner.run_profile(profile)
+            attempts += outcome.attempts
+            if outcome.chosen is not None:
+                break
+        outcome.attempts = attempts
+        source = runner.source
+        result.attempts = outcome.attempts
+        result.baseline = outcome.baseline
+        result.gate_metric = outcome.gate_metric
+        if outcome.chosen is None:
+            result.error = failure_message(outcome)
+            result.gates = outcome.attempts[-1].gates if outcome.attempts else []
+        else:
+            result.recipe = outcome.chosen.label
+            result.gates_overridden = outcome.gates_overridden
+            result.metrics = outcome.chosen.metrics
+            result.gates = outcome.chosen.gates
+            reporter.event(profile.id, "writing bundle")
+            path, _manifest = build_bundle(
+                out_dir=out_dir,
+                name=name,
+                version=version,
+                release_counter=counter,
+                profile=profile,
+                outcome=outcome,
+                source_sha256=source.sha256,
+                calibration=calib,
+                eval_data=evald,
+                eval_is_calibration=eval_is_calibration,
+                key=key,
+                created_at=created_at,
+                created_by=created_by,
+            )
+            size = path.stat().st_size
+            if size > profile.max_bundle_bytes:
+                path.unlink(missing_ok=True)
+                result.error = (
+                    f"profile {profile.id}: bundle is {size} bytes, over the profile's {profile.max_bundle_bytes}"
+                )
+            else:
+                result.ok = True
+                result.bundle_path = path
+                result.bundle_sha256 = sha256_file(path)
+                result.bundle_size = size
+    except EdgeotaError as exc:
+        result.error = str(exc)
+    except Exception as exc:  # one profile's crash must not hide the others' results
+        result.error = f"profile {profile.id}: internal error: {type(exc).__name__}: {exc}"
+    if not result.ok:
+        target.unlink(missing_ok=True)  # never leave a bundle of this name that this run did not vouch for
+    result.seconds = time.perf_counter() - started
+    reporter.done(profile.id, result.ok, result.recipe or result.error or "")
+    return result
+
+
+def _version() -> str:
+    from edgeota import __version__
+
+    return __version__

@@ -1,0 +1,290 @@
+"""``edgeota package``, ``edgeota profiles list|show`` and ``edgeota bundle verify|inspect``.
+
+Imports only typer, rich and the contract at module level: ``bundle verify/inspect`` work with
+the base install; the packaging commands import onnx/onnxruntime when they run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from edgeota_contract.errors import EdgeotaError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+profiles_app = typer.Typer(help="Hardware profiles the packager targets.", no_args_is_help=True)
+bundle_app = typer.Typer(help="Inspect and verify signed model bundles.", no_args_is_help=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", err=True, fg="red")
+    raise typer.Exit(code)
+
+
+def _one_line_errors(func: F) -> F:
+    """Deliberate errors become ``error: <one line>`` and exit 2; a missing extra says what to install."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except EdgeotaError as exc:
+            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except ModuleNotFoundError as exc:
+            _fail(f"missing dependency {exc.name!r}: install edgeota[packager] (and edgeota[torch] for PyTorch input)")
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _profiles_dir_option() -> Any:
+    return typer.Option(None, "--profiles-dir", help="Folder of profile YAML files (default: hardware_profiles/).")
+
+
+@profiles_app.command("list")
+@_one_line_errors
+def profiles_list(
+    profiles_dir: Path | None = _profiles_dir_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the hardware profiles (id, device, execution provider, recipe ladder)."""
+    from packager.profiles import list_profile_ids, load_profile
+
+    profiles = [load_profile(pid, profiles_dir) for pid in list_profile_ids(profiles_dir)]
+    if as_json:
+        typer.echo(json.dumps([p.summary() for p in profiles], indent=2))
+        return
+    table = Table(title="hardware profiles")
+    for col in ("id", "device", "arch", "execution provider", "ladder", "latency budget"):
+        table.add_column(col)
+    for p in profiles:
+        table.add_row(
+            p.id,
+            p.name,
+            p.architecture,
+            p.primary_ep.name,
+            " > ".join(r.name for r in p.ladder),
+            f"{p.latency.budget_ms:g} ms",
+        )
+    Console().print(table)
+
+
+@profiles_app.command("show")
+@_one_line_errors
+def profiles_show(
+    profile_id: str = typer.Argument(..., help="Profile id, e.g. rpi4."),
+    profiles_dir: Path | None = _profiles_dir_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (the validated profile, ladder resolved)."),
+) -> None:
+    """Show one validated profile, with its ladder resolved to full recipes."""
+    from packager.profiles import load_profile
+
+    p = load_profile(profile_id, profiles_dir)
+    data = p.model_dump(mode="json")
+    data["recipes"] = [r.model_dump(mode="json") for r in p.ladder]
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    import yaml
+
+    Console().print(f"[bold]{escape(p.id)}[/bold]: {escape(p.name)}")
+    typer.echo(yaml.safe_dump(data, sort_keys=False, width=110))
+
+
+def package(
+    model: Path = typer.Argument(..., help="ONNX file, TorchScript file (.pt/.pth/.ts) or ExportedProgram (.pt2)."),
+    profile: list[str] = typer.Option(..., "--profile", "-p", help="Hardware profile id; repeat for several."),
+    calibration: Path = typer.Option(..., "--calibration", help=".npz keyed by input name (+ 'labels')."),
+    eval_data: Path | None = typer.Option(None, "--eval", help=".npz for the gates (default: the calibration data)."),
+    key: Path = typer.Option(..., "--key", help="Ed25519 release private key (PEM), see `edgeota keys generate`."),
+    out: Path = typer.Option(..., "--out", help="Output folder for bundles and report.json."),
+    name: str | None = typer.Option(None, "--name", help="Model name (default: the model file stem)."),
+    version: str = typer.Option("0.1.0", "--version", help="Semantic version of this release."),
+    release_counter: int | None = typer.Option(None, "--release-counter", help="Default: major*1e6+minor*1e3+patch."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Profiles packaged in parallel."),
+    profiles_dir: Path | None = _profiles_dir_option(),
+    gate: str | None = typer.Option(None, "--gate", help="Override the quality gate: accuracy or fidelity."),
+    example_shape: str | None = typer.Option(
+        None, "--example-shape", help="PyTorch input: example input shape, e.g. 1,1,8,8 (default: from calibration)."
+    ),
+    created_at: datetime | None = typer.Option(
+        None, "--created-at", help="Pin lineage.created_at (reproducible builds)."
+    ),
+    recipe: list[str] | None = typer.Option(
+        None, "--recipe", help="Replace every profile's ladder with these built-in recipes (repeatable)."
+    ),
+    override_gates: bool = typer.Option(
+        False, "--override-gates", help="DEMOS/TESTS ONLY: ship the last attempt even if it failed its gates."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+) -> None:
+    """Package MODEL for each --profile: run the recipe ladder, gate, and write signed bundles."""
+    _run_package(**locals())
+
+
+@_one_line_errors
+def _run_package(**kw: Any) -> None:
+    from packager.api import package_model
+
+    if kw["gate"] not in (None, "accuracy", "fidelity"):
+        raise EdgeotaError(f"--gate must be accuracy or fidelity, not {kw['gate']!r}")
+    example = None
+    if kw["example_shape"]:
+        try:
+            example = tuple(int(d) for d in kw["example_shape"].split(","))
+        except ValueError:
+            raise EdgeotaError(
+                f"--example-shape must be comma-separated integers, not {kw['example_shape']!r}"
+            ) from None
+    created_at = kw["created_at"]
+    if created_at is not None and created_at.tzinfo is None:
+        from datetime import UTC
+
+        created_at = created_at.replace(tzinfo=UTC)
+    report = package_model(
+        kw["model"],
+        profiles=kw["profile"],
+        calibration=kw["calibration"],
+        eval_data=kw["eval_data"],
+        key=kw["key"],
+        out_dir=kw["out"],
+        name=kw["name"],
+        version=kw["version"],
+        release_counter=kw["release_counter"],
+        profiles_dir=kw["profiles_dir"],
+        example_inputs=example,
+        jobs=kw["jobs"],
+        progress=kw["progress"] and sys.stderr.isatty(),
+        gate_metric=kw["gate"],
+        created_at=created_at,
+        recipes=kw["recipe"] or None,
+        enforce_gates=not kw["override_gates"],
+    )
+    console = Console()
+    table = Table(title=f"{report.model_name} {report.version}")
+    for col in ("profile", "result", "recipe", "size", "quality", "host p50", "bundle"):
+        table.add_column(col)
+    for r in report.results.values():
+        m = r.metrics
+        quality = (
+            f"acc {m['accuracy']:.4f}"
+            if "accuracy" in m
+            else f"cos {m['cosine_mean']:.4f}"
+            if "cosine_mean" in m
+            else "-"
+        )
+        table.add_row(
+            r.profile,
+            "[green]ok[/green]" if r.ok else "[red]failed[/red]",
+            escape(r.recipe or "-"),
+            f"{int(m['model_bytes'])} B" if "model_bytes" in m else "-",
+            quality,
+            f"{m['host_latency_p50_ms']:.3f} ms" if "host_latency_p50_ms" in m else "-",
+            escape(str(r.bundle_path.name)) if r.bundle_path else "-",
+        )
+    console.print(table)
+    console.print(f"report: {escape(str(report.report_path))}")
+    for r in report.results.values():
+        if r.gates_overridden:
+            typer.secho(
+                f"warning: {r.profile}: gates overridden, the bundle FAILED: {r.error or r.attempts[-1].reason}",
+                err=True,
+                fg="yellow",
+            )
+    failed = [r for r in report.results.values() if not r.ok]
+    if failed:
+        for r in failed:
+            typer.secho(f"error: {r.error}", err=True, fg="red")
+        raise typer.Exit(1)
+
+
+@bundle_app.command("verify")
+@_one_line_errors
+def bundle_verify(
+    bundle: Path = typer.Argument(..., help="A .bundle.tar file."),
+    trusted_key: list[Path] = typer.Option(..., "--trusted-key", help="Trusted release public key (PEM); repeatable."),
+    profile: str | None = typer.Option(None, "--profile", help="Require this hardware profile."),
+    min_release_counter: int | None = typer.Option(None, "--min-release-counter", help="Refuse older releases."),
+) -> None:
+    """Verify a bundle's signature, every file digest, and optionally its profile and release counter."""
+    from edgeota_contract.bundle import verify_bundle
+    from edgeota_contract.signing import TrustedKeys
+
+    trusted = TrustedKeys.from_files(trusted_key)
+    verified = verify_bundle(bundle, trusted, expected_profile=profile, min_release_counter=min_release_counter)
+    m = verified.manifest
+    typer.secho(
+        f"OK {bundle.name}: {m.model_name} {m.version} for {m.hardware_profile}, signed by {verified.signing_key_id}, "
+        f"{len(m.files)} files verified, sha256 {verified.archive_sha256}",
+        fg="green",
+    )
+
+
+@bundle_app.command("inspect")
+@_one_line_errors
+def bundle_inspect(
+    bundle: Path = typer.Argument(..., help="A .bundle.tar file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Show a bundle's manifest, files and metrics WITHOUT verifying it (use `bundle verify` for that)."""
+    from edgeota_contract.bundle import read_manifest, sha256_file
+
+    manifest, sig = read_manifest(bundle)
+    if as_json:
+        typer.echo(json.dumps({"verified": False, "manifest": manifest.model_dump(mode="json")}, indent=2))
+        return
+    console = Console()
+    console.print(
+        "[yellow]UNVERIFIED[/yellow]: signature and file digests were not checked; run "
+        "`edgeota bundle verify --trusted-key ...` before trusting this bundle."
+    )
+    console.print(
+        f"[bold]{escape(manifest.model_name)} {escape(manifest.version)}[/bold] for profile "
+        f"[bold]{escape(manifest.hardware_profile)}[/bold] (release counter {manifest.release_counter})"
+    )
+    console.print(f"archive sha256 {sha256_file(bundle)}; signature {'by key ' + sig.key_id if sig else 'MISSING'}")
+    console.print(
+        f"recipe {escape(manifest.recipe)}, execution provider {escape(manifest.execution_provider)}, opset {manifest.opset}"
+    )
+    io_table = Table(title="inputs / outputs")
+    for col in ("kind", "name", "dtype", "shape"):
+        io_table.add_column(col)
+    for kind, specs in (("input", manifest.inputs), ("output", manifest.outputs)):
+        for s in specs:
+            io_table.add_row(kind, escape(s.name), s.dtype, escape(str(s.shape)))
+    console.print(io_table)
+    files = Table(title="files")
+    for col in ("name", "size", "sha256"):
+        files.add_column(col)
+    for f in manifest.files:
+        files.add_row(escape(f.name), str(f.size), f.sha256)
+    console.print(files)
+    metrics = Table(title="metrics")
+    metrics.add_column("metric")
+    metrics.add_column("value")
+    for k in sorted(manifest.metrics):
+        metrics.add_row(escape(k), f"{manifest.metrics[k]:g}")
+    console.print(metrics)
+    console.print("passes: " + escape(" -> ".join(p.name for p in manifest.passes)))
+    lin = manifest.lineage
+    console.print(
+        f"lineage: source {lin.source_model_sha256[:16]}..., packager {escape(lin.packager_version)}, "
+        f"commit {escape(str(lin.code_commit))}, created {lin.created_at.isoformat()} by {escape(lin.created_by)}"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(profiles_app, name="profiles")
+    app.add_typer(bundle_app, name="bundle")
+    app.command("package")(package)

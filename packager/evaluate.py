@@ -1,0 +1,183 @@
+"""Measuring a candidate model on the packaging host: quality, latency and session memory.
+
+Quality runs use one intra-op thread so that the figures (and so bundles) are reproducible.
+Latency is measured at batch 1 (or the model's fixed batch) with the profile's thread count,
+interleaving the fp32 reference and the candidate in rounds so that machine noise hits both.
+Session memory is the growth of this process's resident set from before creating the session
+to after the warm-up runs (an in-process estimate: it includes ORT's arena and weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from packager.data import Dataset
+from packager.errors import PackagerError
+
+HOST_EP = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    warmup: int = 20
+    rounds: int = 5
+    runs_per_round: int = 40
+
+
+def make_session(model_bytes: bytes, threads: int = 1) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, so, providers=[HOST_EP])
+
+
+def _session_batch(session: Any) -> int | None:
+    """The fixed batch of the first input, or None when dynamic."""
+    dim = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
+    return dim if isinstance(dim, int) else None
+
+
+def run_dataset(session: Any, data: Dataset, batch: int = 64) -> list[np.ndarray]:
+    """All outputs of ``session`` over ``data``, batched (padding the last batch for fixed-batch models)."""
+    fixed = _session_batch(session)
+    step = fixed or batch
+    names = [o.name for o in session.get_outputs()]
+    chunks: list[list[np.ndarray]] = [[] for _ in names]
+    n = data.count
+    for start in range(0, n, step):
+        feed = {k: v[start : start + step] for k, v in data.inputs.items()}
+        real = len(next(iter(feed.values())))
+        if fixed and real < fixed:
+            feed = {k: np.concatenate([v, np.repeat(v[-1:], fixed - real, axis=0)]) for k, v in feed.items()}
+        try:
+            outs = session.run(names, feed)
+        except Exception as exc:
+            raise PackagerError(
+                f"model failed to run on the {data.role} data: {str(exc).splitlines()[0][:300]}"
+            ) from exc
+        for i, out in enumerate(outs):
+            chunks[i].append(np.asarray(out)[:real])
+    return [np.concatenate(c) for c in chunks]
+
+
+def _row_major(outputs: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([o.reshape(len(o), -1).astype(np.float64) for o in outputs], axis=1)
+
+
+def quality_metrics(
+    outputs: list[np.ndarray], reference: list[np.ndarray], labels: np.ndarray | None
+) -> dict[str, float]:
+    """Accuracy (when labels), and fidelity of ``outputs`` against the fp32 ``reference``."""
+    metrics: dict[str, float] = {}
+    cand = _row_major(outputs)
+    ref = _row_major(reference)
+    nan_rows = int((~np.isfinite(cand)).any(axis=1).sum())
+    metrics["nonfinite_rows"] = float(nan_rows)
+    first, first_ref = outputs[0], reference[0]
+    if first.ndim == 2 and first.shape[1] > 1:
+        pred = np.nan_to_num(first, nan=-np.inf).argmax(axis=1)
+        metrics["top1_agreement"] = float((pred == first_ref.argmax(axis=1)).mean())
+        if labels is not None:
+            metrics["accuracy"] = float((pred == labels).mean())
+    if nan_rows:
+        metrics["cosine_mean"] = float("nan")
+        metrics["sqnr_db"] = float("nan")
+        return metrics
+    dot = (cand * ref).sum(axis=1)
+    norms = np.linalg.norm(cand, axis=1) * np.linalg.norm(ref, axis=1)
+    cos = np.where(norms > 0, dot / np.maximum(norms, 1e-30), 1.0)
+    metrics["cosine_mean"] = float(cos.mean())
+    noise = float(((cand - ref) ** 2).sum())
+    signal = float((ref**2).sum())
+    metrics["sqnr_db"] = 200.0 if noise == 0 else float(10 * math.log10(max(signal, 1e-30) / noise))
+    return metrics
+
+
+def reference_accuracy(reference: list[np.ndarray], labels: np.ndarray | None) -> float | None:
+    first = reference[0]
+    if labels is None or first.ndim != 2 or first.shape[1] < 2:
+        return None
+    return float((first.argmax(axis=1) == labels).mean())
+
+
+def single_feed(session: Any, data: Dataset) -> dict[str, np.ndarray]:
+    batch = _session_batch(session) or 1
+    feed = {k: v[:batch] for k, v in data.inputs.items()}
+    real = len(next(iter(feed.values())))
+    if real < batch:
+        feed = {k: np.repeat(v[:1], batch, axis=0) for k, v in feed.items()}
+    return feed
+
+
+def measure_latency(
+    candidate: bytes, reference: bytes | None, data: Dataset, threads: int, settings: LatencySettings
+) -> dict[str, float]:
+    """Host latency (ms) p50/p95 of ``candidate`` and, interleaved, of ``reference`` (fp32)."""
+    sessions = {"candidate": make_session(candidate, threads)}
+    if reference is not None and reference is not candidate:
+        sessions["reference"] = make_session(reference, threads)
+    feeds = {k: single_feed(s, data) for k, s in sessions.items()}
+    samples: dict[str, list[float]] = {k: [] for k in sessions}
+    for k, s in sessions.items():
+        for _ in range(settings.warmup):
+            s.run(None, feeds[k])
+    for _ in range(settings.rounds):
+        for k, s in sessions.items():
+            feed = feeds[k]
+            for _ in range(settings.runs_per_round):
+                t0 = time.perf_counter_ns()
+                s.run(None, feed)
+                samples[k].append((time.perf_counter_ns() - t0) / 1e6)
+    out: dict[str, float] = {}
+    for k, values in samples.items():
+        arr = np.asarray(values)
+        prefix = "host_latency" if k == "candidate" else "host_fp32_latency"
+        out[f"{prefix}_p50_ms"] = float(np.percentile(arr, 50))
+        out[f"{prefix}_p95_ms"] = float(np.percentile(arr, 95))
+    if "host_fp32_latency_p50_ms" in out:
+        out["host_speedup_vs_fp32"] = out["host_fp32_latency_p50_ms"] / max(out["host_latency_p50_ms"], 1e-9)
+    return out
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+        import os
+
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _trim() -> None:
+    # Give freed heap back to the OS so the RSS delta shows this session, not old garbage.
+    # (No gc.collect(): a full collection costs ~80 ms per call with scikit-learn loaded.)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def measure_session_memory(model_bytes: bytes, data: Dataset, threads: int) -> int:
+    """RSS growth (bytes) of creating a session and running it a few times (in-process estimate)."""
+    _trim()
+    before = _rss_bytes()
+    session = make_session(model_bytes, threads)
+    feed = single_feed(session, data)
+    for _ in range(3):
+        session.run(None, feed)
+    after = _rss_bytes()
+    del session
+    _trim()
+    return max(0, after - before)

@@ -1,0 +1,425 @@
+"""The accuracy-aware recipe ladder of one hardware profile.
+
+For each profile: pre-process the source model (pin shapes, convert opset, infer shapes,
+simplify), measure the fp32 baseline, then try the profile's recipes in order. Each attempt
+runs its passes, then the gates; the first attempt passing every gate is chosen. Every
+attempt is recorded with its figures and, when rejected, why. Work shared between profiles
+(pre-processing, quantized candidates, quality runs, latency runs) is cached per run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgeota_contract.manifest import PassRecord
+from packager.data import Dataset
+from packager.errors import DataError, GateFailure, PackagerError
+from packager.evaluate import (
+    LatencySettings,
+    make_session,
+    measure_latency,
+    measure_session_memory,
+    quality_metrics,
+    reference_accuracy,
+    run_dataset,
+)
+from packager.gates import QUALITY_GATES, GateResult, evaluate_gates
+from packager.onnx_utils import io_specs, main_opset, serialize, sha256_bytes
+from packager.passes.base import Pass, PassContext, PassFailed
+from packager.passes.check import OpSupportCheck, op_support_config
+from packager.passes.graph import (
+    ConvertOpset,
+    ConvertOpsetConfig,
+    Finalize,
+    FinalizeConfig,
+    FixShapes,
+    FixShapesConfig,
+    LoadOnnx,
+    LoadOnnxConfig,
+    ShapeInference,
+    ShapeInferenceConfig,
+    Simplify,
+    SimplifyConfig,
+)
+from packager.passes.prune import MagnitudePrune, MagnitudePruneConfig
+from packager.passes.quantize import (
+    ConvertFp16,
+    DynamicQuantize,
+    DynamicQuantizeConfig,
+    Fp16Config,
+    Int4WeightOnly,
+    Int4WeightOnlyConfig,
+    StaticQuantize,
+    StaticQuantizeConfig,
+    name_nodes,
+)
+from packager.profiles import HardwareProfile, RecipeSpec
+
+EventFn = Callable[[str, str], None]
+
+
+@dataclass
+class Attempt:
+    recipe: str
+    pruned: bool
+    variant: str = ""  # e.g. "channels-25%" when run on a structurally pruned source
+    accepted: bool = False
+    reason: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    gates: list[GateResult] = field(default_factory=list)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def label(self) -> str:
+        label = f"{self.recipe}+pruned" if self.pruned else self.recipe
+        return f"{label}+{self.variant}" if self.variant else label
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["label"] = self.label
+        return data
+
+
+@dataclass
+class LadderOutcome:
+    profile: str
+    chosen: Attempt | None
+    attempts: list[Attempt]
+    baseline: dict[str, float]
+    gate_metric: str
+    model: onnx.ModelProto | None = None
+    model_bytes: bytes | None = None
+    pass_records: list[PassRecord] = field(default_factory=list)
+    preprocessed: onnx.ModelProto | None = None
+    gates_overridden: bool = False
+
+
+@dataclass
+class RunOptions:
+    """Knobs for one packaging run; the defaults suit real use, tests shrink them."""
+
+    latency: LatencySettings = field(default_factory=LatencySettings)
+    measure_memory: bool = True
+    eval_batch: int = 64
+    gate_metric: str | None = None  # override every profile's accuracy.metric
+    enforce_gates: bool = True  # False: ship the last buildable attempt even when it failed gates (demos only)
+    work_dir: Path | None = None
+
+
+@dataclass
+class SourceModel:
+    model: onnx.ModelProto
+    sha256: str
+    format: str  # onnx | torchscript | exported_program | nn_module
+    extra_passes: list[PassRecord] = field(default_factory=list)  # e.g. torch export, structured pruning
+
+
+class _Cache:
+    def __init__(self) -> None:
+        self._values: dict[str, Any] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def get(self, key: str, make: Callable[[], Any]) -> Any:
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self._values:
+                self._values[key] = make()
+            return self._values[key]
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resolve_gate_metric(profile: HardwareProfile, eval_data: Dataset, override: str | None) -> str:
+    """``accuracy`` or ``fidelity`` for this profile; a labelled gate without labels is an error."""
+    wanted = override or profile.accuracy.metric
+    has_labels = eval_data.labels is not None
+    if wanted == "accuracy" and not has_labels:
+        raise DataError(
+            f"profile {profile.id} gates on labelled accuracy but the {eval_data.role} data has no 'labels' array"
+        )
+    if wanted == "auto":
+        return "accuracy" if has_labels else "fidelity"
+    return wanted
+
+
+class LadderRunner:
+    """Runs the ladder for any number of profiles over one source model and one data set pair."""
+
+    def __init__(
+        self,
+        source: SourceModel,
+        calibration: Dataset,
+        eval_data: Dataset,
+        options: RunOptions,
+        on_event: EventFn | None = None,
+        variant: str = "",
+    ) -> None:
+        self.variant = variant
+        self.source = source
+        self.calibration = calibration
+        self.eval_data = eval_data
+        self.options = options
+        self.on_event = on_event or (lambda _p, _m: None)
+        self.cache = _Cache()
+        self._tmp = tempfile.TemporaryDirectory(prefix="edgeota-pack-", dir=options.work_dir)
+        self.work_root = Path(self._tmp.name)
+        self._counter = 0
+        self._counter_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    def _work_dir(self, label: str) -> Path:
+        with self._counter_lock:
+            self._counter += 1
+            path = self.work_root / f"{self._counter:03d}-{label}"
+        path.mkdir(parents=True)
+        return path
+
+    # ---- pre-processing -------------------------------------------------------------------
+    def preprocess_passes(self, profile: HardwareProfile) -> list[Pass[Any]]:
+        passes: list[Pass[Any]] = [
+            LoadOnnx(LoadOnnxConfig(source_sha256=self.source.sha256, source_format=self.source.format))  # type: ignore[arg-type]
+        ]
+        inputs = io_specs(self.source.model, "input")
+        batch = profile.shapes.fixed_batch or (1 if profile.shapes.static_only else None)
+        if batch is not None and any(s.batch_dynamic for s in inputs):
+            passes.append(FixShapes(FixShapesConfig(batch=batch)))
+        opset = main_opset(self.source.model)
+        if not profile.opset.min <= opset <= profile.opset.max:
+            target = min(max(opset, profile.opset.min), profile.opset.max)
+            passes.append(ConvertOpset(ConvertOpsetConfig(target_opset=target)))
+        passes.append(ShapeInference(ShapeInferenceConfig()))
+        passes.append(Simplify(SimplifyConfig()))
+        return passes
+
+    def preprocess(self, profile: HardwareProfile) -> tuple[onnx.ModelProto, bytes, list[PassRecord]]:
+        passes = self.preprocess_passes(profile)
+        key = _key("pre", self.source.sha256, [p.config.model_dump(mode="json") for p in passes])
+
+        def make() -> tuple[onnx.ModelProto, bytes, list[PassRecord]]:
+            model = self.source.model
+            ctx = PassContext(self._work_dir("pre"), self.calibration, lambda m: self.on_event(profile.id, m))
+            for p in passes:
+                self.on_event(profile.id, f"pass {p.name}")
+                try:
+                    model = p.run(model, ctx)
+                except PassFailed as exc:
+                    raise PackagerError(f"profile {profile.id}: pre-processing failed: {exc}") from exc
+            model = name_nodes(model)  # stable names: quantizer exclusions and reports refer to them
+            records = list(self.source.extra_passes) + [p.record() for p in passes]
+            return model, serialize(model), records
+
+        result: tuple[onnx.ModelProto, bytes, list[PassRecord]] = self.cache.get(key, make)
+        return result
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def outputs(self, model_bytes: bytes) -> list[np.ndarray]:
+        key = _key("out", sha256_bytes(model_bytes))
+        result: list[np.ndarray] = self.cache.get(
+            key, lambda: run_dataset(make_session(model_bytes, 1), self.eval_data, self.options.eval_batch)
+        )
+        return result
+
+    def latency(self, cand: bytes, ref: bytes, threads: int) -> dict[str, float]:
+        key = _key("lat", sha256_bytes(cand), sha256_bytes(ref), threads)
+        result: dict[str, float] = self.cache.get(
+            key, lambda: measure_latency(cand, ref, self.eval_data, threads, self.options.latency)
+        )
+        return result
+
+    def memory(self, model_bytes: bytes, threads: int) -> int:
+        key = _key("mem", sha256_bytes(model_bytes), threads)
+        result: int = self.cache.get(key, lambda: measure_session_memory(model_bytes, self.eval_data, threads))
+        return result
+
+    # ---- recipes --------------------------------------------------------------------------
+    def recipe_passes(self, profile: HardwareProfile, recipe: RecipeSpec, pruned: bool) -> list[Pass[Any]]:
+        passes: list[Pass[Any]] = []
+        if pruned:
+            up = profile.pruning.unstructured
+            passes.append(MagnitudePrune(MagnitudePruneConfig(sparsity=up.sparsity, min_params=up.min_params)))
+        q = recipe.quantization
+        fixed = profile.shapes.fixed_batch or (1 if profile.shapes.static_only else None)
+        if q.mode == "static":
+            passes.append(
+                StaticQuantize(
+                    StaticQuantizeConfig(
+                        format=q.format,
+                        per_channel=q.per_channel,
+                        activation_type=q.activation_type,
+                        weight_type=q.weight_type,
+                        calibration=q.calibration,
+                        calibration_samples=q.calibration_samples,
+                        calibration_batch=fixed or 32,
+                        percentile=q.percentile,
+                        reduce_range=q.reduce_range,
+                        op_types=q.op_types,
+                        exclude_top_k=q.exclude_top_k,
+                    )
+                )
+            )
+        elif q.mode == "dynamic":
+            passes.append(
+                DynamicQuantize(
+                    DynamicQuantizeConfig(
+                        weight_type=q.weight_type,
+                        per_channel=q.per_channel,
+                        reduce_range=q.reduce_range,
+                        op_types=q.op_types,
+                    )
+                )
+            )
+        elif q.mode == "fp16":
+            passes.append(ConvertFp16(Fp16Config(keep_io_types=q.keep_io_types)))
+        elif q.mode == "int4_weight_only":
+            passes.append(Int4WeightOnly(Int4WeightOnlyConfig(block_size=q.int4_block_size)))
+        passes.append(Finalize(FinalizeConfig()))
+        passes.append(OpSupportCheck(op_support_config(profile)))
+        return passes
+
+    def build_candidate(
+        self, profile: HardwareProfile, recipe: RecipeSpec, pruned: bool, pre: onnx.ModelProto, pre_bytes: bytes
+    ) -> tuple[onnx.ModelProto, bytes, list[PassRecord], list[str]]:
+        passes = self.recipe_passes(profile, recipe, pruned)
+        key = _key("cand", sha256_bytes(pre_bytes), [(p.name, p.config.model_dump(mode="json")) for p in passes])
+
+        def make() -> tuple[onnx.ModelProto, bytes, list[PassRecord], list[str]]:
+            model = pre
+            ctx = PassContext(self._work_dir(recipe.name), self.calibration, lambda m: self.on_event(profile.id, m))
+            for p in passes:
+                self.on_event(profile.id, f"{recipe.name}: pass {p.name}")
+                model = p.run(model, ctx)
+            check = passes[-1]
+            problems = list(check.notes.get("problems", []))
+            return model, serialize(model), [p.record() for p in passes], problems
+
+        result: tuple[onnx.ModelProto, bytes, list[PassRecord], list[str]] = self.cache.get(key, make)
+        return result
+
+    # ---- the ladder -----------------------------------------------------------------------
+    def run_profile(self, profile: HardwareProfile) -> LadderOutcome:
+        gate_metric = resolve_gate_metric(profile, self.eval_data, self.options.gate_metric)
+        self.on_event(profile.id, "pre-processing")
+        pre, pre_bytes, pre_records = self.preprocess(profile)
+        self.on_event(profile.id, "fp32 baseline")
+        ref_outputs = self.outputs(pre_bytes)
+        baseline: dict[str, float] = {"model_bytes": float(len(pre_bytes))}
+        base_acc = reference_accuracy(ref_outputs, self.eval_data.labels)
+        if base_acc is not None:
+            baseline["accuracy"] = base_acc
+        outcome = LadderOutcome(profile.id, None, [], baseline, gate_metric, preprocessed=pre)
+        prune_on = profile.pruning.unstructured.enabled and profile.pruning.unstructured.sparsity > 0
+        for recipe in profile.ladder:
+            variants = [True, False] if (prune_on and recipe.prune) else [False]
+            for pruned in variants:
+                attempt = self._attempt(profile, recipe, pruned, pre, pre_bytes, ref_outputs, base_acc, gate_metric)
+                outcome.attempts.append(attempt)
+                if attempt.accepted:
+                    model, model_bytes, records, _ = self.build_candidate(profile, recipe, pruned, pre, pre_bytes)
+                    outcome.chosen = attempt
+                    outcome.model, outcome.model_bytes = model, model_bytes
+                    outcome.pass_records = pre_records + records
+                    baseline.update({k: v for k, v in attempt.metrics.items() if k.startswith("host_fp32_latency")})
+                    return outcome
+                failed = {g.name for g in attempt.gates if not g.ok}
+                if pruned and not (failed & QUALITY_GATES):
+                    break  # pruning was not the problem: the unpruned twin would fail the same way
+        if not self.options.enforce_gates:
+            self._override(profile, outcome, pre, pre_bytes, pre_records)
+        return outcome
+
+    def _override(
+        self,
+        profile: HardwareProfile,
+        outcome: LadderOutcome,
+        pre: onnx.ModelProto,
+        pre_bytes: bytes,
+        pre_records: list[PassRecord],
+    ) -> None:
+        """Gates off: take the last attempt that produced a model, and say so everywhere."""
+        for attempt in reversed(outcome.attempts):
+            if not attempt.passes:
+                continue
+            recipe = next(r for r in profile.ladder if r.name == attempt.recipe)
+            model, model_bytes, records, _ = self.build_candidate(profile, recipe, attempt.pruned, pre, pre_bytes)
+            outcome.chosen = attempt
+            outcome.model, outcome.model_bytes = model, model_bytes
+            outcome.pass_records = pre_records + records
+            outcome.gates_overridden = True
+            self.on_event(profile.id, f"GATES OVERRIDDEN: shipping {attempt.label} ({attempt.reason})")
+            return
+
+    def _attempt(
+        self,
+        profile: HardwareProfile,
+        recipe: RecipeSpec,
+        pruned: bool,
+        pre: onnx.ModelProto,
+        pre_bytes: bytes,
+        ref_outputs: list[np.ndarray],
+        base_acc: float | None,
+        gate_metric: str,
+    ) -> Attempt:
+        attempt = Attempt(recipe.name, pruned, self.variant)
+        started = time.perf_counter()
+        self.on_event(profile.id, f"trying {attempt.label}")
+        try:
+            _model, model_bytes, records, problems = self.build_candidate(profile, recipe, pruned, pre, pre_bytes)
+        except PassFailed as exc:
+            attempt.reason = str(exc)
+            attempt.seconds = time.perf_counter() - started
+            return attempt
+        attempt.passes = [r.model_dump(mode="json") for r in records]
+        try:
+            outputs = self.outputs(model_bytes)
+        except PackagerError as exc:
+            attempt.reason = f"candidate does not run on the host: {exc}"
+            attempt.seconds = time.perf_counter() - started
+            return attempt
+        metrics = quality_metrics(outputs, ref_outputs, self.eval_data.labels)
+        metrics["model_bytes"] = float(len(model_bytes))
+        self.on_event(profile.id, f"{attempt.label}: measuring latency")
+        metrics.update(self.latency(model_bytes, pre_bytes, profile.latency.threads))
+        metrics["est_device_latency_p95_ms"] = metrics["host_latency_p95_ms"] * profile.latency.host_scale
+        if self.options.measure_memory:
+            metrics["session_memory_bytes"] = float(self.memory(model_bytes, profile.latency.threads))
+        attempt.metrics = metrics
+        attempt.gates = evaluate_gates(profile, recipe, metrics, problems, base_acc, gate_metric)
+        failed = [g for g in attempt.gates if not g.ok]
+        attempt.accepted = not failed
+        if failed:
+            attempt.reason = "; ".join(f"{g.name}: {g.detail}" for g in failed)
+        attempt.seconds = time.perf_counter() - started
+        return attempt
+
+
+def failure_message(outcome: LadderOutcome) -> str:
+    if not outcome.attempts:
+        return f"profile {outcome.profile}: the ladder is empty"
+    last = outcome.attempts[-1]
+    return (
+        f"profile {outcome.profile}: no recipe passed every gate after {len(outcome.attempts)} attempts "
+        f"(last, {last.label}: {last.reason})"
+    )
+
+
+def raise_if_failed(outcome: LadderOutcome) -> None:
+    if outcome.chosen is None:
+        raise GateFailure(failure_message(outcome))

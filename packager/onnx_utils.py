@@ -1,0 +1,150 @@
+"""Small ONNX helpers: safe loading with one-line errors, I/O specs, opsets, digests."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from packager.errors import ModelInputError
+
+MAX_MODEL_BYTES = 2 * 1024**3 - 1  # protobuf limit for a single-file model
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    name: str
+    dtype: str  # ONNX element type name, lower case: float32, int64, ...
+    shape: tuple[int | str | None, ...]
+
+    @property
+    def numpy_dtype(self) -> np.dtype[Any]:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(getattr(TensorProto, _onnx_name(self.dtype))))
+
+    @property
+    def batch_dynamic(self) -> bool:
+        return bool(self.shape) and not isinstance(self.shape[0], int)
+
+    def to_contract(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+def _dtype_name(elem_type: int) -> str:
+    name = helper.tensor_dtype_to_string(elem_type).removeprefix("TensorProto.").lower()
+    return {"float": "float32", "double": "float64"}.get(name, name)
+
+
+def _onnx_name(dtype: str) -> str:
+    return {"float32": "FLOAT", "float64": "DOUBLE"}.get(dtype, dtype.upper())
+
+
+def io_specs(model: onnx.ModelProto, which: str = "input") -> list[IOSpec]:
+    graph = model.graph
+    init_names = {i.name for i in graph.initializer}
+    values = graph.input if which == "input" else graph.output
+    specs = []
+    for vi in values:
+        if which == "input" and vi.name in init_names:
+            continue
+        tt = vi.type.tensor_type
+        dims: list[int | str | None] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        specs.append(IOSpec(vi.name, _dtype_name(tt.elem_type), tuple(dims)))
+    return specs
+
+
+def numpy_dtype(spec: IOSpec) -> np.dtype[Any]:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(getattr(TensorProto, _onnx_name(spec.dtype))))
+
+
+def main_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def serialize(model: onnx.ModelProto) -> bytes:
+    return bytes(model.SerializeToString(deterministic=True))
+
+
+def load_onnx_file(path: Path) -> tuple[onnx.ModelProto, bytes]:
+    """Read, parse and check an ONNX file. Raises :class:`ModelInputError` with a one-line reason."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ModelInputError(f"model file {path} does not exist") from None
+    except OSError as exc:
+        raise ModelInputError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+    return parse_onnx_bytes(data, str(path)), data
+
+
+def parse_onnx_bytes(data: bytes, label: str = "model") -> onnx.ModelProto:
+    if not data:
+        raise ModelInputError(f"{label} is empty, not an ONNX model")
+    if len(data) > MAX_MODEL_BYTES:
+        raise ModelInputError(f"{label} is over 2 GiB; external-data models are not supported")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception as exc:  # protobuf raises DecodeError / RuntimeError depending on backend
+        raise ModelInputError(f"{label} is corrupt or truncated (not a parseable ONNX protobuf)") from exc
+    if not model.graph.node and not model.graph.output:
+        raise ModelInputError(f"{label} is not an ONNX model (no graph)")
+    if any(init.data_location == TensorProto.EXTERNAL for init in model.graph.initializer):
+        raise ModelInputError(f"{label} uses external data files, which are not supported")
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelInputError(f"{label} fails the ONNX checker: {first[:300]}") from exc
+    if not io_specs(model, "input"):
+        raise ModelInputError(f"{label} has no graph inputs")
+    return model
+
+
+def op_types(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(domain, op_type) of every node, subgraphs included, sorted and unique."""
+    found: set[tuple[str, str]] = set()
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            found.add((node.domain or "", node.op_type))
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        walk(g)
+
+    walk(model.graph)
+    return sorted(found)
+
+
+def fix_batch_dim(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """Pin a dynamic first dimension of every graph input and output to ``batch``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for vi in list(out.graph.input) + list(out.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    # Intermediate value_info may carry the old symbolic batch; shape inference re-derives it.
+    del out.graph.value_info[:]
+    return out

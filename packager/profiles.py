@@ -1,0 +1,282 @@
+"""Hardware profiles: what a device class can run and what a bundle for it must achieve.
+
+One YAML file per device class in ``hardware_profiles/``; the profile id is the file stem
+(``hardware_profiles/rpi4.yaml`` is profile ``rpi4``), and an ``id:`` field, when present,
+must equal it. Files are validated against :class:`HardwareProfile` (unknown keys are errors).
+
+Latency: this packager measures latency on the packaging host with ONNX Runtime's
+``CPUExecutionProvider`` (the only EP available here), batch 1, ``latency.threads`` threads.
+A profile's ``latency.budget_ms`` is the *device* budget; the gate compares
+``host p95 x latency.host_scale`` against it. ``host_scale`` is a rough, documented
+host-to-device slowdown estimate (1.0 for the x86 profiles, which the host is an example of),
+not a measurement: the device agent's on-device latency check against the same budget
+(``latency_budget_ms`` in the manifest) is the real test.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from packager.errors import ProfileError
+
+PROFILE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+PROFILES_DIR_ENV = "EDGEOTA_PROFILES_DIR"
+
+Precision = Literal["fp32", "fp16", "int8", "uint8", "int16", "uint16", "int4"]
+Calibration = Literal["minmax", "entropy", "percentile"]
+QuantMode = Literal["none", "static", "dynamic", "fp16", "int4_weight_only"]
+QuantFormat = Literal["qdq", "qoperator"]
+QuantType = Literal["int8", "uint8", "int16", "uint16"]
+
+CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CpuSpec(_Strict):
+    model: str = Field(min_length=1, description="CPU core or SoC, e.g. Cortex-A72")
+    cores: int = Field(ge=1, le=1024)
+    features: list[str] = Field(default_factory=list, description="required CPU features, e.g. neon, asimddp, avx2")
+
+
+class AcceleratorSpec(_Strict):
+    kind: Literal["gpu", "npu", "dsp", "none"] = "none"
+    name: str | None = None
+    memory_bytes: int | None = Field(default=None, ge=0)
+
+
+class ExecutionProviderSpec(_Strict):
+    name: str = Field(min_length=1, description="ONNX Runtime EP name, e.g. CPUExecutionProvider")
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class OpsetRange(_Strict):
+    min: int = Field(ge=7, le=30)
+    max: int = Field(ge=7, le=30)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> OpsetRange:
+        if self.min > self.max:
+            raise ValueError(f"opset.min {self.min} is above opset.max {self.max}")
+        return self
+
+
+class ShapeConstraints(_Strict):
+    static_only: bool = Field(default=False, description="every graph input dim must be a number")
+    fixed_batch: int | None = Field(
+        default=None, ge=1, description="pin a dynamic batch dimension to this value before packaging"
+    )
+    max_rank: int | None = Field(default=None, ge=1, le=8)
+
+
+class OpConstraints(_Strict):
+    allow_control_flow: bool = True
+    allow: list[str] | None = Field(default=None, description="if set, only these op types (ai.onnx or domain:op)")
+    deny: list[str] = Field(default_factory=list)
+
+
+class QuantizationSpec(_Strict):
+    """A quantization step of a recipe. ``mode: none`` keeps fp32 weights."""
+
+    mode: QuantMode = "none"
+    format: QuantFormat = "qdq"
+    per_channel: bool = True
+    activation_type: QuantType = "uint8"
+    weight_type: QuantType = "int8"
+    calibration: Calibration = "minmax"
+    calibration_samples: int = Field(default=256, ge=1, le=100_000, description="cap on samples streamed")
+    percentile: float = Field(default=99.999, gt=50, le=100)
+    reduce_range: bool = False
+    exclude_top_k: int = Field(
+        default=0, ge=0, le=64, description="keep in float the k nodes with the worst activation SQNR"
+    )
+    op_types: list[str] | None = Field(default=None, description="op types to quantize (default: all supported)")
+    int4_block_size: int = Field(default=32, ge=16, le=256)
+    keep_io_types: bool = True
+
+
+class UnstructuredPruning(_Strict):
+    enabled: bool = False
+    sparsity: float = Field(default=0.0, ge=0.0, lt=1.0, description="share of smallest-magnitude weights zeroed")
+    min_params: int = Field(default=1024, ge=0, description="leave initializers smaller than this alone")
+
+
+class StructuredPruning(_Strict):
+    enabled: bool = False
+    ratio: float = Field(default=0.0, ge=0.0, lt=1.0, description="share of channels removed per prunable layer")
+
+
+class PruningSpec(_Strict):
+    unstructured: UnstructuredPruning = UnstructuredPruning()
+    structured: StructuredPruning = StructuredPruning()
+
+
+class RecipeSpec(_Strict):
+    """One rung of the ladder. ``name`` of a built-in recipe, or a full definition."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.+-]{0,63}$")
+    precision: Precision
+    quantization: QuantizationSpec = QuantizationSpec()
+    prune: bool = Field(default=True, description="apply the profile's pruning settings in this recipe")
+    description: str = ""
+
+
+class LatencySpec(_Strict):
+    budget_ms: float = Field(gt=0, description="per-inference budget on the device, batch 1")
+    host_scale: float = Field(default=1.0, gt=0, description="estimated device/host slowdown; host p95 x this is gated")
+    threads: int = Field(default=1, ge=1, le=64, description="intra-op threads for the host measurement")
+    min_speedup_vs_fp32: float | None = Field(
+        default=None, gt=0, description="reject a non-fp32 recipe whose host p50 is not this much faster than fp32"
+    )
+
+
+class AccuracySpec(_Strict):
+    metric: Literal["auto", "accuracy", "fidelity"] = Field(
+        default="auto", description="auto: labelled accuracy when labels exist, else fidelity to fp32"
+    )
+    max_accuracy_drop: float = Field(default=0.01, ge=0, le=1, description="absolute drop, 0.01 = one point")
+    min_top1_agreement: float = Field(default=0.98, ge=0, le=1)
+    min_cosine: float = Field(default=0.99, ge=-1, le=1)
+    min_sqnr_db: float = Field(default=20.0)
+
+
+class HardwareProfile(_Strict):
+    id: str = Field(pattern=PROFILE_ID_PATTERN)
+    name: str = Field(min_length=1)
+    description: str = ""
+    architecture: Literal["aarch64", "armv7", "x86_64", "riscv64"]
+    cpu: CpuSpec
+    accelerator: AcceleratorSpec = AcceleratorSpec()
+    execution_providers: list[ExecutionProviderSpec] = Field(min_length=1, description="in order of preference")
+    recipes: list[str | RecipeSpec] = Field(min_length=1, description="the ladder, tried in order")
+    allowed_precisions: list[Precision] = Field(min_length=1)
+    opset: OpsetRange
+    shapes: ShapeConstraints = ShapeConstraints()
+    ops: OpConstraints = OpConstraints()
+    max_bundle_bytes: int = Field(gt=0)
+    ram_budget_bytes: int = Field(gt=0, description="peak session memory allowed on the device")
+    latency: LatencySpec
+    accuracy: AccuracySpec = AccuracySpec()
+    pruning: PruningSpec = PruningSpec()
+
+    @field_validator("allowed_precisions")
+    @classmethod
+    def _fp32_or_not(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("allowed_precisions has duplicates")
+        return value
+
+    @model_validator(mode="after")
+    def _recipes_resolve(self) -> HardwareProfile:
+        from packager.recipes import resolve_recipe  # recipes imports this module's types
+
+        names: set[str] = set()
+        for entry in self.recipes:
+            try:
+                recipe = resolve_recipe(entry)
+            except ProfileError as exc:
+                raise ValueError(str(exc)) from None
+            if recipe.name in names:
+                raise ValueError(f"recipe {recipe.name!r} appears twice in the ladder")
+            names.add(recipe.name)
+            if recipe.precision not in self.allowed_precisions:
+                raise ValueError(f"recipe {recipe.name!r} has precision {recipe.precision}, not in allowed_precisions")
+        return self
+
+    @property
+    def ladder(self) -> list[RecipeSpec]:
+        from packager.recipes import resolve_recipe
+
+        return [resolve_recipe(entry) for entry in self.recipes]
+
+    @property
+    def primary_ep(self) -> ExecutionProviderSpec:
+        return self.execution_providers[0]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "architecture": self.architecture,
+            "execution_provider": self.primary_ep.name,
+            "ladder": [r.name for r in self.ladder],
+            "max_bundle_bytes": self.max_bundle_bytes,
+            "latency_budget_ms": self.latency.budget_ms,
+        }
+
+
+def default_profiles_dir() -> Path:
+    """``$EDGEOTA_PROFILES_DIR``, else ``hardware_profiles/`` beside the packager package."""
+    env = os.environ.get(PROFILES_DIR_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "hardware_profiles"
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{loc}: {msg}{more}"
+
+
+def parse_profile(path: Path) -> HardwareProfile:
+    """Load and validate one profile file; raises :class:`ProfileError` with a one-line reason."""
+    import yaml
+
+    profile_id = path.stem
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ProfileError(f"profile {profile_id} ({path}):{where} is not valid YAML") from exc
+    if not isinstance(data, dict):
+        raise ProfileError(f"profile {profile_id} ({path}): expected a mapping at the top level")
+    declared = data.setdefault("id", profile_id)
+    if declared != profile_id:
+        raise ProfileError(f"profile {profile_id} ({path}): id {declared!r} differs from the file name")
+    try:
+        return HardwareProfile.model_validate(data)
+    except ValidationError as exc:
+        raise ProfileError(f"profile {profile_id} ({path}) breaks the schema: {_first_error(exc)}") from exc
+
+
+def list_profile_ids(profiles_dir: Path | None = None) -> list[str]:
+    folder = profiles_dir or default_profiles_dir()
+    if not folder.is_dir():
+        raise ProfileError(f"profiles folder {folder} does not exist")
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def load_profile(profile_id: str, profiles_dir: Path | None = None) -> HardwareProfile:
+    """The profile ``profile_id`` from ``profiles_dir`` (default :func:`default_profiles_dir`)."""
+    folder = profiles_dir or default_profiles_dir()
+    import re
+
+    if not re.match(PROFILE_ID_PATTERN, profile_id):
+        raise ProfileError(f"invalid profile id {profile_id!r}")
+    path = folder / f"{profile_id}.yaml"
+    if not path.is_file():
+        known = ", ".join(list_profile_ids(folder)) if folder.is_dir() else "none"
+        raise ProfileError(f"unknown hardware profile {profile_id!r} (known: {known})")
+    return parse_profile(path)
+
+
+def load_profiles(profile_ids: list[str], profiles_dir: Path | None = None) -> list[HardwareProfile]:
+    if not profile_ids:
+        raise ProfileError("no hardware profile given")
+    if len(set(profile_ids)) != len(profile_ids):
+        raise ProfileError("a hardware profile is given twice")
+    return [load_profile(pid, profiles_dir) for pid in profile_ids]
