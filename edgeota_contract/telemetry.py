@@ -5,6 +5,16 @@ has n+1 entries; value x falls in bucket ``bisect_right(edges, x)``, so bucket 0
 ``edges[0]`` and bucket n is at or above ``edges[-1]``. numpy's
 ``searchsorted(edges, x, side="right")`` gives the same index. All summaries are additive,
 so the server merges windows by adding counts.
+
+Feature indexing (reference stats and device telemetry must agree): an input batch ``x`` of
+shape ``[N, ...]`` is viewed as ``x.reshape(N, -1)`` (row-major over all non-batch axes; a 1-D
+input is ``[N, 1]``); feature ``j`` is column ``j`` of that view. When the view has at most
+``MAX_FEATURES_PER_INPUT`` columns each gets its own histogram, otherwise one histogram
+(``feature=None``) covers every element.
+
+Confidence of an output row ``[C]`` (``C >= 2``, floating point): its maximum when the row is
+already a probability vector (all values in [0, 1] and the sum within 1e-3 of 1), else the
+maximum of its softmax. The class of a row is its argmax.
 """
 
 from __future__ import annotations
