@@ -134,8 +134,9 @@ def model_card(
         "|---|---|---|",
     ]
     for a in outcome.attempts:
-        failed = ", ".join(g.name for g in a.gates if not g.ok) or ("-" if a.accepted else "pass failed")
-        lines.append(f"| {a.label} | {'chosen' if a.accepted else 'rejected'} | {failed} |")
+        failed = ", ".join(g.name for g in a.gates if not g.ok) or ("-" if a.passed_gates else "pass failed")
+        status = "chosen" if a.accepted else ("passed, not chosen" if a.passed_gates else "rejected")
+        lines.append(f"| {a.label} | {status} | {failed} |")
     lines += ["", "Figures and reasons for every attempt are in the packaging report (report.json)."]
     lines += ["", "## Metrics", f"Measured on {eval_count} {eval_role} samples on the packaging host.", ""]
     lines += ["| metric | value |", "|---|---|"]

@@ -3,6 +3,16 @@
 Data is checked against the model before any work starts (names, dtypes, non-batch shapes,
 label count) so a mismatch is one clear error. Calibration is streamed to ONNX Runtime's
 calibrators in small batches and capped at a sample count (:class:`CappedReader`).
+
+Sample axes. Arrays are stored in the model's own layout. The samples of an input are on
+axis 0 unless the model puts its batch elsewhere: recurrent state such as ``[2, batch, 128]``
+(silero-vad) holds its samples on axis 1. The rule (:func:`sample_axis`): the sample count ``N``
+is the length of axis 0 of the first non-scalar input; an input's sample axis is axis 0 when
+that fits (length ``N``, every other fixed model dimension matched), else the axis carrying
+the same symbolic dimension as the first input's batch, else the first axis that fits. A
+rank-0 model input (e.g. silero's sample rate ``sr``) is *shared*: one value, fed unchanged
+with every batch. Internally :attr:`Dataset.inputs` holds samples-first views; :meth:`Dataset.feed`
+gives back model-layout arrays.
 """
 
 from __future__ import annotations
@@ -24,7 +34,12 @@ LABELS_KEY = "labels"
 
 @dataclass
 class Dataset:
-    """Arrays for each model input (first axis = samples), optional labels, and the file digest."""
+    """Per-sample arrays for each model input (samples first), shared inputs, optional labels, the digest.
+
+    ``axes`` maps an input to the axis its samples occupy in the model's layout (absent: 0);
+    ``shared`` holds rank-0 inputs fed unchanged with every batch. Use :meth:`feed` to get
+    arrays to hand to ONNX Runtime.
+    """
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None
@@ -32,6 +47,8 @@ class Dataset:
     path: Path | None = None
     role: str = "calibration"
     extra_keys: list[str] = field(default_factory=list)
+    axes: dict[str, int] = field(default_factory=dict)
+    shared: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
@@ -44,12 +61,30 @@ class Dataset:
             self.sha256,
             self.path,
             self.role,
+            axes=dict(self.axes),
+            shared=dict(self.shared),
         )
+
+    def model_layout(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """``rows`` (samples first) of input ``name`` moved to the model's sample axis."""
+        axis = self.axes.get(name, 0)
+        return np.ascontiguousarray(np.moveaxis(rows, 0, axis)) if axis else rows
+
+    def feed(self, start: int, stop: int, pad_to: int | None = None) -> dict[str, np.ndarray]:
+        """Samples ``start:stop`` in the model's layout; with ``pad_to``, the last row repeats up to that many."""
+        feed: dict[str, np.ndarray] = {}
+        for k, v in self.inputs.items():
+            rows = v[start:stop]
+            if pad_to is not None and 0 < len(rows) < pad_to:
+                rows = np.concatenate([rows, np.repeat(rows[-1:], pad_to - len(rows), axis=0)])
+            feed[k] = self.model_layout(k, rows)
+        feed.update(self.shared)
+        return feed
 
     def batches(self, batch: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         n = self.count if limit is None else min(limit, self.count)
         for start in range(0, n, batch):
-            yield {k: v[start : min(start + batch, n)] for k, v in self.inputs.items()}
+            yield self.feed(start, min(start + batch, n))
 
 
 def _sha256_file(path: Path) -> str:
@@ -95,31 +130,54 @@ def check_dataset(
         have = ", ".join(sorted(arrays)) or "nothing"
         raise DataError(f"{label} lacks model input {missing[0]!r} (it has: {have})")
     inputs: dict[str, np.ndarray] = {}
+    axes: dict[str, int] = {}
+    shared: dict[str, np.ndarray] = {}
     count: int | None = None
+    first = ""
+    batch_symbol: str | None = None
     for spec in specs:
-        arr = arrays[spec.name]
+        arr = np.asarray(arrays[spec.name])
         want = spec.numpy_dtype
-        if arr.ndim != len(spec.shape):
+        if not spec.shape:
+            if arr.size != 1:
+                raise DataError(
+                    f"{label}: input {spec.name!r} is a scalar in the model (shared by every sample); "
+                    f"got shape {tuple(arr.shape)}"
+                )
+            arr = arr.reshape(())
+        elif arr.ndim != len(spec.shape):
             raise DataError(
                 f"{label}: input {spec.name!r} has shape {tuple(arr.shape)} but the model expects rank "
                 f"{len(spec.shape)} {_fmt(spec.shape)}"
             )
-        for axis, (have, dim) in enumerate(zip(arr.shape, spec.shape, strict=True)):
-            if axis > 0 and isinstance(dim, int) and have != dim:
-                raise DataError(
-                    f"{label}: input {spec.name!r} has shape {tuple(arr.shape)} but the model expects {_fmt(spec.shape)}"
-                )
         if arr.dtype != want:
             if (want.kind == "f" and arr.dtype.kind in "fiu") or (want.kind in "iu" and arr.dtype.kind in "iu"):
                 arr = arr.astype(want)
             else:
                 raise DataError(f"{label}: input {spec.name!r} is {arr.dtype}, the model expects {want}")
-        if arr.shape[0] == 0:
+        if not spec.shape:
+            shared[spec.name] = arr
+            continue
+        if count is None:
+            count, first = arr.shape[0], spec.name
+            batch_symbol = spec.shape[0] if isinstance(spec.shape[0], str) else None
+        axis = sample_axis(spec.shape, arr.shape, count, batch_symbol)
+        if axis is None:
+            if any(_batch_like(spec.shape[a]) and _fits(spec.shape, arr.shape, a) for a in range(arr.ndim)):
+                raise DataError(
+                    f"{label}: inputs have different sample counts: no axis of {spec.name!r} {tuple(arr.shape)} "
+                    f"holds the {count} samples of {first!r} (model shape {_fmt(spec.shape)})"
+                )
+            raise DataError(
+                f"{label}: input {spec.name!r} has shape {tuple(arr.shape)} but the model expects {_fmt(spec.shape)}"
+            )
+        if arr.shape[axis] == 0:
             raise DataError(f"{label}: input {spec.name!r} has no samples")
-        if count is not None and arr.shape[0] != count:
-            raise DataError(f"{label}: inputs have different sample counts ({count} and {arr.shape[0]})")
-        count = arr.shape[0]
-        inputs[spec.name] = np.ascontiguousarray(arr)
+        if axis:
+            axes[spec.name] = axis
+        inputs[spec.name] = np.ascontiguousarray(np.moveaxis(arr, axis, 0))
+    if count is None:
+        raise DataError(f"{label}: every model input is a scalar; at least one input must carry samples")
     labels = arrays.get(LABELS_KEY)
     if labels is not None:
         labels = np.asarray(labels)
@@ -129,7 +187,37 @@ def check_dataset(
             raise DataError(f"{label}: {len(labels)} labels for {count} samples")
         labels = labels.astype(np.int64)
     extra = sorted(set(arrays) - {s.name for s in specs} - {LABELS_KEY})
-    return Dataset(inputs, labels, sha256, path, role, extra)
+    return Dataset(inputs, labels, sha256, path, role, extra, axes=axes, shared=shared)
+
+
+def _batch_like(dim: Any) -> bool:
+    """A model dimension that can hold samples: symbolic/unknown, or a fixed batch of 1."""
+    return not isinstance(dim, int) or dim == 1
+
+
+def _fits(model_shape: tuple[Any, ...], shape: tuple[int, ...], axis: int) -> bool:
+    """Every fixed model dimension but ``axis`` matches ``shape``."""
+    return all(
+        b == axis or not isinstance(d, int) or d == have
+        for b, (have, d) in enumerate(zip(shape, model_shape, strict=True))
+    )
+
+
+def sample_axis(
+    model_shape: tuple[Any, ...], shape: tuple[int, ...], count: int, batch_symbol: str | None
+) -> int | None:
+    """The axis holding the ``count`` samples of an array of ``shape`` for a model input of ``model_shape``.
+
+    Axis 0 when it fits; else the axis named like the first input's batch (``batch_symbol``);
+    else the first axis that fits; None when no axis does (see the module doc).
+    """
+    fits = [a for a in range(len(shape)) if shape[a] == count and _fits(model_shape, shape, a)]
+    if not fits:
+        return None
+    if 0 in fits:
+        return 0
+    named = [a for a in fits if batch_symbol is not None and model_shape[a] == batch_symbol]
+    return named[0] if named else fits[0]
 
 
 def _fmt(shape: tuple[Any, ...]) -> str:

@@ -41,32 +41,62 @@ def make_session(model_bytes: bytes, threads: int = 1) -> Any:
     return ort.InferenceSession(model_bytes, so, providers=[HOST_EP])
 
 
-def _session_batch(session: Any) -> int | None:
-    """The fixed batch of the first input, or None when dynamic."""
-    dim = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
-    return dim if isinstance(dim, int) else None
+def session_batch(session: Any, data: Dataset | None = None) -> int | None:
+    """The fixed batch of the model (the first per-sample input's sample axis), or None when dynamic."""
+    for inp in session.get_inputs():
+        if not inp.shape:
+            continue  # a shared scalar input
+        axis = data.axes.get(inp.name, 0) if data is not None else 0
+        dim = inp.shape[axis] if axis < len(inp.shape) else None
+        return dim if isinstance(dim, int) else None
+    return None
+
+
+def output_sample_axis(out: np.ndarray, batch: int) -> int:
+    """Where a batch of ``batch`` samples sits in one output: axis 0 when it has that length, else the first that does.
+
+    silero-vad's state output ``[2, batch, 128]`` has its samples on axis 1. Decided on the first
+    (full) batch of a run and kept for the rest, so a short last batch cannot confuse it.
+    """
+    if out.ndim == 0:
+        return -1
+    if out.shape[0] == batch:
+        return 0
+    for axis, size in enumerate(out.shape):
+        if size == batch:
+            return axis
+    return 0
 
 
 def run_dataset(session: Any, data: Dataset, batch: int = 64) -> list[np.ndarray]:
-    """All outputs of ``session`` over ``data``, batched (padding the last batch for fixed-batch models)."""
-    fixed = _session_batch(session)
+    """All outputs of ``session`` over ``data``, samples first, batched (padding the last batch for fixed-batch models).
+
+    Raises :class:`PackagerError` when the model fails to run on the data.
+    """
+    fixed = session_batch(session, data)
     step = fixed or batch
     names = [o.name for o in session.get_outputs()]
     chunks: list[list[np.ndarray]] = [[] for _ in names]
+    out_axes: list[int] | None = None
     n = data.count
     for start in range(0, n, step):
-        feed = {k: v[start : start + step] for k, v in data.inputs.items()}
-        real = len(next(iter(feed.values())))
-        if fixed and real < fixed:
-            feed = {k: np.concatenate([v, np.repeat(v[-1:], fixed - real, axis=0)]) for k, v in feed.items()}
+        real = min(step, n - start)
+        feed = data.feed(start, start + step, pad_to=fixed)
         try:
             outs = session.run(names, feed)
         except Exception as exc:
             raise PackagerError(
                 f"model failed to run on the {data.role} data: {str(exc).splitlines()[0][:300]}"
             ) from exc
+        if out_axes is None:
+            out_axes = [output_sample_axis(np.asarray(o), fixed or real) for o in outs]
         for i, out in enumerate(outs):
-            chunks[i].append(np.asarray(out)[:real])
+            arr = np.asarray(out)
+            if out_axes[i] < 0:  # a scalar output: one value per batch, repeated for its rows
+                arr = np.repeat(arr.reshape(1), real)
+            elif out_axes[i] > 0:
+                arr = np.moveaxis(arr, out_axes[i], 0)
+            chunks[i].append(arr[:real])
     return [np.concatenate(c) for c in chunks]
 
 
@@ -89,6 +119,9 @@ def quality_metrics(
         metrics["top1_agreement"] = float((pred == first_ref.argmax(axis=1)).mean())
         if labels is not None:
             metrics["accuracy"] = float((pred == labels).mean())
+    elif _is_probability(first_ref):
+        # One probability per sample (a binary classifier such as a VAD): top-1 is the 0.5 decision.
+        metrics["top1_agreement"] = float(((first.reshape(len(first)) >= 0.5) == (first_ref.reshape(-1) >= 0.5)).mean())
     if nan_rows:
         metrics["cosine_mean"] = float("nan")
         metrics["sqnr_db"] = float("nan")
@@ -103,6 +136,16 @@ def quality_metrics(
     return metrics
 
 
+def _is_probability(ref: np.ndarray) -> bool:
+    return (
+        ref.dtype.kind == "f"
+        and ref.ndim >= 1
+        and ref.size == len(ref)
+        and bool(np.isfinite(ref).all())
+        and bool(((ref >= 0) & (ref <= 1)).all())
+    )
+
+
 def reference_accuracy(reference: list[np.ndarray], labels: np.ndarray | None) -> float | None:
     first = reference[0]
     if labels is None or first.ndim != 2 or first.shape[1] < 2:
@@ -111,12 +154,9 @@ def reference_accuracy(reference: list[np.ndarray], labels: np.ndarray | None) -
 
 
 def single_feed(session: Any, data: Dataset) -> dict[str, np.ndarray]:
-    batch = _session_batch(session) or 1
-    feed = {k: v[:batch] for k, v in data.inputs.items()}
-    real = len(next(iter(feed.values())))
-    if real < batch:
-        feed = {k: np.repeat(v[:1], batch, axis=0) for k, v in feed.items()}
-    return feed
+    """One batch (1, or the model's fixed batch) of ``data`` in the model's layout."""
+    batch = session_batch(session, data) or 1
+    return data.feed(0, batch, pad_to=batch)
 
 
 def measure_latency(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from packager.data import Dataset
+from packager.errors import DataError
 from packager.profiles import HardwareProfile, RecipeSpec
 
 QUALITY_GATES = frozenset({"accuracy", "fidelity_top1", "fidelity_cosine", "fidelity_sqnr", "finite_outputs"})
@@ -112,3 +114,16 @@ def evaluate_gates(
             )
         )
     return gates
+
+
+def resolve_gate_metric(profile: HardwareProfile, eval_data: Dataset, override: str | None) -> str:
+    """``accuracy`` or ``fidelity`` for this profile; a labelled gate without labels is an error."""
+    wanted = override or profile.accuracy.metric
+    has_labels = eval_data.labels is not None
+    if wanted == "accuracy" and not has_labels:
+        raise DataError(
+            f"profile {profile.id} gates on labelled accuracy but the {eval_data.role} data has no 'labels' array"
+        )
+    if wanted == "auto":
+        return "accuracy" if has_labels else "fidelity"
+    return wanted

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import onnx
 
 from edgeota_contract.manifest import PassRecord
 from packager.data import Dataset
-from packager.errors import DataError, GateFailure, PackagerError
+from packager.errors import PackagerError
 from packager.evaluate import (
     LatencySettings,
     make_session,
@@ -34,15 +34,12 @@ from packager.evaluate import (
     reference_accuracy,
     run_dataset,
 )
-from packager.gates import QUALITY_GATES, GateResult, evaluate_gates
-from packager.onnx_utils import io_specs, main_opset, serialize, sha256_bytes
+from packager.gates import QUALITY_GATES, evaluate_gates, resolve_gate_metric
+from packager.onnx_utils import fixed_batch, io_specs, main_opset, serialize, sha256_bytes
 from packager.passes.base import Pass, PassContext, PassFailed
-from packager.passes.check import OpSupportCheck, op_support_config
 from packager.passes.graph import (
     ConvertOpset,
     ConvertOpsetConfig,
-    Finalize,
-    FinalizeConfig,
     FixShapes,
     FixShapesConfig,
     LoadOnnx,
@@ -52,58 +49,21 @@ from packager.passes.graph import (
     Simplify,
     SimplifyConfig,
 )
-from packager.passes.prune import MagnitudePrune, MagnitudePruneConfig
 from packager.passes.quantize import (
-    ConvertFp16,
-    DynamicQuantize,
-    DynamicQuantizeConfig,
-    Fp16Config,
-    Int4WeightOnly,
-    Int4WeightOnlyConfig,
-    StaticQuantize,
-    StaticQuantizeConfig,
     name_nodes,
 )
 from packager.profiles import HardwareProfile, RecipeSpec
+from packager.recipes import recipe_passes
+from packager.selection import (  # re-exported: callers import them from here
+    Attempt,
+    LadderOutcome,
+    failure_message,
+    pick_best,
+    raise_if_failed,
+    unfixable_problem,
+)
 
 EventFn = Callable[[str, str], None]
-
-
-@dataclass
-class Attempt:
-    recipe: str
-    pruned: bool
-    variant: str = ""  # e.g. "channels-25%" when run on a structurally pruned source
-    accepted: bool = False
-    reason: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    gates: list[GateResult] = field(default_factory=list)
-    passes: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def label(self) -> str:
-        label = f"{self.recipe}+pruned" if self.pruned else self.recipe
-        return f"{label}+{self.variant}" if self.variant else label
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["label"] = self.label
-        return data
-
-
-@dataclass
-class LadderOutcome:
-    profile: str
-    chosen: Attempt | None
-    attempts: list[Attempt]
-    baseline: dict[str, float]
-    gate_metric: str
-    model: onnx.ModelProto | None = None
-    model_bytes: bytes | None = None
-    pass_records: list[PassRecord] = field(default_factory=list)
-    preprocessed: onnx.ModelProto | None = None
-    gates_overridden: bool = False
 
 
 @dataclass
@@ -145,19 +105,6 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def resolve_gate_metric(profile: HardwareProfile, eval_data: Dataset, override: str | None) -> str:
-    """``accuracy`` or ``fidelity`` for this profile; a labelled gate without labels is an error."""
-    wanted = override or profile.accuracy.metric
-    has_labels = eval_data.labels is not None
-    if wanted == "accuracy" and not has_labels:
-        raise DataError(
-            f"profile {profile.id} gates on labelled accuracy but the {eval_data.role} data has no 'labels' array"
-        )
-    if wanted == "auto":
-        return "accuracy" if has_labels else "fidelity"
-    return wanted
-
-
 class LadderRunner:
     """Runs the ladder for any number of profiles over one source model and one data set pair."""
 
@@ -181,6 +128,7 @@ class LadderRunner:
         self.work_root = Path(self._tmp.name)
         self._counter = 0
         self._counter_lock = threading.Lock()
+        self.model_batch = fixed_batch(source.model, calibration.axes)
 
     def close(self) -> None:
         self._tmp.cleanup()
@@ -199,8 +147,12 @@ class LadderRunner:
         ]
         inputs = io_specs(self.source.model, "input")
         batch = profile.shapes.fixed_batch or (1 if profile.shapes.static_only else None)
-        if batch is not None and any(s.batch_dynamic for s in inputs):
-            passes.append(FixShapes(FixShapesConfig(batch=batch)))
+        axes = dict(self.calibration.axes)
+        dynamic = any(
+            len(s.shape) > axes.get(s.name, 0) and not isinstance(s.shape[axes.get(s.name, 0)], int) for s in inputs
+        )
+        if batch is not None and dynamic:
+            passes.append(FixShapes(FixShapesConfig(batch=batch, axes=axes or None)))
         opset = main_opset(self.source.model)
         if not profile.opset.min <= opset <= profile.opset.max:
             target = min(max(opset, profile.opset.min), profile.opset.max)
@@ -250,54 +202,10 @@ class LadderRunner:
         return result
 
     # ---- recipes --------------------------------------------------------------------------
-    def recipe_passes(self, profile: HardwareProfile, recipe: RecipeSpec, pruned: bool) -> list[Pass[Any]]:
-        passes: list[Pass[Any]] = []
-        if pruned:
-            up = profile.pruning.unstructured
-            passes.append(MagnitudePrune(MagnitudePruneConfig(sparsity=up.sparsity, min_params=up.min_params)))
-        q = recipe.quantization
-        fixed = profile.shapes.fixed_batch or (1 if profile.shapes.static_only else None)
-        if q.mode == "static":
-            passes.append(
-                StaticQuantize(
-                    StaticQuantizeConfig(
-                        format=q.format,
-                        per_channel=q.per_channel,
-                        activation_type=q.activation_type,
-                        weight_type=q.weight_type,
-                        calibration=q.calibration,
-                        calibration_samples=q.calibration_samples,
-                        calibration_batch=fixed or 32,
-                        percentile=q.percentile,
-                        reduce_range=q.reduce_range,
-                        op_types=q.op_types,
-                        exclude_top_k=q.exclude_top_k,
-                    )
-                )
-            )
-        elif q.mode == "dynamic":
-            passes.append(
-                DynamicQuantize(
-                    DynamicQuantizeConfig(
-                        weight_type=q.weight_type,
-                        per_channel=q.per_channel,
-                        reduce_range=q.reduce_range,
-                        op_types=q.op_types,
-                    )
-                )
-            )
-        elif q.mode == "fp16":
-            passes.append(ConvertFp16(Fp16Config(keep_io_types=q.keep_io_types)))
-        elif q.mode == "int4_weight_only":
-            passes.append(Int4WeightOnly(Int4WeightOnlyConfig(block_size=q.int4_block_size)))
-        passes.append(Finalize(FinalizeConfig()))
-        passes.append(OpSupportCheck(op_support_config(profile)))
-        return passes
-
     def build_candidate(
         self, profile: HardwareProfile, recipe: RecipeSpec, pruned: bool, pre: onnx.ModelProto, pre_bytes: bytes
     ) -> tuple[onnx.ModelProto, bytes, list[PassRecord], list[str]]:
-        passes = self.recipe_passes(profile, recipe, pruned)
+        passes = recipe_passes(profile, recipe, pruned, self.model_batch)
         key = _key("cand", sha256_bytes(pre_bytes), [(p.name, p.config.model_dump(mode="json")) for p in passes])
 
         def make() -> tuple[onnx.ModelProto, bytes, list[PassRecord], list[str]]:
@@ -325,22 +233,41 @@ class LadderRunner:
         if base_acc is not None:
             baseline["accuracy"] = base_acc
         outcome = LadderOutcome(profile.id, None, [], baseline, gate_metric, preprocessed=pre)
+        outcome.refused = unfixable_problem(pre, profile)
+        if outcome.refused:
+            self.on_event(profile.id, f"refused: {outcome.refused}")
+            return outcome
         prune_on = profile.pruning.unstructured.enabled and profile.pruning.unstructured.sparsity > 0
+        passing: list[tuple[Attempt, RecipeSpec]] = []
         for recipe in profile.ladder:
+            if passing and recipe.precision == "fp32":
+                break  # selection "best": the fp32 fallbacks only matter when nothing else passed
             variants = [True, False] if (prune_on and recipe.prune) else [False]
             for pruned in variants:
                 attempt = self._attempt(profile, recipe, pruned, pre, pre_bytes, ref_outputs, base_acc, gate_metric)
                 outcome.attempts.append(attempt)
-                if attempt.accepted:
-                    model, model_bytes, records, _ = self.build_candidate(profile, recipe, pruned, pre, pre_bytes)
-                    outcome.chosen = attempt
-                    outcome.model, outcome.model_bytes = model, model_bytes
-                    outcome.pass_records = pre_records + records
-                    baseline.update({k: v for k, v in attempt.metrics.items() if k.startswith("host_fp32_latency")})
-                    return outcome
+                if attempt.passed_gates:
+                    passing.append((attempt, recipe))
+                    break  # a pruned attempt passed: its unpruned twin is not needed
                 failed = {g.name for g in attempt.gates if not g.ok}
                 if pruned and not (failed & QUALITY_GATES):
                     break  # pruning was not the problem: the unpruned twin would fail the same way
+            if passing and profile.selection == "first":
+                break
+        if passing:
+            index, why = pick_best([a for a, _ in passing], gate_metric) if len(passing) > 1 else (0, "")
+            for i, (attempt, _recipe) in enumerate(passing):
+                if i != index:
+                    attempt.reason = f"passed every gate, not chosen ({passing[index][0].label} was: {why})"
+            chosen, recipe = passing[index]
+            chosen.accepted = True
+            chosen.reason = why or None
+            model, model_bytes, records, _ = self.build_candidate(profile, recipe, chosen.pruned, pre, pre_bytes)
+            outcome.chosen = chosen
+            outcome.model, outcome.model_bytes = model, model_bytes
+            outcome.pass_records = pre_records + records
+            baseline.update({k: v for k, v in chosen.metrics.items() if k.startswith("host_fp32_latency")})
+            return outcome
         if not self.options.enforce_gates:
             self._override(profile, outcome, pre, pre_bytes, pre_records)
         return outcome
@@ -403,23 +330,22 @@ class LadderRunner:
         attempt.metrics = metrics
         attempt.gates = evaluate_gates(profile, recipe, metrics, problems, base_acc, gate_metric)
         failed = [g for g in attempt.gates if not g.ok]
-        attempt.accepted = not failed
+        attempt.passed_gates = not failed
         if failed:
             attempt.reason = "; ".join(f"{g.name}: {g.detail}" for g in failed)
         attempt.seconds = time.perf_counter() - started
         return attempt
 
 
-def failure_message(outcome: LadderOutcome) -> str:
-    if not outcome.attempts:
-        return f"profile {outcome.profile}: the ladder is empty"
-    last = outcome.attempts[-1]
-    return (
-        f"profile {outcome.profile}: no recipe passed every gate after {len(outcome.attempts)} attempts "
-        f"(last, {last.label}: {last.reason})"
-    )
-
-
-def raise_if_failed(outcome: LadderOutcome) -> None:
-    if outcome.chosen is None:
-        raise GateFailure(failure_message(outcome))
+__all__ = [
+    "Attempt",
+    "LadderOutcome",
+    "LadderRunner",
+    "RunOptions",
+    "SourceModel",
+    "failure_message",
+    "fixed_batch",
+    "raise_if_failed",
+    "resolve_gate_metric",
+    "unfixable_problem",
+]

@@ -136,15 +136,43 @@ def op_types(model: onnx.ModelProto) -> list[tuple[str, str]]:
     return sorted(found)
 
 
-def fix_batch_dim(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
-    """Pin a dynamic first dimension of every graph input and output to ``batch``."""
+def fix_batch_dim(model: onnx.ModelProto, batch: int, axes: dict[str, int] | None = None) -> onnx.ModelProto:
+    """Pin the dynamic batch dimension of every graph input (and the outputs sharing it) to ``batch``.
+
+    An input's batch is on axis 0 unless ``axes`` names another (e.g. ``{"state": 1}``); rank-0
+    inputs are left alone. An output dimension is pinned when it carries the same symbolic name as
+    a pinned input dimension; when every input batches on axis 0, a dynamic first output
+    dimension is pinned too (exporters often name output batches differently). Unknown output
+    dimensions are left for shape inference.
+    """
+    axes = axes or {}
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    for vi in list(out.graph.input) + list(out.graph.output):
+    symbols: set[str] = set()
+    for vi in out.graph.input:
         dims = vi.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            dims[0].Clear()
-            dims[0].dim_value = batch
+        axis = axes.get(vi.name, 0)
+        if axis < len(dims) and not dims[axis].HasField("dim_value"):
+            if dims[axis].HasField("dim_param"):
+                symbols.add(dims[axis].dim_param)
+            dims[axis].Clear()
+            dims[axis].dim_value = batch
+    for vi in out.graph.output:
+        dims = vi.type.tensor_type.shape.dim
+        for i, dim in enumerate(dims):
+            named = dim.HasField("dim_param") and dim.dim_param in symbols
+            if named or (i == 0 and not axes and not dim.HasField("dim_value")):
+                dim.Clear()
+                dim.dim_value = batch
     # Intermediate value_info may carry the old symbolic batch; shape inference re-derives it.
     del out.graph.value_info[:]
     return out
+
+
+def fixed_batch(model: onnx.ModelProto, axes: dict[str, int]) -> int | None:
+    """The model's own fixed batch (the first non-scalar input's sample axis), or None when dynamic."""
+    for spec in io_specs(model, "input"):
+        if spec.shape:
+            dim = spec.shape[axes.get(spec.name, 0)]
+            return dim if isinstance(dim, int) else None
+    return None

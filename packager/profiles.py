@@ -97,6 +97,10 @@ class QuantizationSpec(_Strict):
         default=0, ge=0, le=64, description="keep in float the k nodes with the worst activation SQNR"
     )
     op_types: list[str] | None = Field(default=None, description="op types to quantize (default: all supported)")
+    keep_float: list[Literal["first", "last"]] = Field(
+        default_factory=list,
+        description="keep the first / last weight-bearing node (Conv, MatMul, Gemm, LSTM...) in float (static only)",
+    )
     int4_block_size: int = Field(default=32, ge=16, le=256)
     keep_io_types: bool = True
 
@@ -155,6 +159,11 @@ class HardwareProfile(_Strict):
     accelerator: AcceleratorSpec = AcceleratorSpec()
     execution_providers: list[ExecutionProviderSpec] = Field(min_length=1, description="in order of preference")
     recipes: list[str | RecipeSpec] = Field(min_length=1, description="the ladder, tried in order")
+    selection: Literal["first", "best"] = Field(
+        default="first",
+        description="first: ship the first rung passing every gate; best: try every non-fp32 rung and ship the "
+        "Pareto-best passing one (packager.selection.pick_best); fp32 rungs only when nothing else passed",
+    )
     allowed_precisions: list[Precision] = Field(min_length=1)
     opset: OpsetRange
     shapes: ShapeConstraints = ShapeConstraints()

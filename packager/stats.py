@@ -7,7 +7,9 @@ Reference statistics (``reference_stats.json``), computed from the calibration d
   non-batch dimension has ``F = 1``). If ``F <= 256`` there is one histogram per feature:
   ``feature = j`` is column ``j`` of that view, i.e. the flat row-major index into the non-batch
   dimensions (for a ``[N, 1, 8, 8]`` image, pixel (r, c) is feature ``8*r + c``). Otherwise one
-  histogram over every element of the input has ``feature = null``.
+  histogram over every element of the input has ``feature = null``. Inputs whose samples are
+  not on axis 0 in the model (e.g. a recurrent state ``[2, N, 128]``) and shared scalar inputs
+  always get one whole-input histogram, which does not depend on the layout.
 - **Edges** are the distinct 10th..90th percentiles (step 10) of the calibration values of that
   feature (whole input: 5th..95th, step 5), rounded to 6 significant digits and de-duplicated;
   a constant feature gets the single edge at its value. Counts follow the contract convention
@@ -41,7 +43,7 @@ from edgeota_contract.telemetry import (
     ReferenceStats,
 )
 from packager.data import Dataset
-from packager.evaluate import make_session, run_dataset
+from packager.evaluate import make_session, run_dataset, session_batch
 
 TEST_VECTOR_ROWS = 4
 REFERENCE_MAX_SAMPLES = 10_000
@@ -83,9 +85,12 @@ def confidences(rows: np.ndarray) -> np.ndarray:
 def reference_stats(model_bytes: bytes, data: Dataset) -> ReferenceStats:
     sample = data.head(REFERENCE_MAX_SAMPLES)
     features: list[FeatureReference] = []
-    for name in sorted(sample.inputs):
-        view = feature_view(sample.inputs[name]).astype(np.float64)
-        if view.shape[1] <= MAX_FEATURES_PER_INPUT:
+    for name in sorted(set(sample.inputs) | set(sample.shared)):
+        if name in sample.shared:
+            view = sample.shared[name].reshape(1, 1).astype(np.float64)
+        else:
+            view = feature_view(sample.inputs[name]).astype(np.float64)
+        if view.shape[1] <= MAX_FEATURES_PER_INPUT and name not in sample.axes and name not in sample.shared:
             pct = np.arange(10, 100, 10)
             for j in range(view.shape[1]):
                 edges = _edges(view[:, j], pct)
@@ -135,19 +140,15 @@ def write_npz_reproducible(arrays: dict[str, np.ndarray]) -> bytes:
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
             member = io.BytesIO()
-            np.lib.format.write_array(member, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+            np.lib.format.write_array(member, np.array(arrays[key], order="C"), allow_pickle=False)  # keeps 0-d
             zf.writestr(info, member.getvalue())
     return buf.getvalue()
 
 
 def test_vectors(model_bytes: bytes, data: Dataset) -> tuple[bytes, dict[str, np.ndarray]]:
     session = make_session(model_bytes, 1)
-    first = session.get_inputs()[0].shape
-    fixed = first[0] if first and isinstance(first[0], int) else None
-    rows = fixed or TEST_VECTOR_ROWS
-    feed = {k: v[:rows] for k, v in data.inputs.items()}
-    if len(next(iter(feed.values()))) < rows:  # fewer samples than a fixed batch: repeat the first
-        feed = {k: np.repeat(v[:1], rows, axis=0) for k, v in feed.items()}
+    rows = session_batch(session, data) or TEST_VECTOR_ROWS
+    feed = data.feed(0, rows, pad_to=rows)  # fewer samples than a fixed batch: the last one repeats
     names = [o.name for o in session.get_outputs()]
     outs = session.run(names, feed)
     arrays = {TEST_VECTOR_INPUT_PREFIX + k: v for k, v in feed.items()}

@@ -14,15 +14,15 @@ import contextlib
 import io
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 from pydantic import Field
 
-from packager.onnx_utils import main_opset
+from packager.onnx_utils import main_opset, op_types
 from packager.passes.base import Pass, PassConfig, PassContext, PassFailed
 
 QuantTypeName = Literal["int8", "uint8", "int16", "uint16"]
@@ -101,6 +101,7 @@ class StaticQuantizeConfig(PassConfig):
     op_types: list[str] | None = None
     exclude_top_k: int = Field(default=0, ge=0)
     analysis_samples: int = Field(default=32, ge=1)
+    keep_float: list[Literal["first", "last"]] | None = None
 
 
 class StaticQuantize(Pass[StaticQuantizeConfig]):
@@ -109,17 +110,23 @@ class StaticQuantize(Pass[StaticQuantizeConfig]):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         if ctx.calibration is None:
             raise PassFailed("static quantization needs calibration data")
+        _require_weight_ops(model, "static")
         src = _save(name_nodes(_copy(model)), ctx.work_dir / "static_in.onnx")
-        excluded: list[str] = []
+        excluded: list[str] = kept_float_nodes(model, self.config.keep_float or [])
+        if excluded:
+            self.notes["kept_float"] = list(excluded)
         if self.config.exclude_top_k > 0:
             if self.config.format != "qdq":
                 raise PassFailed("node exclusion by activation error needs the QDQ format")
-            first = self._quantize(src, ctx, ctx.work_dir / "static_probe.onnx", [])
-            excluded = self._worst_nodes(src, first, ctx)
-            self.notes["excluded_nodes"] = excluded
+            first = self._quantize(src, ctx, ctx.work_dir / "static_probe.onnx", excluded)
+            worst = self._worst_nodes(src, first, ctx)
+            self.notes["excluded_nodes"] = worst
+            excluded = excluded + [n for n in worst if n not in excluded]
             ctx.log(f"keeping in float: {', '.join(excluded) or 'nothing'}")
         out = self._quantize(src, ctx, ctx.work_dir / "static_out.onnx", excluded)
-        return onnx.load(str(out))
+        quantized = onnx.load(str(out))
+        _require_quantized(quantized, "static")
+        return quantized
 
     def _quantize(self, src: Path, ctx: PassContext, dst: Path, exclude: list[str]) -> Path:
         from onnxruntime.quantization import QuantFormat, quantize_static
@@ -128,9 +135,15 @@ class StaticQuantize(Pass[StaticQuantizeConfig]):
 
         _quiet_ort_logs()
         cfg = self.config
-        reader = make_reader(ctx.calibration, cfg.calibration_samples, cfg.calibration_batch)
+        batch = cfg.calibration_batch
+        if cfg.calibration != "minmax":
+            # ORT's histogram calibrators stack per-batch outputs: every batch must have the same size.
+            batch = even_batch(min(cfg.calibration_samples, ctx.calibration.count), batch)
+        reader = make_reader(ctx.calibration, cfg.calibration_samples, batch)
         extra = {
-            "CalibMaxIntermediateOutputs": 16,  # flush collected activations every 16 batches
+            # No "CalibMaxIntermediateOutputs": in ORT 1.31 MinMaxCalibrater.collect_data drops every full group
+            # of that many batches without computing its ranges (only the remainder is calibrated; a multiple
+            # raises "No data is collected"). The sample cap bounds the memory instead.
             "CalibPercentile": cfg.percentile,
             "WeightSymmetric": True,
             "ActivationSymmetric": cfg.activation_type in ("int8", "int16"),
@@ -193,6 +206,26 @@ class StaticQuantize(Pass[StaticQuantizeConfig]):
         return worst
 
 
+def even_batch(samples: int, batch: int) -> int:
+    """The largest batch size <= ``batch`` that divides ``samples`` (so every batch is full)."""
+    for size in range(min(batch, samples), 0, -1):
+        if samples % size == 0:
+            return size
+    return 1
+
+
+WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU"})
+
+
+def kept_float_nodes(model: onnx.ModelProto, which: Sequence[str]) -> list[str]:
+    """Names of the first and/or last weight-bearing nodes in graph order (``which`` holds "first"/"last")."""
+    compute = [n.name for n in name_nodes(_copy(model)).graph.node if n.op_type in WEIGHT_OPS]
+    if not compute:
+        return []
+    picked = ([compute[0]] if "first" in which else []) + ([compute[-1]] if "last" in which else [])
+    return list(dict.fromkeys(picked))
+
+
 # Ops whose output quantization is decided by their producer (fused or pass-through in QDQ):
 # an error seen on their output is charged to the nearest compute node upstream.
 _PASS_THROUGH = frozenset(
@@ -235,6 +268,7 @@ class DynamicQuantize(Pass[DynamicQuantizeConfig]):
         from onnxruntime.quantization import quantize_dynamic
 
         _quiet_ort_logs()
+        _require_weight_ops(model, "dynamic")
         src = _save(name_nodes(_copy(model)), ctx.work_dir / "dynamic_in.onnx")
         dst = ctx.work_dir / "dynamic_out.onnx"
         try:
@@ -248,118 +282,50 @@ class DynamicQuantize(Pass[DynamicQuantizeConfig]):
             )
         except Exception as exc:
             raise PassFailed(f"dynamic quantization failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
-        return onnx.load(str(dst))
+        quantized = onnx.load(str(dst))
+        _require_quantized(quantized, "dynamic")
+        return quantized
 
 
-class Fp16Config(PassConfig):
-    keep_io_types: bool = True
-    implementation: Literal["onnxruntime.transformers.float16"] = "onnxruntime.transformers.float16"
+_QUANT_OPS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"})
 
 
-class ConvertFp16(Pass[Fp16Config]):
-    """fp16 weights and compute with ORT's converter; graph inputs/outputs stay fp32 (Casts added)."""
-
-    name = "convert_fp16"
-
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
-        import warnings
-
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out = convert_float_to_float16(copy, keep_io_types=self.config.keep_io_types, disable_shape_infer=False)
-        except Exception as exc:
-            raise PassFailed(f"fp16 conversion failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
-        return out  # type: ignore[no-any-return]
+def _require_weight_ops(model: onnx.ModelProto, kind: str) -> None:
+    """Fail fast (before calibrating) when the main graph has no weight-bearing op to quantize."""
+    if not any(n.op_type in WEIGHT_OPS for n in model.graph.node):
+        raise PassFailed(
+            f"{kind} quantization has nothing to quantize: no {'/'.join(sorted(WEIGHT_OPS))} in the main graph "
+            "(compute inside If/Loop subgraphs is not quantized by ONNX Runtime)"
+        )
 
 
-class Int4WeightOnlyConfig(PassConfig):
-    block_size: int = Field(default=32, ge=16, le=256)
-    min_params: int = Field(default=256, ge=0)
-    symmetric: bool = True
+def _require_quantized(model: onnx.ModelProto, kind: str) -> None:
+    """Raise :class:`PassFailed` when the quantizer left every node in float.
 
-
-class Int4WeightOnly(Pass[Int4WeightOnlyConfig]):
-    """Block-wise symmetric int4 weights for MatMul/Gemm, dequantized in-graph (DequantizeLinear, opset 21).
-
-    Compute stays fp32; only the stored weights shrink (about 1/8 of fp32 plus one fp32 scale per
-    block). Needs opset >= 21 (blocked DequantizeLinear); the model is converted when it is older.
+    ORT's quantizers only see the main graph: a model whose compute sits inside ``If``/``Loop``
+    subgraphs (silero-vad's control-flow variant) comes back unchanged, and calling that int8
+    would be a lie in the manifest.
     """
-
-    name = "quantize_int4_weight_only"
-
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
-        from onnx import version_converter
-
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        model = copy
-        if main_opset(model) < 21:
-            try:
-                model = version_converter.convert_version(model, 21)
-            except Exception as exc:
-                raise PassFailed(f"int4 weight-only needs opset 21; conversion failed: {exc}") from exc
-        model = name_nodes(model)
-        inits = {init.name: init for init in model.graph.initializer}
-        uses: dict[str, int] = {}
-        for node in model.graph.node:
-            for name in node.input:
-                uses[name] = uses.get(name, 0) + 1
-        bs = self.config.block_size
-        new_nodes: list[onnx.NodeProto] = []
-        converted = 0
-        for node in model.graph.node:
-            if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
-                new_nodes.append(node)
-                continue
-            wname = node.input[1]
-            init = inits.get(wname)
-            if init is None or uses.get(wname, 0) != 1 or init.data_type != TensorProto.FLOAT:
-                new_nodes.append(node)
-                continue
-            w = numpy_helper.to_array(init)
-            if w.ndim != 2 or w.size < self.config.min_params:
-                new_nodes.append(node)
-                continue
-            trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
-            axis = 1 if trans_b else 0  # the reduction (K) axis of B
-            q, scale = _int4_blockwise(w, axis, bs)
-            qname, sname, dqout = f"{wname}_int4", f"{wname}_int4_scale", f"{wname}_int4_dq"
-            model.graph.initializer.remove(init)
-            model.graph.initializer.extend(
-                [
-                    helper.make_tensor(qname, TensorProto.INT4, q.shape, q.flatten().tolist()),
-                    numpy_helper.from_array(scale.astype(np.float32), sname),
-                ]
-            )
-            new_nodes.append(
-                helper.make_node(
-                    "DequantizeLinear", [qname, sname], [dqout], name=f"{node.name}_w_dq", axis=axis, block_size=bs
-                )
-            )
-            node.input[1] = dqout
-            new_nodes.append(node)
-            converted += 1
-        if converted == 0:
-            raise PassFailed("int4 weight-only: no MatMul/Gemm with a constant fp32 weight to quantize")
-        del model.graph.node[:]
-        model.graph.node.extend(new_nodes)
-        self.notes["weights_quantized"] = converted
-        return model
+    if not any(op in _QUANT_OPS or op.startswith("QLinear") for _dom, op in op_types(model)):
+        raise PassFailed(
+            f"{kind} quantization quantized nothing (no quantizable op in the main graph; "
+            "compute inside If/Loop subgraphs is not quantized by ONNX Runtime)"
+        )
 
 
-def _int4_blockwise(w: np.ndarray, axis: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    moved = np.moveaxis(w, axis, 0)  # [K, N]
-    k = moved.shape[0]
-    blocks = -(-k // block)
-    pad = blocks * block - k
-    padded = np.pad(moved, ((0, pad), (0, 0))) if pad else moved
-    grouped = padded.reshape(blocks, block, -1)
-    scale = np.abs(grouped).max(axis=1) / 7.0  # [blocks, N]
-    scale[scale == 0] = 1.0
-    q = np.clip(np.round(grouped / scale[:, None, :]), -8, 7).astype(np.int8).reshape(blocks * block, -1)[:k]
-    return np.moveaxis(q, 0, axis), np.moveaxis(scale, 0, axis)
+# fp16 and int4 weight-only live in packager.passes.weights; re-exported here for existing imports.
+from packager.passes.weights import ConvertFp16, Fp16Config, Int4WeightOnly, Int4WeightOnlyConfig  # noqa: E402
+
+__all__ = [
+    "ConvertFp16",
+    "DynamicQuantize",
+    "DynamicQuantizeConfig",
+    "Fp16Config",
+    "Int4WeightOnly",
+    "Int4WeightOnlyConfig",
+    "StaticQuantize",
+    "StaticQuantizeConfig",
+    "even_batch",
+    "kept_float_nodes",
+    "name_nodes",
+]

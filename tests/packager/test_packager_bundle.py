@@ -110,7 +110,9 @@ def test_confidence_rule() -> None:
 
 def test_reproducible_apart_from_time_and_signature(mlp: DigitsExample, tmp_path: Path, make_profile) -> None:  # type: ignore[no-untyped-def]
     # A profile without latency-dependent choices, so the ladder picks the same recipe every time.
-    folder = make_profile("repro", latency={"budget_ms": 1000, "host_scale": 1.0}, ram_budget_bytes=2**34)
+    folder = make_profile(
+        "repro", latency={"budget_ms": 1000, "host_scale": 1.0}, ram_budget_bytes=2**34, selection="first"
+    )
     a = _build(
         mlp,
         tmp_path / "a",
