@@ -10,8 +10,8 @@ the new version. A second release then replaces the first the same way.
 from __future__ import annotations
 
 import subprocess
-import tarfile
 import sys
+import tarfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,7 @@ def test_package_publish_install_update(
         config.parent.mkdir()
         prov = DeviceProvisioning.model_validate(tomllib.loads(provisioned.json()["agent_toml"]))
         prov.agent["state_dir"] = str(tmp_path / "device" / "state")
+        prov.agent["trial_seconds"] = 3.0  # the health window; production default is longer
         config.write_text(prov.to_toml())
 
         with running_agent(config) as agent:

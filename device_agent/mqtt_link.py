@@ -1,0 +1,213 @@
+"""One MQTT connection per agent (paho-mqtt 2.x).
+
+Client id and username are the device id (the password, TLS and protocol come from ``[mqtt]``).
+The last will is ``Presence(online=False)``, retained on the presence topic; on every connect
+the link publishes ``Presence(online=True)``, subscribes to the device's own command topic
+(QoS 1) and calls ``on_connect`` so the agent can check in and re-send unacknowledged reports.
+With ``protocol = "auto"`` it speaks MQTT 5 and falls back to 3.1.1 when the broker refuses
+or drops the MQTT 5 connection, or does not answer it within ``connect_probe_seconds``, before
+any connection was ever accepted (amqtt, for one, never answers an MQTT 5 CONNECT).
+
+Nothing here is global: many links can live in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgeota_contract.logs import log_event
+from edgeota_contract.messages import Presence
+from edgeota_contract.provisioning import MqttSection
+from edgeota_contract.topics import Channel, device_topic
+
+log = logging.getLogger("device_agent.mqtt")
+SESSION_EXPIRY_SECONDS = 24 * 3600
+
+
+class MqttLink:
+    """The agent's connection to the broker. Thread-safe publish; callbacks run on paho's network thread."""
+
+    def __init__(
+        self,
+        device_id: str,
+        boot_id: str,
+        settings: MqttSection,
+        on_command: Callable[[bytes], None],
+        on_connect: Callable[[], None],
+    ) -> None:
+        self.device_id = device_id
+        self.boot_id = boot_id
+        self.settings = settings
+        self._on_command = on_command
+        self._on_connect_cb = on_connect
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._ever_connected = False
+        self._v5 = settings.protocol in ("auto", "5")
+        self._client: mqtt.Client | None = None
+        self._stopped = False
+        self.protocol_in_use: str | None = None
+        self.connect_probe_seconds = 5.0
+        self._probe: threading.Timer | None = None
+        self._sub_mid: int | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Connect in the background; reconnects on its own until :meth:`stop`."""
+        with self._lock:
+            self._stopped = False
+            self._client = self._make_client()
+            self._client.connect_async(**self._connect_args())
+            self._client.loop_start()
+            if self._v5 and self.settings.protocol == "auto":
+                # Some 3.1.1-only brokers (amqtt) never answer an MQTT 5 CONNECT: fall back if no CONNACK comes.
+                self._probe = threading.Timer(self.connect_probe_seconds, self._probe_expired)
+                self._probe.daemon = True
+                self._probe.start()
+
+    def _probe_expired(self) -> None:
+        if not self._ever_connected and not self._stopped:
+            self._fall_back()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish ``Presence(online=False)`` (a clean shutdown sends no last will), then disconnect."""
+        with self._lock:
+            self._stopped = True
+            if self._probe is not None:
+                self._probe.cancel()
+            client = self._client
+            self._client = None
+        if client is None:
+            return
+        if self._connected.is_set():
+            info = client.publish(self.topic(Channel.PRESENCE), self._presence(False), qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout)
+        client.disconnect()
+        client.loop_stop()
+        self._connected.clear()
+
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        protocol = mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311
+        kwargs: dict[str, Any] = {
+            "callback_api_version": CallbackAPIVersion.VERSION2,
+            "client_id": self.device_id,
+            "protocol": protocol,
+        }
+        if not self._v5:
+            kwargs["clean_session"] = False
+        client = mqtt.Client(**kwargs)
+        client.username_pw_set(s.username or self.device_id, s.password)
+        if s.tls:
+            client.tls_set(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file, cert_reqs=ssl.CERT_REQUIRED)
+        client.will_set(self.topic(Channel.PRESENCE), self._presence(False), qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_queued_messages_set(1000)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_subscribe = self._handle_subscribe
+        return client
+
+    def _connect_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "host": self.settings.host,
+            "port": self.settings.port,
+            "keepalive": self.settings.keepalive,
+        }
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
+            args["clean_start"] = False
+            args["properties"] = props
+        return args
+
+    def _fall_back(self) -> None:
+        """Rebuild the client for MQTT 3.1.1 (called off paho's thread)."""
+        with self._lock:
+            if self._stopped or not self._v5:
+                return
+            old = self._client
+            self._v5 = False
+            self._client = self._make_client()
+            self._client.connect_async(**self._connect_args())
+            self._client.loop_start()
+        log_event(log, "mqtt_fallback_311", device=self.device_id)
+        if old is not None:
+            old.disconnect()
+            old.loop_stop()
+
+    # ------------------------------------------------------------------ callbacks (paho thread)
+
+    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log_event(log, "mqtt_connect_refused", level=logging.WARNING, device=self.device_id, reason=str(reason))
+            unsupported = getattr(reason, "value", None) in (1, 0x84)  # "unsupported protocol version"
+            if unsupported and self._v5 and self.settings.protocol == "auto" and not self._ever_connected:
+                threading.Thread(target=self._fall_back, daemon=True).start()
+            return
+        self._ever_connected = True
+        self.protocol_in_use = "5" if self._v5 else "3.1.1"
+        _, self._sub_mid = client.subscribe(self.topic(Channel.CMD), qos=1)
+        client.publish(self.topic(Channel.PRESENCE), self._presence(True), qos=1, retain=True)
+
+    def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        # "Connected" means the command subscription is in place, so nothing sent to us from now on is missed.
+        if mid != self._sub_mid:
+            return
+        self._connected.set()
+        log_event(log, "mqtt_connected", device=self.device_id, protocol=self.protocol_in_use)
+        try:
+            self._on_connect_cb()
+        except Exception:  # a bug in the agent must not kill paho's thread
+            log.exception("on_connect callback failed")
+
+    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._connected.clear()
+        log_event(log, "mqtt_disconnected", device=self.device_id, reason=str(reason))
+        if self._v5 and self.settings.protocol == "auto" and not self._ever_connected and not self._stopped:
+            threading.Thread(target=self._fall_back, daemon=True).start()
+
+    def _handle_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic != self.topic(Channel.CMD):
+            return
+        try:
+            self._on_command(bytes(message.payload))
+        except Exception:
+            log.exception("command handler failed")
+
+    # ------------------------------------------------------------------ publishing
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def topic(self, channel: Channel) -> str:
+        return device_topic(self.device_id, channel)
+
+    def _presence(self, online: bool) -> bytes:
+        return Presence(online=online, boot_id=self.boot_id).model_dump_json().encode("utf-8")
+
+    def publish(self, channel: Channel, payload: bytes) -> bool:
+        """Send at QoS 1 when connected; returns False (nothing queued) when offline: the caller retries."""
+        with self._lock:
+            client = self._client
+        if client is None or not self._connected.is_set():
+            return False
+        info = client.publish(self.topic(channel), payload, qos=1)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS

@@ -1,0 +1,179 @@
+"""Everything the agent sends, kept until the server's Ack names it (contract section 5, rule 1).
+
+Status reports live in the state file, the latest check-in in memory, telemetry windows in the
+SQLite spool. :meth:`Outbox.flush` (re-)publishes what is unacknowledged, skipping messages sent
+less than ``report_retry_seconds`` ago; spooled windows drain oldest first in batches so the
+backlog never starves live windows, which are published as soon as they close.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from device_agent import __version__
+from device_agent.mqtt_link import MqttLink
+from device_agent.settings import AgentSettings
+from device_agent.spool import Spool
+from device_agent.store import AgentState, StateStore
+from device_agent.update.machine import Report, Step
+from edgeota_contract.logs import log_event
+from edgeota_contract.messages import (
+    MAX_MESSAGE_BYTES,
+    Assignment,
+    CheckIn,
+    RunningModel,
+    StatusReport,
+    TelemetryWindow,
+)
+from edgeota_contract.states import DeploymentState
+from edgeota_contract.topics import Channel
+
+log = logging.getLogger("device_agent.outbox")
+
+_REPORTED_STEP = {
+    Step.VERIFY_ASSIGNMENT: DeploymentState.DOWNLOADING,
+    Step.CHECK_DISK: DeploymentState.DOWNLOADING,
+    Step.DOWNLOAD: DeploymentState.DOWNLOADING,
+    Step.CHECK_DIGEST: DeploymentState.VERIFYING,
+    Step.VERIFY_BUNDLE: DeploymentState.VERIFYING,
+    Step.SMOKE_TEST: DeploymentState.INSTALLING,
+    Step.SWITCH: DeploymentState.INSTALLING,
+    Step.TRIAL: DeploymentState.TRIAL,
+    Step.COMMIT: DeploymentState.TRIAL,
+}
+
+
+def describe(
+    state: AgentState, *, boot_id: str, seq: int, hardware_profile: str, shadow_version: str | None
+) -> CheckIn:
+    """The ``CheckIn`` for ``state``: what this device really runs and which deployment is open."""
+    models = []
+    info = state.active()
+    dep = state.deployment
+    if info is not None and state.active_slot is not None:
+        models.append(
+            RunningModel(
+                model_name=info.model_name,
+                version=info.version,
+                bundle_sha256=info.bundle_sha256,
+                release_counter=info.manifest.release_counter,
+                slot=state.active_slot,
+                state="trial" if dep is not None and dep.step == Step.TRIAL else "serving",
+                shadow_version=shadow_version,
+            )
+        )
+    return CheckIn(
+        boot_id=boot_id,
+        seq=seq,
+        hardware_profile=hardware_profile,
+        agent_version=__version__,
+        models=models,
+        active_deployment_id=dep.deployment_id if dep else None,
+        active_state=_REPORTED_STEP.get(dep.step) if dep else None,
+    )
+
+
+class Outbox:
+    """Sequence numbers, message building and (re-)sending for one agent. Thread-safe."""
+
+    def __init__(self, boot_id: str, settings: AgentSettings, store: StateStore, spool: Spool) -> None:
+        self.boot_id = boot_id
+        self.settings = settings
+        self.store = store
+        self.spool = spool
+        self.link: MqttLink | None = None
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._sent_at: dict[str, float] = {}
+        self._checkin: tuple[str, bytes] | None = None
+
+    def next_seq(self) -> int:
+        with self._lock:
+            return next(self._seq)
+
+    def status(self, a: Assignment, report: Report) -> dict[str, Any]:
+        """A ``StatusReport`` (as JSON data) for ``a`` moving to ``report.state``."""
+        msg = StatusReport(
+            boot_id=self.boot_id,
+            seq=self.next_seq(),
+            deployment_id=a.deployment_id,
+            assignment_id=a.assignment_id,
+            state=report.state,
+            reason=report.reason,
+            detail=report.detail[:1000],
+            model_name=a.model_name,
+            version=a.version,
+            bundle_sha256=a.bundle_sha256,
+        )
+        return msg.model_dump(mode="json")
+
+    def send_checkin(self, msg: CheckIn) -> None:
+        """Send ``msg`` now; it replaces any earlier unacknowledged check-in."""
+        with self._lock:
+            self._checkin = (msg.msg_id, msg.model_dump_json().encode("utf-8"))
+            pending = self._checkin
+        self._publish(Channel.CHECKIN, *pending, force=True)
+
+    def add_window(self, msg: TelemetryWindow) -> None:
+        """Spool a closed telemetry window, then try to send it at once.
+
+        A window too large for one message (``MAX_MESSAGE_BYTES``; many features with fine bins) is
+        sent without its per-feature histograms rather than not at all.
+        """
+        payload = msg.model_dump_json().encode("utf-8")
+        if len(payload) > MAX_MESSAGE_BYTES:
+            log_event(log, "telemetry_features_dropped", level=logging.WARNING, size=len(payload))
+            payload = msg.model_copy(update={"features": []}).model_dump_json().encode("utf-8")
+        self.spool.add(msg.msg_id, payload)
+        self._publish(Channel.TELEMETRY, msg.msg_id, payload)
+
+    def _publish(self, channel: Channel, msg_id: str, payload: bytes, force: bool = False) -> None:
+        link = self.link
+        if link is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            last = self._sent_at.get(msg_id)
+        if not force and last is not None and now - last < self.settings.report_retry_seconds:
+            return
+        if link.publish(channel, payload):
+            with self._lock:
+                self._sent_at[msg_id] = now
+
+    def flush(self, force: bool = False) -> None:
+        """(Re-)send unacknowledged status reports, the pending check-in and a batch of spooled telemetry."""
+        if self.link is None or not self.link.connected:
+            return
+        for report in self.store.state.outbox:
+            self._publish(Channel.STATUS, report["msg_id"], json.dumps(report).encode("utf-8"), force)
+        with self._lock:
+            pending = self._checkin
+            now = time.monotonic()
+            recent = {m for m, t in self._sent_at.items() if now - t < self.settings.report_retry_seconds}
+        if pending is not None:
+            self._publish(Channel.CHECKIN, *pending, force=force)
+        for msg_id, payload in self.spool.oldest(self.settings.spool_drain_batch, skip=() if force else recent):
+            self._publish(Channel.TELEMETRY, msg_id, payload, force)
+
+    def acked(self, msg_ids: list[str]) -> None:
+        """The server stored these messages: forget them everywhere."""
+        ids = set(msg_ids)
+        if any(r["msg_id"] in ids for r in self.store.state.outbox):
+            with self.store.update() as st:
+                st.outbox = [r for r in st.outbox if r["msg_id"] not in ids]
+        with self._lock:
+            if self._checkin is not None and self._checkin[0] in ids:
+                self._checkin = None
+            for msg_id in ids:
+                self._sent_at.pop(msg_id, None)
+        self.spool.ack(ids)
+
+    def reconnected(self) -> None:
+        """After a (re)connect everything unacknowledged is due again."""
+        with self._lock:
+            self._sent_at.clear()

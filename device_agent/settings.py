@@ -1,0 +1,122 @@
+"""The agent's configuration: the provisioning file plus its typed ``[agent]`` table.
+
+``agent.toml`` follows :class:`edgeota_contract.provisioning.DeviceProvisioning`; the
+``[agent]`` table holds the local settings parsed into :class:`AgentSettings`. Environment
+variables ``EDGEOTA_AGENT_<NAME>`` fill any setting the file leaves out (handy for tests and
+systemd drop-ins); values in the file win.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from edgeota_contract.errors import ContractError
+from edgeota_contract.provisioning import DeviceProvisioning
+from edgeota_contract.signing import TrustedKeys
+from edgeota_contract.states import ReasonCode
+
+
+class AgentSettings(BaseSettings):
+    """Local settings of one agent. Every duration is in seconds, every size in bytes."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEOTA_AGENT_", extra="forbid", frozen=True)
+
+    state_dir: Path = Field(default=Path("/var/lib/edgeota-agent"), description="one agent per folder")
+    heartbeat_seconds: float = Field(default=60.0, gt=0)
+    telemetry_window_seconds: float = Field(default=60.0, gt=0)
+    report_retry_seconds: float = Field(default=30.0, gt=0)
+    # download
+    download_timeout_seconds: float = Field(default=600.0, gt=0, description="hard deadline per attempt")
+    download_stall_seconds: float = Field(default=30.0, gt=0, description="no byte for this long aborts")
+    download_retries: int = Field(default=5, ge=0)
+    download_backoff_seconds: float = Field(default=1.0, ge=0, description="first retry delay, doubled each time")
+    download_backoff_max_seconds: float = Field(default=60.0, ge=0)
+    download_rate_limit_bps: int | None = Field(default=None, gt=0, description="bandwidth cap, bytes/s")
+    disk_margin_bytes: int = Field(default=1 << 20, ge=0, description="free space kept beyond the needs")
+    # trial window and health thresholds
+    trial_requests: int = Field(default=200, ge=0, description="live requests that end the trial early")
+    trial_seconds: float = Field(default=30.0, ge=0, description="the trial lasts at most this long")
+    trial_probe_interval_seconds: float = Field(default=1.0, gt=0, description="test-vector probes during trial")
+    health_max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    health_min_requests: int = Field(default=10, ge=1, description="requests before the error rate counts")
+    health_max_nan_outputs: int = Field(default=0, ge=0)
+    health_latency_factor: float = Field(default=3.0, gt=1, description="median may be this many times the old one")
+    health_latency_slack_ms: float = Field(default=2.0, ge=0, description="absolute slack for tiny latencies")
+    max_boot_attempts: int = Field(default=2, ge=1, description="boots in trial before a local rollback")
+    max_update_deferral_seconds: float = Field(default=3600.0, ge=0, description="cap on the app's deferral")
+    deferral_poll_seconds: float = Field(default=5.0, gt=0, description="how often a deferring app is asked")
+    # spool and retry queue
+    spool_max_windows: int = Field(default=10_000, ge=1)
+    spool_drain_batch: int = Field(default=20, ge=1, description="spooled windows sent per retry tick")
+    outbox_max_reports: int = Field(default=500, ge=10)
+    # raw-input sampling for retraining (off by default)
+    sample_rate: float = Field(default=0.0, ge=0, le=1, description="share of requests kept, uniformly at random")
+    sample_max_files: int = Field(default=1000, ge=1)
+    sample_upload_path: str | None = Field(
+        default=None, description="POST target on the server, e.g. /api/v1/devices/{device_id}/samples"
+    )
+    mqtt_connect_probe_seconds: float = Field(default=5.0, gt=0, description="auto protocol: wait for MQTT 5")
+    # fault injection (tests): SIGKILL this process when the named step starts
+    crash_at: str | None = Field(default=None, description="kill -9 at this named step (testing only)")
+    log_level: str = Field(default="INFO", pattern="(?i)^(debug|info|warning|error|critical)$")
+
+    @model_validator(mode="after")
+    def _trial_bounded(self) -> AgentSettings:
+        if self.trial_requests == 0 and self.trial_seconds == 0:
+            raise ValueError("trial_requests and trial_seconds cannot both be 0")
+        return self
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything one agent needs: identity, endpoints, trust roots and local settings."""
+
+    provisioning: DeviceProvisioning
+    settings: AgentSettings
+    release_keys: TrustedKeys
+    server_keys: TrustedKeys
+
+    @property
+    def device_id(self) -> str:
+        return self.provisioning.device.id
+
+    @property
+    def hardware_profile(self) -> str:
+        return self.provisioning.device.hardware_profile
+
+    @classmethod
+    def from_provisioning(
+        cls, provisioning: DeviceProvisioning, base_dir: Path | None = None, **overrides: Any
+    ) -> AgentConfig:
+        """Build the config; relative ``state_dir`` is taken relative to ``base_dir``.
+
+        Raises:
+            ContractError: an ``[agent]`` key is unknown or has a bad value, or a trust key is not
+                an Ed25519 PEM public key.
+        """
+        raw = {**provisioning.agent, **overrides}
+        try:
+            settings = AgentSettings(**raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err.get("loc", ()))
+            raise ContractError(f"[agent] {loc}: {err['msg']}", ReasonCode.MALFORMED_MESSAGE) from exc
+        if base_dir is not None and not settings.state_dir.is_absolute():
+            settings = settings.model_copy(update={"state_dir": (base_dir / settings.state_dir).resolve()})
+        try:
+            release = TrustedKeys.from_pems(provisioning.trust.release_keys)
+            server = TrustedKeys.from_pems(provisioning.trust.server_keys)
+        except Exception as exc:  # SignatureError or a PEM parse error
+            raise ContractError(f"[trust]: {exc}", ReasonCode.MALFORMED_MESSAGE) from exc
+        return cls(provisioning, settings, release, server)
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> AgentConfig:
+        """Read ``agent.toml``. Raises ContractError naming the first problem."""
+        p = Path(path)
+        return cls.from_provisioning(DeviceProvisioning.load(p), base_dir=p.resolve().parent, **overrides)

@@ -1,0 +1,158 @@
+"""The agent's persistent state: slots, committed release counters, the deployment in progress,
+finished deployments, used nonces and the unacknowledged status reports.
+
+Everything lives in one small JSON file (``state.json``) that is only ever replaced atomically
+(:func:`device_agent.fsutil.atomic_write`), so a slot switch, the step of the update machine
+and the status report it produced are made durable together or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from device_agent.fsutil import atomic_write
+from device_agent.update.machine import Deployment
+from edgeota_contract.errors import EdgeotaError
+from edgeota_contract.manifest import BundleManifest
+from edgeota_contract.states import DeploymentState, ReasonCode
+
+STATE_FILE = "state.json"
+SLOT_NAMES = ("a", "b")
+SHADOW_SLOT = "shadow"
+MAX_FINISHED = 200
+MAX_NONCES = 1000
+
+
+class StateError(EdgeotaError):
+    """The state file is unreadable; the agent refuses to guess."""
+
+
+class SlotInfo(BaseModel):
+    """A slot holding a complete bundle that passed :func:`verify_bundle` when it was unpacked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    manifest: BundleManifest
+    bundle_sha256: str
+
+    @property
+    def model_name(self) -> str:
+        return self.manifest.model_name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+
+class FinishedDeployment(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    deployment_id: str
+    assignment_id: str
+    state: DeploymentState
+    reason: ReasonCode
+    detail: str = ""
+    model_name: str
+    version: str
+    bundle_sha256: str
+
+
+class AgentState(BaseModel):
+    """The whole persisted state. Mutated only inside :meth:`StateStore.update`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = 1
+    active_slot: str | None = None
+    slots: dict[str, SlotInfo | None] = Field(default_factory=lambda: dict.fromkeys(SLOT_NAMES))
+    committed_counters: dict[str, int] = Field(default_factory=dict)
+    deployment: Deployment | None = None
+    shadow_deployment: str | None = Field(default=None, description="deployment of the shadowed candidate")
+    shadow_sample_rate: float = 1.0
+    pending_command: str | None = Field(default=None, description="a queued signed assignment payload")
+    finished: list[FinishedDeployment] = Field(default_factory=list)
+    used_nonces: list[str] = Field(default_factory=list)
+    outbox: list[dict[str, Any]] = Field(default_factory=list, description="unacked StatusReport JSON")
+    outbox_dropped: int = 0
+
+    def active(self) -> SlotInfo | None:
+        return self.slots.get(self.active_slot) if self.active_slot else None
+
+    def inactive_slot(self) -> str:
+        return SLOT_NAMES[1] if self.active_slot == SLOT_NAMES[0] else SLOT_NAMES[0]
+
+    def finished_by_id(self, deployment_id: str) -> FinishedDeployment | None:
+        for item in self.finished:
+            if item.deployment_id == deployment_id:
+                return item
+        return None
+
+    def remember_nonce(self, nonce: str) -> None:
+        if nonce not in self.used_nonces:
+            self.used_nonces.append(nonce)
+            del self.used_nonces[:-MAX_NONCES]
+
+    def record_finished(self, item: FinishedDeployment) -> None:
+        self.finished = [f for f in self.finished if f.deployment_id != item.deployment_id]
+        self.finished.append(item)
+        del self.finished[:-MAX_FINISHED]
+
+    def add_report(self, report: dict[str, Any], limit: int) -> None:
+        self.outbox.append(report)
+        if len(self.outbox) > limit:
+            self.outbox_dropped += len(self.outbox) - limit
+            del self.outbox[: len(self.outbox) - limit]
+
+    @property
+    def last_deployment(self) -> FinishedDeployment | None:
+        return self.finished[-1] if self.finished else None
+
+
+class StateStore:
+    """Thread-safe owner of ``state.json`` in one state folder.
+
+    :meth:`update` hands out a copy under a lock and writes it back atomically when the block
+    ends without an exception; readers get a snapshot via :attr:`state`.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.path = state_dir / STATE_FILE
+        self._lock = threading.RLock()
+        self._state = self._load()
+
+    def _load(self) -> AgentState:
+        if not self.path.exists():
+            return AgentState()
+        try:
+            return AgentState.model_validate_json(self.path.read_bytes())
+        except (OSError, ValidationError) as exc:
+            raise StateError(f"cannot read agent state {self.path}: {exc}", ReasonCode.INTERNAL_ERROR) from exc
+
+    @property
+    def state(self) -> AgentState:
+        with self._lock:
+            return self._state.model_copy(deep=True)
+
+    @contextmanager
+    def update(self) -> Iterator[AgentState]:
+        """Mutate a copy of the state; it is saved (durably) and published only if the block succeeds."""
+        with self._lock:
+            draft = self._state.model_copy(deep=True)
+            yield draft
+            data = json.dumps(draft.model_dump(mode="json"), separators=(",", ":")).encode("utf-8")
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, data)
+            self._state = draft
+
+
+def read_state(state_dir: Path) -> AgentState:
+    """Read the state of a (possibly running) agent without taking its lock. Raises StateError."""
+    return StateStore(state_dir).state
