@@ -1,0 +1,53 @@
+"""Device provisioning and inventory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse
+
+from edgeota_contract.topics import DEVICE_ID_PATTERN
+from ota_server.api.deps import CtxDep, Operator, SessionDep, Viewer
+from ota_server.api.schemas import DeviceCreate
+from ota_server.core.problems import ApiError
+from ota_server.models import Device
+from ota_server.services import devices as svc
+
+router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
+
+
+@router.post("", status_code=201)
+def provision(body: DeviceCreate, ctx: CtxDep, session: SessionDep, who: Operator) -> dict[str, Any]:
+    """Register a device; returns its token, MQTT credentials and ``agent.toml`` (shown once)."""
+    out = svc.provision(ctx, session, body.hardware_profile, body.labels, body.device_id, who.name)
+    session.commit()
+    return out
+
+
+@router.get("")
+def list_devices(
+    ctx: CtxDep,
+    session: SessionDep,
+    _who: Viewer,
+    profile: str | None = Query(default=None, max_length=64),
+    label: str | None = Query(default=None, max_length=2000, description="label selector k=v,k2=v2"),
+    online: bool | None = None,
+    limit: int = Query(default=1000, ge=1, le=100_000),
+    offset: int = Query(default=0, ge=0, le=10_000_000),
+) -> JSONResponse:
+    labels = svc.parse_label_selector(label)
+    return JSONResponse(
+        svc.list_devices(session, ctx.settings.device_heartbeat_timeout_seconds, profile, labels, online, limit, offset)
+    )
+
+
+@router.get("/{device_id}")
+def show(
+    ctx: CtxDep, session: SessionDep, _who: Viewer, device_id: str = PathParam(pattern=DEVICE_ID_PATTERN)
+) -> dict[str, Any]:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise ApiError(404, "Not Found", f"device {device_id} not found")
+    return svc.device_detail(session, device, ctx.settings.device_heartbeat_timeout_seconds)

@@ -1,0 +1,71 @@
+"""Mosquitto password file and ACL for the provisioned fleet.
+
+Each device's password hash (Mosquitto's ``$7$`` PBKDF2-SHA512 format) is computed once at
+provisioning, so the plaintext never needs to be stored. The ACL gives each device only its own
+topics (``edgeota_contract.topics.mosquitto_acl_patterns``); the server user gets the whole tree.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy import select
+
+from edgeota_contract.errors import ContractError
+from edgeota_contract.topics import PREFIX, mosquitto_acl_patterns
+from ota_server.core.config import Settings
+from ota_server.core.security import mosquitto_password_hash
+from ota_server.db import make_engine, make_sessionmaker, upgrade_to_head
+from ota_server.models import Device
+
+
+def render_acl(server_user: str | None) -> str:
+    lines = ["# written by `edgeota broker config`", ""]
+    if server_user:
+        lines += [f"user {server_user}", f"topic readwrite {PREFIX}/#", ""]
+    lines += mosquitto_acl_patterns()
+    return "\n".join(lines) + "\n"
+
+
+def render_passwd(entries: list[tuple[str, str]]) -> str:
+    return "".join(f"{user}:{hashed}\n" for user, hashed in entries)
+
+
+def _write(path: Path, text: str, mode: int = 0o600) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_broker_config(settings: Settings, out: Path) -> list[Path]:
+    """Write ``passwd``, ``acl`` and ``edgeota.conf`` into ``out``; returns the paths.
+
+    Raises:
+        ContractError: a device id could not be a Mosquitto user name (contains ``:``).
+    """
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        upgrade_to_head(engine)
+        with make_sessionmaker(engine)() as session:
+            entries = [(d.id, d.mqtt_password_hash) for d in session.scalars(select(Device).order_by(Device.id))]
+    finally:
+        engine.dispose()
+    server_user = settings.mqtt_username
+    if server_user and settings.mqtt_password is not None:
+        entries.insert(0, (server_user, mosquitto_password_hash(settings.mqtt_password.get_secret_value())))
+    for user, _ in entries:
+        if ":" in user:
+            raise ContractError(f"user name {user!r} cannot appear in a Mosquitto password file")
+    out.mkdir(parents=True, exist_ok=True)
+    passwd = _write(out / "passwd", render_passwd(entries))
+    acl = _write(out / "acl", render_acl(server_user))
+    conf = _write(
+        out / "edgeota.conf",
+        f"allow_anonymous false\npassword_file {passwd.resolve()}\nacl_file {acl.resolve()}\n",
+        0o644,
+    )
+    return [passwd, acl, conf]

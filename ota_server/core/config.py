@@ -1,0 +1,151 @@
+"""The server's one typed settings object.
+
+Values come, highest priority first, from keyword arguments, ``EDGEOTA_SERVER_*`` environment
+variables, and an optional TOML config file (``Settings.load(config_file)``). Paths default to
+folders inside ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from edgeota_contract.errors import ContractError
+from edgeota_contract.states import ReasonCode
+
+
+def _split_paths(value: Any) -> Any:
+    """Accept a JSON list, a comma-separated string or a list of paths."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the OTA server needs to run. Env prefix ``EDGEOTA_SERVER_``."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEOTA_SERVER_", extra="forbid", validate_default=True)
+
+    data_dir: Path = Path("./edgeota-data")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite file in data_dir")
+    artifact_dir: Path | None = Field(default=None, description="bundle store; default data_dir/artifacts")
+    public_url: str = Field(default="http://127.0.0.1:8080", description="URL devices use to reach this server")
+
+    mqtt_enabled: bool = True
+    engine_enabled: bool = True
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = Field(default=1883, ge=1, le=65535)
+    mqtt_username: str | None = None
+    mqtt_password: SecretStr | None = None
+    mqtt_tls: bool = False
+    mqtt_ca_file: Path | None = None
+    mqtt_protocol: Literal["auto", "3.1.1", "5"] = "auto"
+    mqtt_client_id: str | None = Field(
+        default=None, description="persistent MQTT session id; default edgeota-server-<hash of data_dir>"
+    )
+    mqtt_device_host: str | None = Field(default=None, description="broker host written into agent.toml")
+    mqtt_device_port: int | None = Field(default=None, ge=1, le=65535)
+
+    server_key: Path | None = Field(default=None, description="Ed25519 key signing commands; generated if missing")
+    release_keys: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    admin_token: SecretStr | None = Field(default=None, description="bootstrap admin bearer token")
+
+    max_bundle_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    engine_tick_seconds: float = Field(default=1.0, gt=0, le=3600)
+    engine_lease_seconds: float = Field(default=15.0, gt=0)
+    device_heartbeat_timeout_seconds: float = Field(default=300.0, gt=0)
+    assignment_ttl_seconds: float = Field(default=3600.0, gt=0)
+    ingest_rate_per_device: float = Field(default=20.0, gt=0, description="sustained device messages/s")
+    ingest_burst_per_device: int = Field(default=200, ge=1, description="messages a device may send at once")
+    api_threads: int = Field(default=4, ge=1, le=256, description="worker threads for the sync API routes")
+    log_level: str = "INFO"
+
+    @field_validator("release_keys", mode="before")
+    @classmethod
+    def _parse_release_keys(cls, value: Any) -> Any:
+        return _split_paths(value)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
+        """Build settings from env (and ``config_file`` when given, under the env vars).
+
+        Raises:
+            ContractError: the config file is missing or a value is invalid.
+        """
+        from pydantic import ValidationError
+
+        target: type[Settings] = cls
+        if config_file is not None:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ContractError(f"config file {path} not found", ReasonCode.MALFORMED_MESSAGE)
+            target = type("FileSettings", (cls,), {"model_config": {**cls.model_config, "toml_file": path}})
+        try:
+            return target(**overrides)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err.get("loc", ()))
+            raise ContractError(f"invalid setting {loc}: {err['msg']}", ReasonCode.MALFORMED_MESSAGE) from exc
+        except (ValueError, OSError) as exc:
+            raise ContractError(f"invalid settings: {exc}", ReasonCode.MALFORMED_MESSAGE) from exc
+
+    # ----------------------------------------------------------------- derived values
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'edgeota.db').resolve()}"
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return self.artifact_dir or self.data_dir / "artifacts"
+
+    @property
+    def resolved_server_key(self) -> Path:
+        return self.server_key or self.data_dir / "server_key.pem"
+
+    @property
+    def server_public_key_path(self) -> Path:
+        key = self.resolved_server_key
+        return key.with_name(key.name.removesuffix(".pem") + ".pub.pem")
+
+    @property
+    def resolved_mqtt_client_id(self) -> str:
+        """Stable per data folder (the broker keeps the session across restarts), distinct between servers."""
+        if self.mqtt_client_id:
+            return self.mqtt_client_id
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:8]
+        return f"edgeota-server-{digest}"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"

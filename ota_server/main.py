@@ -1,0 +1,91 @@
+"""The app factory: ``create_app(settings) -> FastAPI``.
+
+Creating the app migrates the database to head, loads (or generates) the server key and the
+trusted release keys, and builds the shared context. Starting it (lifespan) connects the MQTT
+bridge and starts the rollout engine loop when enabled; stopping it stops both cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from edgeota_contract.errors import ContractError
+from edgeota_contract.logs import log_event
+from edgeota_contract.signing import TrustedKeys, public_pem
+from edgeota_contract.states import ReasonCode
+from ota_server.api.routes import audit, devices, health, releases, rollouts, tokens
+from ota_server.artifacts import LocalArtifactStore
+from ota_server.context import ServerContext
+from ota_server.core.config import Settings
+from ota_server.core.problems import install_problem_handlers
+from ota_server.core.security import load_or_create_server_key
+from ota_server.db import make_engine, make_sessionmaker, upgrade_to_head
+
+log = logging.getLogger("edgeota.server")
+
+
+def build_context(settings: Settings) -> ServerContext:
+    """Migrate the database and load keys. Raises ContractError/SignatureError on bad configuration."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        upgrade_to_head(engine)
+    except Exception as exc:
+        raise ContractError(f"cannot migrate database: {exc}", ReasonCode.INTERNAL_ERROR) from exc
+    release_keys = TrustedKeys.from_files(settings.release_keys)
+    return ServerContext(
+        settings=settings,
+        engine=engine,
+        sessions=make_sessionmaker(engine),
+        store=LocalArtifactStore(settings.resolved_artifact_dir),
+        server_key=load_or_create_server_key(settings.resolved_server_key),
+        release_keys=release_keys,
+        release_key_pems=[public_pem(release_keys.get(k)).decode() for k in release_keys.key_ids],  # type: ignore[arg-type]
+    )
+
+
+def create_app(settings: Settings | None = None, ctx: ServerContext | None = None) -> FastAPI:
+    settings = settings or Settings.load()
+    ctx = ctx or build_context(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        import anyio.to_thread
+
+        from ota_server.engine import EngineLoop
+        from ota_server.mqtt_bridge import MqttBridge
+
+        # Few worker threads: sync routes are short, and many threads only fight over the GIL.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        bridge = None
+        loop = None
+        if settings.mqtt_enabled:
+            bridge = MqttBridge(ctx)
+            ctx.publisher = bridge
+            if not bridge.start():
+                log_event(log, "mqtt_not_connected_yet", logging.WARNING)
+        if settings.engine_enabled:
+            loop = EngineLoop(ctx)
+            loop.start()
+        log_event(log, "server_started", public_url=settings.public_url)
+        try:
+            yield
+        finally:
+            if loop is not None:
+                loop.stop()
+            if bridge is not None:
+                bridge.stop()
+            ctx.engine.dispose()
+            log_event(log, "server_stopped")
+
+    app = FastAPI(title="edgeota OTA server", version="1", lifespan=lifespan)
+    app.state.ctx = ctx
+    install_problem_handlers(app)
+    for module in (health, tokens, audit, releases, devices, rollouts):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,118 @@
+"""Turning deployments into server-signed commands and handing them to the publisher.
+
+The database is the truth: a deployment is marked ``notified`` (with a fresh assignment id)
+and committed before its command is published, so a lost publish is repaired by the device's
+next check-in, which re-sends every open deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from edgeota_contract.logs import log_event
+from edgeota_contract.messages import Ack, Assignment, ShadowStop, new_id, sign_command, utcnow
+from edgeota_contract.states import DeploymentState
+from ota_server.context import ServerContext
+from ota_server.models import Bundle, Deployment
+
+log = logging.getLogger("edgeota.server.dispatch")
+
+
+def prepare_sends(session: Session, deployments: list[Deployment]) -> list[str]:
+    """Give each deployment a fresh assignment id and mark pending ones notified (caller commits)."""
+    now = utcnow()
+    ids = []
+    for dep in deployments:
+        dep.assignment_id = new_id()
+        dep.send_count += 1
+        if dep.state == DeploymentState.PENDING.value:
+            dep.state = DeploymentState.NOTIFIED.value
+            dep.notified_at = now
+            dep.updated_at = now
+        ids.append(dep.id)
+    return ids
+
+
+def publish_deployments(ctx: ServerContext, deployment_ids: list[str]) -> int:
+    """Sign and publish the (already committed) deployments; returns how many were handed over."""
+    sent = 0
+    with ctx.sessions() as session:
+        for dep_id in deployment_ids:
+            dep = session.get(Deployment, dep_id)
+            if dep is None:
+                continue
+            bundle = session.get(Bundle, dep.bundle_sha256)
+            if bundle is None:
+                continue
+            assignment = Assignment(
+                assignment_id=dep.assignment_id or new_id(),
+                deployment_id=dep.id,
+                rollout_id=dep.rollout_id,
+                device_id=dep.device_id,
+                mode="rollback" if dep.mode == "rollback" else "shadow" if dep.mode == "shadow" else "install",
+                model_name=dep.model_name,
+                version=dep.version,
+                release_counter=dep.release_counter,
+                hardware_profile=bundle.hardware_profile,
+                bundle_sha256=dep.bundle_sha256,
+                bundle_size=bundle.size,
+                bundle_url=f"/api/v1/artifacts/{dep.bundle_sha256}",
+                issued_at=utcnow(),
+                expires_at=utcnow() + timedelta(seconds=ctx.settings.assignment_ttl_seconds),
+            )
+            payload = sign_command(assignment, ctx.server_key)
+            if ctx.publisher.publish_command(dep.device_id, payload):
+                sent += 1
+                ctx.metrics.inc("commands_published")
+            log_event(
+                log,
+                "assignment_sent",
+                device=dep.device_id,
+                deployment=dep.id,
+                mode=dep.mode,
+                version=dep.version,
+                assignment=assignment.assignment_id,
+            )
+    return sent
+
+
+def send_pending(ctx: ServerContext) -> int:
+    """Notify every pending deployment (after a crash between create and publish too)."""
+    with ctx.sessions() as session, session.begin():
+        pending = list(session.scalars(select(Deployment).where(Deployment.state == DeploymentState.PENDING.value)))
+        ids = prepare_sends(session, pending)
+    if ids:
+        publish_deployments(ctx, ids)
+    return len(ids)
+
+
+def send_shadow_stops(ctx: ServerContext, stops: list[tuple[str, str]]) -> None:
+    """Tell each (device, model) to stop shadowing (after the commit that ended the shadow deployments)."""
+    now = utcnow()
+    for device_id, model_name in stops:
+        stop = ShadowStop(
+            device_id=device_id,
+            model_name=model_name,
+            issued_at=now,
+            expires_at=now + timedelta(seconds=ctx.settings.assignment_ttl_seconds),
+        )
+        ctx.publisher.publish_command(device_id, sign_command(stop, ctx.server_key))
+        log_event(log, "shadow_stop_sent", device=device_id, model=model_name)
+
+
+def send_ack(ctx: ServerContext, device_id: str, msg_ids: list[str]) -> None:
+    """Tell a device its reports are stored (call only after the commit)."""
+    if not msg_ids:
+        return
+    now = utcnow()
+    ack = Ack(
+        device_id=device_id,
+        msg_ids=msg_ids,
+        issued_at=now,
+        expires_at=now + timedelta(seconds=ctx.settings.assignment_ttl_seconds),
+    )
+    ctx.publisher.publish_command(device_id, sign_command(ack, ctx.server_key))

@@ -1,0 +1,96 @@
+"""In-process helpers: feed device messages to the ingest path and read the commands it sent."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from edgeota_contract.messages import Ack, Assignment, CheckIn, RunningModel, StatusReport, verify_command
+from edgeota_contract.signing import TrustedKeys
+from edgeota_contract.states import DeploymentState, ReasonCode
+from edgeota_contract.topics import Channel, device_topic
+from ota_server.context import ServerContext
+from ota_server.mqtt_bridge import process_message
+
+BOOT = uuid.uuid4().hex
+
+
+def commands(ctx: ServerContext, device_id: str) -> list[Any]:
+    """Every command sent to ``device_id`` so far, verified with the server key."""
+    keys = TrustedKeys([ctx.server_key.public_key])
+    sent = ctx.publisher.sent  # type: ignore[attr-defined]
+    return [verify_command(p, keys, device_id) for d, p in sent if d == device_id]
+
+
+def assignments(ctx: ServerContext, device_id: str) -> list[Assignment]:
+    return [c for c in commands(ctx, device_id) if isinstance(c, Assignment)]
+
+
+def acked(ctx: ServerContext, device_id: str) -> set[str]:
+    return {m for c in commands(ctx, device_id) if isinstance(c, Ack) for m in c.msg_ids}
+
+
+_seq = iter(range(1, 1_000_000))
+
+
+def report(
+    ctx: ServerContext,
+    a: Assignment,
+    state: DeploymentState,
+    reason: ReasonCode = ReasonCode.OK,
+    device_id: str | None = None,
+    msg_id: str | None = None,
+) -> tuple[str, StatusReport]:
+    msg = StatusReport(
+        boot_id=BOOT,
+        seq=next(_seq),
+        deployment_id=a.deployment_id,
+        assignment_id=a.assignment_id,
+        state=state,
+        reason=reason,
+        model_name=a.model_name,
+        version=a.version,
+        bundle_sha256=a.bundle_sha256,
+        **({"msg_id": msg_id} if msg_id else {}),
+    )
+    outcome = process_message(
+        ctx, device_topic(device_id or a.device_id, Channel.STATUS), msg.model_dump_json().encode()
+    )
+    return outcome, msg
+
+
+def checkin(
+    ctx: ServerContext,
+    device_id: str,
+    profile: str,
+    models: list[Assignment] = (),  # type: ignore[assignment]
+    active: str | None = None,
+) -> str:
+    running = [
+        RunningModel(
+            model_name=a.model_name,
+            version=a.version,
+            bundle_sha256=a.bundle_sha256,
+            release_counter=a.release_counter,
+            slot="a",
+        )
+        for a in models
+    ]
+    msg = CheckIn(
+        boot_id=BOOT,
+        seq=next(_seq),
+        hardware_profile=profile,
+        agent_version="t",
+        models=running,
+        active_deployment_id=active,
+    )
+    return process_message(ctx, device_topic(device_id, Channel.CHECKIN), msg.model_dump_json().encode())
+
+
+def finish(ctx: ServerContext, a: Assignment, ok: bool = True) -> None:
+    for state in (DeploymentState.DOWNLOADING, DeploymentState.INSTALLING, DeploymentState.TRIAL):
+        report(ctx, a, state)
+    if ok:
+        report(ctx, a, DeploymentState.COMMITTED)
+    else:
+        report(ctx, a, DeploymentState.ROLLED_BACK, ReasonCode.SMOKE_TEST_FAILED)

@@ -1,0 +1,73 @@
+"""A real `edgeota server run` child process for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import Broker, free_port
+
+from .conftest import ADMIN, AUTH, Keys
+
+EDGEOTA = str(Path(sys.executable).with_name("edgeota"))
+
+
+class ServerProcess:
+    def __init__(self, tmp_path: Path, db_url: str, keys: Keys, broker: Broker) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "EDGEOTA_SERVER_DATABASE_URL": db_url,
+            "EDGEOTA_SERVER_DATA_DIR": str(tmp_path / "server-data"),
+            "EDGEOTA_SERVER_ADMIN_TOKEN": ADMIN,
+            "EDGEOTA_SERVER_RELEASE_KEYS": str(keys.release_pub),
+            "EDGEOTA_SERVER_MQTT_HOST": broker.host,
+            "EDGEOTA_SERVER_MQTT_PORT": str(broker.port),
+            "EDGEOTA_SERVER_MQTT_CLIENT_ID": f"srv-{uuid.uuid4().hex[:10]}",
+            "EDGEOTA_SERVER_PUBLIC_URL": self.url,
+            "EDGEOTA_SERVER_ENGINE_TICK_SECONDS": "0.2",
+            "EDGEOTA_SERVER_ENGINE_LEASE_SECONDS": "2",
+        }
+        self.log = tmp_path / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.http = httpx.Client(base_url=self.url, headers=AUTH, timeout=10)
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [EDGEOTA, "server", "run", "--port", str(self.port)], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if self.http.get("/healthz").json().get("mqtt_connected"):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("server did not become ready:\n" + self.log.read_text()[-3000:])
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout=5)
+
+    def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self.http.request(method, path, **kwargs)
+        assert resp.status_code < 400, resp.text
+        return resp.json()
