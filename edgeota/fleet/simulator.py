@@ -1,0 +1,370 @@
+"""Many real device agents in one process: identities, folders, synthetic load and injected faults.
+
+:class:`FleetSimulator` provisions ``devices`` devices through the OTA server, writes one folder per
+device, starts one real agent per device (:mod:`edgeota.fleet.agents` adapts the device agent's
+class; ONNX Runtime sessions are shared per bundle through one session cache), drives inference at
+``rate_per_device`` requests per second through each agent's predict API, and plays the fault
+timeline (:mod:`edgeota.fleet.faults`). ``stop()`` (or leaving the ``with`` block) stops the load,
+the agents, and the proxies, in that order.
+
+Errors: ``ProvisioningError`` from :meth:`FleetSimulator.provision`; ``FaultSpecError`` when a fault
+names an unknown device.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from edgeota.fleet.agents import SimAgent, build_agent, new_session_cache
+from edgeota.fleet.faults import Fault, FaultKind, assign_faults
+from edgeota.fleet.load import Drift, InputSampler
+from edgeota.fleet.netcut import CuttableProxy, ProxyHub
+from edgeota.fleet.provision import DevicePlan, plan_devices, provision_device, write_device_folder
+from edgeota_contract.logs import log_event
+
+log = logging.getLogger(__name__)
+
+# Agent settings that make a simulated fleet converge in seconds rather than minutes.
+FAST_AGENT_SETTINGS: dict[str, Any] = {
+    "heartbeat_seconds": 10.0,
+    "telemetry_window_seconds": 5.0,
+    "report_retry_seconds": 3.0,
+    "download_backoff_seconds": 0.5,
+    "download_backoff_max_seconds": 5.0,
+    "download_stall_seconds": 10.0,
+    "trial_requests": 40,
+    "trial_seconds": 8.0,
+    "trial_probe_interval_seconds": 0.5,
+    # Dozens of agents share this process's cores, so a request can wait for the GIL or a core for a few
+    # milliseconds: real devices have their own CPUs. The manifest's latency budget still applies as is.
+    "health_latency_slack_ms": 25.0,
+    "log_level": "WARNING",
+}
+# How often the interpreter lets another thread run: Python's default (5 ms) would add up to 5 ms to a
+# request whose inference is done but whose thread waits for the GIL; agents measure that as latency.
+# With hundreds of threads the shorter interval backfires (every waiting thread wakes that often to ask for the
+# GIL, and the process thrashes), so it is only used for demo-sized fleets.
+SWITCH_INTERVAL_SECONDS = 0.0005
+SWITCH_INTERVAL_MAX_DEVICES = 100
+
+
+@dataclass
+class FleetConfig:
+    devices: int
+    profiles: Sequence[str]
+    server_url: str
+    admin_token: str
+    workdir: Path
+    faults: Sequence[Fault] = ()
+    rate_per_device: float = 5.0
+    seed: int = 0
+    prefix: str = "sim"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    agent_overrides: Mapping[str, Any] = field(default_factory=dict)
+    load_threads: int = 2
+
+
+@dataclass
+class DeviceStats:
+    requests: int = 0
+    errors: int = 0
+    no_model: int = 0
+    served: Counter[str] = field(default_factory=Counter)  # requests per model version that answered them
+
+
+@dataclass
+class SimDevice:
+    plan: DevicePlan
+    folder: Path
+    config_path: Path
+    faults: list[Fault]
+    proxy: CuttableProxy | None = None
+    agent: SimAgent | None = None
+    running: bool = False
+    stats: DeviceStats = field(default_factory=DeviceStats)
+    drift: Drift | None = None
+    sampler: InputSampler | None = None
+    sampler_digest: str | None = None
+    spent: list[Fault] = field(default_factory=list)
+
+    @property
+    def device_id(self) -> str:
+        return self.plan.device_id
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    at: float
+    running: int
+    versions: dict[str, int]
+    requests: int
+    errors: int
+
+
+class FleetSimulator:
+    """N real agents in this process. A context manager; see the module docstring."""
+
+    def __init__(self, config: FleetConfig) -> None:
+        self.config = config
+        self.devices: list[SimDevice] = []
+        self._hub: ProxyHub | None = None
+        self._stop = threading.Event()
+        self._load_paused = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._session_cache: Any = None
+        self._switch_interval: float | None = None
+        self._lock = threading.Lock()
+        self.started_at = 0.0
+        self.events: list[tuple[float, str, str]] = []  # (seconds since start, device id, what happened)
+
+    # ------------------------------------------------------------ setup
+
+    def provision(self, progress: Any = None) -> list[SimDevice]:
+        """Provision every device (idempotent per workdir) and write its folder.
+
+        ``progress``: optional callable(done, total) for a progress bar.
+        """
+        import httpx
+
+        cfg = self.config
+        plans = plan_devices(cfg.devices, list(cfg.profiles), cfg.prefix, cfg.labels)
+        per_device = assign_faults(cfg.faults, [p.device_id for p in plans], cfg.seed)
+        headers = {"Authorization": f"Bearer {cfg.admin_token}"}
+        settings = {**FAST_AGENT_SETTINGS, **cfg.agent_overrides}
+        with httpx.Client(base_url=cfg.server_url, headers=headers, timeout=30) as client:
+            for index, plan in enumerate(plans):
+                folder = cfg.workdir / plan.device_id
+                provisioning = provision_device(client, plan, folder)
+                faults = per_device.get(plan.device_id, [])
+                proxy = None
+                if any(f.kind == FaultKind.NETWORK_CUT for f in faults):
+                    proxy = self._proxy_hub().proxy(provisioning.mqtt.host, provisioning.mqtt.port)
+                address = ("127.0.0.1", proxy.listen_port) if proxy else None
+                config_path = write_device_folder(folder, provisioning, settings, address)
+                drift = next((Drift(f.num("shift"), f.num("scale")) for f in faults if f.kind == FaultKind.DRIFT), None)
+                self.devices.append(SimDevice(plan, folder, config_path, faults, proxy, drift=drift))
+                if progress is not None:
+                    progress(index + 1, len(plans))
+        return self.devices
+
+    def _proxy_hub(self) -> ProxyHub:
+        if self._hub is None:
+            self._hub = ProxyHub()
+        return self._hub
+
+    # ------------------------------------------------------------ running
+
+    def start(self) -> None:
+        """Start every agent (except those whose ``offline`` fault starts at 0), the load and the fault timeline."""
+        if not self.devices:
+            self.provision()
+        self._session_cache = new_session_cache()
+        if len(self.devices) <= SWITCH_INTERVAL_MAX_DEVICES:
+            self._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_SECONDS))
+        self.started_at = time.monotonic()
+        for device in self.devices:
+            device.agent = self._new_agent(device)
+            if not any(f.kind == FaultKind.OFFLINE and f.num("after") == 0 for f in device.faults):
+                self._start_agent(device)
+        for i in range(max(1, self.config.load_threads)):
+            share = self.devices[i :: max(1, self.config.load_threads)]
+            self._spawn(f"edgeota-load-{i}", self._load_loop, share)
+        self._spawn("edgeota-faults", self._fault_loop)
+
+    def _new_agent(self, device: SimDevice) -> SimAgent:
+        agent = build_agent(device.config_path, self._session_cache)
+        for fault in device.faults:
+            if fault.kind == FaultKind.KILL_MID_UPDATE and fault not in device.spent:
+                agent.arm_crash(fault.text("step"))
+        return agent
+
+    def _spawn(self, name: str, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _start_agent(self, device: SimDevice) -> None:
+        assert device.agent is not None
+        device.agent.start()
+        device.running = True
+        self._event(device, "agent started")
+
+    def _stop_agent(self, device: SimDevice, abrupt: bool = False) -> None:
+        if device.agent is not None and device.running:
+            device.running = False
+            if abrupt:
+                device.agent.kill()
+            else:
+                device.agent.stop()
+            self._event(device, "agent killed" if abrupt else "agent stopped")
+
+    def _stop_quietly(self, device: SimDevice) -> None:
+        try:
+            self._stop_agent(device)
+        except Exception as exc:  # one agent failing to stop must not keep the others running
+            log_event(log, "sim_agent_stop_failed", level=logging.ERROR, device=device.device_id, detail=str(exc))
+
+    def _event(self, device: SimDevice, what: str) -> None:
+        with self._lock:
+            self.events.append((time.monotonic() - self.started_at, device.device_id, what))
+        log_event(log, "sim_event", device=device.device_id, what=what)
+
+    def _load_loop(self, devices: Sequence[SimDevice]) -> None:
+        rate = self.config.rate_per_device
+        if rate <= 0 or not devices:
+            return
+        period = 1.0 / rate
+        next_due = {d.device_id: time.monotonic() + (i * period / len(devices)) for i, d in enumerate(devices)}
+        seed = self.config.seed
+        while not self._stop.is_set():
+            now = time.monotonic()
+            soonest = now + period
+            for device in devices:
+                due = next_due[device.device_id]
+                if due <= now:
+                    next_due[device.device_id] = max(due + period, now)
+                    if device.running and device.agent is not None and not self._load_paused.is_set():
+                        try:
+                            self._one_request(device, seed)
+                        except Exception as exc:  # e.g. a slot folder removed by a rollback mid-read
+                            log_event(log, "sim_request_skipped", device=device.device_id, detail=str(exc)[:200])
+                soonest = min(soonest, next_due[device.device_id])
+            self._stop.wait(max(0.0, soonest - time.monotonic()))
+
+    def _one_request(self, device: SimDevice, seed: int) -> None:
+        agent = device.agent
+        assert agent is not None
+        serving = agent.serving()
+        if serving is None:
+            device.stats.no_model += 1
+            return
+        if device.sampler is None or device.sampler_digest != serving.bundle_sha256:
+            device_seed = zlib.crc32(f"{seed}:{device.device_id}".encode())
+            device.sampler = InputSampler.from_bundle_dir(serving.folder, serving.inputs, seed=device_seed)
+            device.sampler_digest = serving.bundle_sha256
+        inputs = device.sampler.sample(1, device.drift)
+        device.stats.requests += 1
+        device.stats.served[serving.version] += 1
+        try:
+            agent.predict(inputs)
+        except Exception:  # the agent counts model errors in its telemetry; we only count them here
+            device.stats.errors += 1
+
+    def _fault_loop(self) -> None:
+        timeline: list[tuple[float, SimDevice, Fault, str]] = []
+        for device in self.devices:
+            for fault in device.faults:
+                if fault.kind in (FaultKind.NETWORK_CUT, FaultKind.OFFLINE):
+                    timeline.append((fault.num("after"), device, fault, "begin"))
+                    timeline.append((fault.num("after") + fault.num("duration"), device, fault, "end"))
+        timeline.sort(key=lambda item: item[0])
+        watch = [(d, f) for d in self.devices for f in d.faults if f.kind == FaultKind.KILL_MID_UPDATE]
+        while not self._stop.is_set():
+            elapsed = time.monotonic() - self.started_at
+            while timeline and timeline[0][0] <= elapsed:
+                _, device, fault, phase = timeline.pop(0)
+                self._apply(device, fault, phase)
+            for device, fault in list(watch):
+                if device.running and device.agent is not None and device.agent.crashed():
+                    device.spent.append(fault)  # killed once; the restarted agent runs on
+                    self._stop_agent(device, abrupt=True)
+                    self._event(device, f"killed at step {fault.text('step')}")
+                    watch.remove((device, fault))
+                    restart_at = time.monotonic() - self.started_at + fault.num("restart_after")
+                    timeline.append((restart_at, device, fault, "restart"))
+                    timeline.sort(key=lambda item: item[0])
+            self._stop.wait(0.05)
+
+    def _apply(self, device: SimDevice, fault: Fault, phase: str) -> None:
+        if fault.kind == FaultKind.NETWORK_CUT and device.proxy is not None:
+            if phase == "begin":
+                device.proxy.cut()
+                self._event(device, "network cut")
+            else:
+                device.proxy.restore()
+                self._event(device, "network restored")
+        elif fault.kind == FaultKind.OFFLINE and phase == "begin":
+            self._stop_agent(device)
+        elif phase in ("end", "restart") and not device.running:
+            assert device.agent is not None
+            device.agent = self._new_agent(device)  # a fresh boot on the same folder
+            self._start_agent(device)
+
+    def pause_load(self, paused: bool = True) -> None:
+        """Stop (or resume) sending synthetic requests; agents keep running."""
+        if paused:
+            self._load_paused.set()
+        else:
+            self._load_paused.clear()
+
+    # ------------------------------------------------------------ observing
+
+    def served(self, version: str) -> tuple[int, int]:
+        """(devices that answered at least one request with ``version``, how many requests it answered)."""
+        counts = [d.stats.served.get(version, 0) for d in self.devices]
+        return sum(1 for c in counts if c), sum(counts)
+
+    def snapshot(self) -> FleetSnapshot:
+        """Counts right now: running agents, devices per serving version, requests and errors."""
+        versions: Counter[str] = Counter()
+        for device in self.devices:
+            serving = device.agent.serving() if device.agent is not None and device.running else None
+            versions[serving.version if serving else "-"] += 1
+        return FleetSnapshot(
+            at=time.monotonic() - self.started_at,
+            running=sum(1 for d in self.devices if d.running),
+            versions=dict(versions),
+            requests=sum(d.stats.requests for d in self.devices),
+            errors=sum(d.stats.errors for d in self.devices),
+        )
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able status: the snapshot plus, per version, (devices that served it, requests it answered)."""
+        snap = self.snapshot()
+        versions = {v for d in self.devices for v in d.stats.served}
+        return {
+            "at": snap.at,
+            "devices": len(self.devices),
+            "running": snap.running,
+            "versions": snap.versions,
+            "requests": snap.requests,
+            "errors": snap.errors,
+            "served": {v: list(self.served(v)) for v in sorted(versions)},
+        }
+
+    # ------------------------------------------------------------ teardown
+
+    def stop(self) -> None:
+        """Stop the load, every agent (gracefully, in parallel) and the proxies. Idempotent."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads.clear()
+        with ThreadPoolExecutor(max_workers=32, thread_name_prefix="edgeota-stop") as pool:
+            list(pool.map(self._stop_quietly, self.devices))
+        if self._hub is not None:
+            self._hub.close()
+            self._hub = None
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
+
+    def __enter__(self) -> FleetSimulator:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
