@@ -58,7 +58,8 @@ class AgentSettings(BaseSettings):
     sample_rate: float = Field(default=0.0, ge=0, le=1, description="share of requests kept, uniformly at random")
     sample_max_files: int = Field(default=1000, ge=1)
     sample_upload_path: str | None = Field(
-        default=None, description="POST target on the server, e.g. /api/v1/devices/{device_id}/samples"
+        default="/api/v1/devices/{device_id}/samples",
+        description="POST target on the server (the OTA server's sample route); None disables uploads",
     )
     mqtt_connect_probe_seconds: float = Field(default=5.0, gt=0, description="auto protocol: wait for MQTT 5")
     # fault injection (tests): SIGKILL this process when the named step starts

@@ -129,3 +129,157 @@ def test_oversized_window_is_sent_without_feature_histograms(tmp_path: Path) -> 
     assert msg_id == window.msg_id and len(payload) <= MAX_MESSAGE_BYTES
     sent = TelemetryWindow.model_validate_json(payload)
     assert sent.features == [] and sent.request_count == 5
+
+
+# ---- batched summaries: the request path only buffers copies; numpy work happens in batches --------------
+
+
+def _runtime(tmp_path: Path, keys: Keys, recorder: TelemetryRecorder) -> ModelRuntime:
+    path, sha = make_bundle(tmp_path / "b.tar", keys.release)
+    v = verify_bundle(path, TrustedKeys([keys.release.public_key]), extract_to=tmp_path / "slot")
+    runtime = ModelRuntime()
+    runtime.add_listener(recorder)
+    runtime.install(load_model(tmp_path / "slot", v.manifest, sha, "a", SessionCache()))
+    return runtime
+
+
+def _expected(batches: list[np.ndarray]) -> tuple[list[list[int]], list[int], list[int]]:
+    """Per-feature counts on the test bundle's edges, class counts and confidence counts, by plain numpy."""
+    x = np.concatenate(batches).astype(np.float64)
+    features = [
+        np.bincount(np.searchsorted([0.25, 0.5, 0.75], x[:, j], side="right"), minlength=4).tolist()
+        for j in range(x.shape[1])
+    ]
+    y = np.concatenate([reference_model(b) for b in batches]).astype(np.float64)
+    classes = np.bincount(y.argmax(axis=1), minlength=CLASSES).tolist()
+    confidence = np.bincount(np.searchsorted(CONFIDENCE_EDGES, y.max(axis=1), side="right"), minlength=12)
+    return features, classes, confidence.tolist()
+
+
+def _merged(windows: list) -> tuple[int, list[list[int]], list[int], list[int]]:  # type: ignore[type-arg]
+    requests = sum(w.request_count for w in windows)
+    features = np.sum([[f.counts for f in w.features] for w in windows], axis=0).tolist()
+    classes = np.sum([w.outputs[0].class_counts for w in windows], axis=0).tolist()
+    confidence = np.sum([w.outputs[0].confidence_counts for w in windows], axis=0).tolist()
+    return requests, features, classes, confidence
+
+
+def test_buffer_is_bounded_and_flushed_on_roll(tmp_path: Path, keys: Keys) -> None:
+    recorder = TelemetryRecorder(max_requests=8)
+    runtime = _runtime(tmp_path, keys, recorder)
+    batches = [sample_inputs(1 + i % 3, seed=i) for i in range(50)]
+    for batch in batches:
+        runtime.predict({"x": batch})
+        assert recorder.pending() < 8  # summarised in batches of at most max_requests
+    assert recorder.pending() > 0  # the rest waits for the roll
+    windows = recorder.roll()
+    assert recorder.pending() == 0 and recorder.roll() == []
+    requests, features, classes, confidence = _merged(windows)
+    assert (requests, features, classes, confidence) == (50, *_expected(batches))
+
+    small = TelemetryRecorder(max_bytes=4096)  # 300-900 bytes a request here: after its first batch of
+    runtime.add_listener(small)  # 64, the limit adapts to about 4096 bytes' worth of requests
+    for batch in batches * 3:
+        runtime.predict({"x": batch})
+        assert small.pending() <= 64
+    assert small.limit <= 16 and small.pending() < small.limit
+    assert _merged(small.roll())[0] == 150
+
+
+def test_inputs_are_copied_when_the_caller_reuses_its_buffer(tmp_path: Path, keys: Keys) -> None:
+    recorder = TelemetryRecorder()
+    runtime = _runtime(tmp_path, keys, recorder)
+    buffer = np.empty((2, 64), dtype=np.float32)
+    batches = [sample_inputs(2, seed=i) for i in range(20)]
+    for batch in batches:
+        buffer[:] = batch
+        runtime.predict({"x": buffer})
+        out = runtime.predict({"x": batch})
+        out["y"][:] = np.nan  # the caller scribbles on its outputs too
+    buffer[:] = 0.0
+    _, features, classes, confidence = _merged(recorder.roll())
+    doubled = [b for b in batches for _ in range(2)]
+    assert (features, classes, confidence) == _expected(doubled)
+
+
+def test_concurrent_requests_and_rolls_lose_nothing(tmp_path: Path, keys: Keys) -> None:
+    import threading
+
+    recorder = TelemetryRecorder(max_requests=16)
+    runtime = _runtime(tmp_path, keys, recorder)
+    threads, per_thread = 4, 150
+    batches = {t: [sample_inputs(1 + i % 2, seed=1000 * t + i) for i in range(per_thread)] for t in range(threads)}
+    windows: list = []  # type: ignore[type-arg]
+    done = threading.Event()
+
+    def client(t: int) -> None:
+        for batch in batches[t]:
+            runtime.predict({"x": batch})
+        if t == 0:
+            with pytest.raises(ModelError):
+                runtime.predict({"x": np.zeros((1, 2), dtype=np.float32)})
+
+    def roller() -> None:
+        while not done.is_set():
+            windows.extend(recorder.roll())
+
+    workers = [threading.Thread(target=client, args=(t,)) for t in range(threads)]
+    rolling = threading.Thread(target=roller)
+    rolling.start()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    done.set()
+    rolling.join()
+    windows.extend(recorder.roll())
+    requests, features, classes, confidence = _merged(windows)
+    assert requests == threads * per_thread + 1 and sum(w.error_count for w in windows) == 1
+    assert sum(sum(w.latency_counts) for w in windows) == requests
+    everything = [b for t in range(threads) for b in batches[t]]
+    assert (features, classes, confidence) == _expected(everything)
+    assert all(w.window_start <= w.window_end for w in windows)
+
+
+def test_edges_between_float32_values_and_non_finite_values_count_exactly() -> None:
+    from bisect import bisect_right
+
+    from device_agent.telemetry import _InputSummary, _Output, row_confidences
+    from edgeota_contract.telemetry import FeatureReference
+
+    # Edges that float32 cannot represent, values right at and around them, and edges beyond float32's range.
+    edges = [[-1e39, 0.1, 1 / 3, 0.7], [0.1], [-2.5, 0.0, 2.5, 3e38, 1e39], [0.2, 0.30000001192092896]]
+    refs = [FeatureReference(input="x", feature=j, edges=e, counts=[0] * (len(e) + 1)) for j, e in enumerate(edges)]
+    near = [np.float32(e) for row in edges for e in row if abs(e) < 3.4e38]
+    near += [np.nextafter(v, np.float32(np.inf)) for v in near] + [np.nextafter(v, np.float32(-np.inf)) for v in near]
+    rng = np.random.default_rng(3)
+    values = np.array(near + list(rng.normal(scale=2, size=200)), dtype=np.float32)
+    for dtype in (np.float32, np.float64):
+        x = np.stack([rng.permutation(values) for _ in range(len(edges))], axis=1).astype(dtype)
+        summary = _InputSummary("x", refs)
+        summary.add([x[:100], x[100:]])
+        dirty = x.copy()
+        dirty[0, 1], dirty[3, 2], dirty[5, 0] = np.nan, np.inf, -np.inf
+        summary.add([dirty])
+        for j, f in enumerate(summary.summaries()):
+            col = np.concatenate([x[:, j], dirty[:, j]]).astype(np.float64)
+            finite = col[np.isfinite(col)]
+            expected = np.bincount([bisect_right(edges[j], v) for v in finite], minlength=len(edges[j]) + 1)
+            assert f.counts == expected.tolist()
+            assert f.nan_count == col.size - finite.size
+            assert (f.min, f.max) == (finite.min(), finite.max())
+            assert np.isclose(f.sum, finite.sum()) and np.isclose(f.sum_sq, (finite**2).sum())
+
+    # Confidence: probability rows use their max, other rows (and a mixed batch) the max of the softmax.
+    probs = rng.dirichlet(np.ones(4), size=30)
+    logits = rng.normal(size=(30, 4)) * 3
+    for rows in (probs, logits, np.concatenate([probs, logits])):
+        soft = np.exp(rows - rows.max(axis=1, keepdims=True))
+        soft /= soft.sum(axis=1, keepdims=True)
+        is_prob = ((rows >= 0) & (rows <= 1)).all(axis=1) & (np.abs(rows.sum(axis=1) - 1) <= 1e-3)
+        assert np.array_equal(row_confidences(rows), np.where(is_prob, rows.max(axis=1), soft.max(axis=1)))
+    out = _Output("y", 4)
+    bad = logits.astype(np.float32)
+    bad[2, 1] = np.nan
+    out.add_batch([probs.astype(np.float32), bad])
+    assert out.nan_count == 1 and out.class_counts is not None and sum(out.class_counts) == 59
