@@ -36,6 +36,9 @@ def register(app: typer.Typer) -> None:
     app.add_typer(release_app, name="release")
     app.add_typer(rollout_app, name="rollout")
     app.add_typer(broker_app, name="broker")
+    from ota_server.cli_telemetry import telemetry_app
+
+    app.add_typer(telemetry_app, name="telemetry")
 
 
 def _client(server: str | None, token: str | None) -> Any:

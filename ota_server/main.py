@@ -17,7 +17,7 @@ from edgeota_contract.errors import ContractError
 from edgeota_contract.logs import log_event
 from edgeota_contract.signing import TrustedKeys, public_pem
 from edgeota_contract.states import ReasonCode
-from ota_server.api.routes import audit, devices, health, releases, rollouts, tokens
+from ota_server.api.routes import audit, devices, health, releases, rollouts, samples, telemetry, tokens
 from ota_server.artifacts import LocalArtifactStore
 from ota_server.context import ServerContext
 from ota_server.core.config import Settings
@@ -86,6 +86,6 @@ def create_app(settings: Settings | None = None, ctx: ServerContext | None = Non
     app = FastAPI(title="edgeota OTA server", version="1", lifespan=lifespan)
     app.state.ctx = ctx
     install_problem_handlers(app)
-    for module in (health, tokens, audit, releases, devices, rollouts):
+    for module in (health, tokens, audit, releases, devices, rollouts, samples, telemetry):
         app.include_router(module.router)
     return app

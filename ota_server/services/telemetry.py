@@ -43,16 +43,14 @@ def _totals(session: Session, shas: set[str], devices: set[str]) -> dict[str, Te
         select(TelemetryRecord).where(TelemetryRecord.bundle_sha256.in_(shas), TelemetryRecord.device_id.in_(devices))
     )
     for row in rows:
-        out.setdefault(row.bundle_sha256, TelemetryTotals()).add_window(row.payload)
+        out.setdefault(row.bundle_sha256, TelemetryTotals()).add_window(row.payload, row.device_id)
     return out
 
 
 def _merge(parts: dict[str, TelemetryTotals]) -> TelemetryTotals:
     total = TelemetryTotals()
     for part in parts.values():
-        total.requests += part.requests
-        total.errors += part.errors
-        total.latency_counts = [a + b for a, b in zip(total.latency_counts, part.latency_counts, strict=True)]
+        total.merge(part)
     return total
 
 
