@@ -17,28 +17,13 @@ from sqlalchemy import select
 
 from edgeota_contract.manifest import SHA256_PATTERN
 from ota_server.api.deps import AnyCaller, CtxDep, ReleaseManager, SessionDep, Viewer
+from ota_server.api.upload import receive_to_file
 from ota_server.core.problems import ApiError
 from ota_server.models import Bundle, Release
 from ota_server.services.releases import accept_bundle, bundle_json, release_json
 
 router = APIRouter(prefix="/api/v1", tags=["releases"])
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-
-
-async def _receive_to_file(request: Request, dest: Path, limit: int) -> int:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "Content Too Large", f"bundle exceeds the {limit} byte limit")
-    size = 0
-    with open(dest, "wb") as fh:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "Content Too Large", f"bundle exceeds the {limit} byte limit")
-            fh.write(chunk)
-    if size == 0:
-        raise ApiError(400, "Bad Request", "empty request body; send the bundle archive as application/octet-stream")
-    return size
 
 
 @router.post(
@@ -56,7 +41,13 @@ async def upload_bundle(request: Request, ctx: CtxDep, who: ReleaseManager) -> R
     ctx.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = ctx.settings.tmp_dir / f"upload-{uuid.uuid4().hex}.tar"
     try:
-        await _receive_to_file(request, tmp, ctx.settings.max_bundle_bytes)
+        await receive_to_file(
+            request,
+            tmp,
+            ctx.settings.max_bundle_bytes,
+            "bundle",
+            "empty request body; send the bundle archive as application/octet-stream",
+        )
 
         def _accept() -> tuple[dict[str, Any], bool]:
             with ctx.sessions() as session:

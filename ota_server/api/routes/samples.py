@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -16,26 +15,11 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from edgeota_contract.manifest import NAME_PATTERN, SEMVER_PATTERN, SHA256_PATTERN
 from edgeota_contract.topics import DEVICE_ID_PATTERN
 from ota_server.api.deps import AnyCaller, CtxDep, Viewer
+from ota_server.api.upload import receive_to_file
 from ota_server.core.problems import ApiError
 from ota_server.services import samples as svc
 
 router = APIRouter(prefix="/api/v1", tags=["samples"])
-
-
-async def _receive(request: Request, dest: Path, limit: int) -> None:
-    """Stream the body into ``dest``; 413 as soon as it (or its declared length) passes ``limit``, 400 if empty."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "Content Too Large", f"sample exceeds the {limit} byte limit")
-    size = 0
-    with open(dest, "wb") as fh:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "Content Too Large", f"sample exceeds the {limit} byte limit")
-            fh.write(chunk)
-    if size == 0:
-        raise ApiError(400, "Bad Request", "empty body; send the sample .npz as application/octet-stream")
 
 
 @router.post(
@@ -72,7 +56,9 @@ async def upload_sample(
     ctx.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = ctx.settings.tmp_dir / f"sample-{uuid.uuid4().hex}.npz"
     try:
-        await _receive(request, tmp, limit)
+        await receive_to_file(
+            request, tmp, limit, "sample", "empty body; send the sample .npz as application/octet-stream"
+        )
 
         def _store() -> tuple[svc.SampleInfo, bool]:
             svc.check_npz(tmp, limit)
