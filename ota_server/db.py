@@ -20,9 +20,12 @@ def make_engine(url: str) -> Engine:
     SQLite keeps the driver's default of opening a transaction at the first write, so reads never
     hold the write lock and a write waits (busy timeout) instead of failing on a stale snapshot.
     """
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    else:
+        # A server connection can drop while pooled; a local SQLite file cannot, so it skips the ping per checkout.
+        kwargs["pool_pre_ping"] = True
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
 
