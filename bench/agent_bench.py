@@ -66,6 +66,27 @@ print(int(rss) / 1024)
 """
 
 
+def _manifest_fields(name: str, input_shape: list[int | None]) -> dict[str, Any]:
+    """Manifest fields of the benchmark's fp32 bundles (input ``x``, 10 outputs ``y``)."""
+    return {
+        "model_name": name,
+        "version": "1.0.0",
+        "release_counter": 1,
+        "hardware_profile": "x86_64-avx2",
+        "inputs": [{"name": "x", "dtype": "float32", "shape": input_shape}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": [None, 10]}],
+        "opset": 17,
+        "execution_provider": "CPUExecutionProvider",
+        "recipe": "fp32",
+        "lineage": {
+            "source_model_sha256": "a" * 64,
+            "packager_version": "bench",
+            "created_at": "2026-01-01T00:00:00Z",
+            "created_by": "bench",
+        },
+    }
+
+
 def rss_no_model() -> float:
     out = subprocess.run(
         [sys.executable, "-c", RSS_SCRIPT.format(root=str(ROOT))],
@@ -218,26 +239,10 @@ def digits_cnn_bundle(tmp: Path, key: SigningKey) -> LoadedModel:
         path,
         payload,
         key,
-        model_name="digits-cnn",
-        version="1.0.0",
-        release_counter=1,
-        hardware_profile="x86_64-avx2",
-        inputs=[{"name": "x", "dtype": "float32", "shape": [None, 1, 8, 8]}],
-        outputs=[{"name": "y", "dtype": "float32", "shape": [None, 10]}],
-        opset=17,
-        execution_provider="CPUExecutionProvider",
-        recipe="fp32",
-        lineage={
-            "source_model_sha256": "a" * 64,
-            "packager_version": "bench",
-            "created_at": "2026-01-01T00:00:00Z",
-            "created_by": "bench",
-        },
+        **_manifest_fields("digits-cnn", [None, 1, 8, 8]),
     )
     v = verify_bundle(path, TrustedKeys([key.public_key]), extract_to=tmp / "digits")
-    from edgeota_contract.bundle import sha256_file
-
-    return load_model(tmp / "digits", v.manifest, sha256_file(path), "d", SessionCache())
+    return load_model(tmp / "digits", v.manifest, v.archive_sha256, "d", SessionCache())
 
 
 def _timed(fn: Any, x: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, float]:
@@ -318,21 +323,7 @@ def verification_throughput(tmp: Path, key: SigningKey, megabytes: int = 128) ->
         path,
         payload,
         key,
-        model_name="big",
-        version="1.0.0",
-        release_counter=1,
-        hardware_profile="x86_64-avx2",
-        inputs=[{"name": "x", "dtype": "float32", "shape": [None, 64]}],
-        outputs=[{"name": "y", "dtype": "float32", "shape": [None, 10]}],
-        opset=17,
-        execution_provider="CPUExecutionProvider",
-        recipe="fp32",
-        lineage={
-            "source_model_sha256": "a" * 64,
-            "packager_version": "bench",
-            "created_at": "2026-01-01T00:00:00Z",
-            "created_by": "bench",
-        },
+        **_manifest_fields("big", [None, 64]),
     )
     trusted = TrustedKeys([key.public_key])
     times = []

@@ -17,7 +17,6 @@ gives back model-layout arrays.
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeota_contract.bundle import sha256_file
 from packager.errors import DataError
 from packager.onnx_utils import IOSpec
 
@@ -87,19 +87,11 @@ class Dataset:
             yield self.feed(start, min(start + batch, n))
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_dataset(path: Path, specs: list[IOSpec], role: str = "calibration") -> Dataset:
     """Load ``path`` and check it against the model inputs ``specs``; one-line :class:`DataError` on defects."""
     path = Path(path)
     try:
-        digest = _sha256_file(path)
+        digest = sha256_file(path)
         npz = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise DataError(f"{role} data {path} does not exist") from None
