@@ -64,6 +64,14 @@ def server_run(
     config: Path | None = typer.Option(None, "--config", help="TOML config file (env vars override it)"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8080, "--port", min=1, max=65535),
+    workers: int | None = typer.Option(
+        None,
+        "--workers",
+        min=0,
+        max=64,
+        help="API processes (default: the api_workers setting, 0 = one process for everything); with N > 0 a core "
+        "process runs the rollout engine and MQTT bridge and N processes serve HTTP",
+    ),
 ) -> None:
     """Run the server: migrations, rollout engine, MQTT bridge, HTTP API (stops cleanly on SIGTERM/SIGINT)."""
     import uvicorn
@@ -74,6 +82,12 @@ def server_run(
 
     settings = Settings.load(config)
     configure_logging(settings.log_level)
+    n = settings.api_workers if workers is None else workers
+    if n > 0:
+        from ota_server.workers import run_workers
+
+        run_workers(settings, host, port, n)
+        return
     app = create_app(settings)
     uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5)
 
@@ -250,6 +264,8 @@ def rollout_create(
     strategy: str = typer.Option("canary", "--strategy", help="canary | blue_green | ab | shadow"),
     split: float | None = typer.Option(None, "--split", help="ab: percent of devices on the release"),
     window: list[str] = typer.Option([], "--window", help="daily UTC maintenance window HH:MM-HH:MM; repeatable"),
+    max_retries: int = typer.Option(0, "--max-retries", min=0, max=10, help="retries of transient device failures"),
+    retry_backoff: float = typer.Option(60.0, "--retry-backoff", min=0, help="seconds before the first retry"),
     start: bool = typer.Option(False, "--start"),
     dry_run: bool = typer.Option(False, "--dry-run"),
     server: str | None = ServerOpt,
@@ -266,6 +282,8 @@ def rollout_create(
             "device_timeout_seconds": device_timeout,
         },
         "on_failure": on_failure,
+        "max_retries": max_retries,
+        "retry_backoff_seconds": retry_backoff,
         "strategy": strategy,
         "start": start,
         "dry_run": dry_run,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -76,6 +77,15 @@ class ServerContext:
     publisher: Publisher = field(default_factory=NullPublisher)
     metrics: Metrics = field(default_factory=Metrics)
     limiter: RateLimiter | None = None
+    core_metrics: Callable[[], dict[str, int]] | None = None
+    """In an API worker (``--workers``): the core process's counters (ingest, engine), to add to this one's."""
+
+    def metrics_snapshot(self) -> dict[str, int]:
+        """This process's counters plus, in an API worker, the core's (summed per name)."""
+        counts = Counter(self.metrics.snapshot())
+        if self.core_metrics is not None:
+            counts.update(self.core_metrics())
+        return dict(counts)
 
     def __post_init__(self) -> None:
         if self.limiter is None:

@@ -22,6 +22,7 @@ from ota_server.context import ServerContext
 from ota_server.models import EngineLease, Rollout, utcnow
 from ota_server.rollout import engine_logic as el
 from ota_server.services import rollouts as svc
+from ota_server.services.deployments import take_shadow_stops
 from ota_server.services.dispatch import send_pending, send_shadow_stops
 from ota_server.services.telemetry import rollout_telemetry_failure
 
@@ -83,9 +84,9 @@ def tick(ctx: ServerContext, actor: str = "engine") -> int:
                 applied += len(effects)
                 to_send.extend(svc.apply_effects(session, rollout, effects, actor, now))
                 session.flush()
-                if any(isinstance(e, el.Assign | el.StartSoak | el.TimeOut) for e in effects):
+                if any(isinstance(e, el.Assign | el.Retry | el.StartSoak | el.TimeOut) for e in effects):
                     break
-            stops = svc.take_shadow_stops(session)
+            stops = take_shadow_stops(session)
         if to_send:
             send_pending(ctx)
         send_shadow_stops(ctx, stops)

@@ -17,7 +17,17 @@ from edgeota_contract.errors import ContractError
 from edgeota_contract.logs import log_event
 from edgeota_contract.signing import TrustedKeys, public_pem
 from edgeota_contract.states import ReasonCode
-from ota_server.api.routes import audit, devices, health, releases, rollouts, samples, telemetry, tokens
+from ota_server.api.routes import (
+    audit,
+    device_commands,
+    devices,
+    health,
+    releases,
+    rollouts,
+    samples,
+    telemetry,
+    tokens,
+)
 from ota_server.artifacts import LocalArtifactStore
 from ota_server.context import ServerContext
 from ota_server.core.config import Settings
@@ -28,15 +38,19 @@ from ota_server.db import make_engine, make_sessionmaker, upgrade_to_head
 log = logging.getLogger("edgeota.server")
 
 
-def build_context(settings: Settings) -> ServerContext:
-    """Migrate the database and load keys. Raises ContractError/SignatureError on bad configuration."""
+def build_context(settings: Settings, migrate: bool = True) -> ServerContext:
+    """Migrate the database (unless ``migrate`` is false: an API worker whose core already did) and load keys.
+
+    Raises ContractError/SignatureError on bad configuration.
+    """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url)
-    try:
-        upgrade_to_head(engine)
-    except Exception as exc:
-        raise ContractError(f"cannot migrate database: {exc}", ReasonCode.INTERNAL_ERROR) from exc
+    if migrate:
+        try:
+            upgrade_to_head(engine)
+        except Exception as exc:
+            raise ContractError(f"cannot migrate database: {exc}", ReasonCode.INTERNAL_ERROR) from exc
     release_keys = TrustedKeys.from_files(settings.release_keys)
     return ServerContext(
         settings=settings,
@@ -86,6 +100,6 @@ def create_app(settings: Settings | None = None, ctx: ServerContext | None = Non
     app = FastAPI(title="edgeota OTA server", version="1", lifespan=lifespan)
     app.state.ctx = ctx
     install_problem_handlers(app)
-    for module in (health, tokens, audit, releases, devices, rollouts, samples, telemetry):
+    for module in (health, tokens, audit, releases, devices, device_commands, rollouts, samples, telemetry):
         app.include_router(module.router)
     return app

@@ -5,7 +5,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -148,12 +160,18 @@ class Rollout(Base):
 
 
 class Deployment(Base):
-    """One bundle on one device. At most one install and one rollback per (rollout, device)."""
+    """One attempt of one bundle on one device.
+
+    Per (rollout, device, mode) attempts are numbered from 1; a retry (plan ``max_retries``) adds the
+    next attempt and marks the failed one ``retried``, so exactly one row per (rollout, device, mode)
+    has ``retried`` false: the one the rollout engine and the status counts look at.
+    """
 
     __tablename__ = "deployments"
     __table_args__ = (
-        UniqueConstraint("rollout_id", "device_id", "mode"),
+        UniqueConstraint("rollout_id", "device_id", "mode", "attempt", name="uq_deployments_attempt"),
         Index("ix_deployments_device_state", "device_id", "state"),
+        Index("ix_deployments_state", "state"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -171,6 +189,8 @@ class Deployment(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
     assignment_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     send_count: Mapped[int] = mapped_column(Integer, default=0)
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    retried: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     notified_at: Mapped[datetime | None] = mapped_column(nullable=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -95,6 +95,16 @@ class RolloutCreate(_Body):
     gates: GatesBody = Field(default_factory=GatesBody)
     on_failure: Literal["rollback", "pause"] = "rollback"
     maintenance_windows: list[WindowBody] = Field(default_factory=list, max_length=48)
+    max_retries: int = Field(
+        default=0,
+        ge=0,
+        le=10,
+        description="re-assignments of a device whose deployment failed for a transient reason (download failure "
+        "or timeout, disk full, device timeout, interrupted); a bad model or failed health trial is never retried",
+    )
+    retry_backoff_seconds: float = Field(
+        default=60.0, ge=0, le=86400, description="wait before retry n: retry_backoff_seconds * 2 ** (n - 1)"
+    )
     start: bool = False
     start_at: datetime | None = Field(default=None, description="scheduled start (state scheduled until then)")
     dry_run: bool = False

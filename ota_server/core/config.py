@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     ingest_rate_per_device: float = Field(default=20.0, gt=0, description="sustained device messages/s")
     ingest_burst_per_device: int = Field(default=200, ge=1, description="messages a device may send at once")
     api_threads: int = Field(default=4, ge=1, le=256, description="worker threads for the sync API routes")
+    api_workers: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="0: one process serves everything; N: N API processes plus a core process (engine, MQTT)",
+    )
+    max_sample_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="raw-input sample upload cap")
     log_level: str = "INFO"
 
     @field_validator("release_keys", mode="before")

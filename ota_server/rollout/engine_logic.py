@@ -22,6 +22,18 @@ DS = DeploymentState
 UPDATED_STATES = frozenset({DS.INSTALLING, DS.TRIAL, DS.COMMITTED})
 """Deployment states in which the device may already run the new bundle (so rollback must revert it)."""
 FAILED_STATES = frozenset({DS.FAILED, DS.ROLLED_BACK})
+RETRYABLE_REASONS = frozenset(
+    {
+        ReasonCode.DOWNLOAD_FAILED,
+        ReasonCode.DOWNLOAD_TIMEOUT,
+        ReasonCode.DISK_FULL,
+        ReasonCode.DEVICE_TIMEOUT,
+        ReasonCode.INTERRUPTED,
+    }
+)
+"""Why a ``failed`` deployment may be re-assigned (``max_retries``): transient trouble on the way to the
+device. A bad bundle (signature, manifest, profile), a failed smoke test or health trial and anything
+``rolled_back`` is never retried: the same bundle would fail the same way."""
 
 
 class TransitionError(EdgeotaError):
@@ -32,10 +44,14 @@ class TransitionError(EdgeotaError):
 
 @dataclass(frozen=True)
 class DeploymentView:
+    """The latest attempt of a device's deployment in this rollout."""
+
     device_id: str
     stage: int
     state: DeploymentState
     last_change: datetime
+    attempt: int = 1
+    reason: ReasonCode = ReasonCode.OK
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,13 @@ class Assign:
 
 @dataclass(frozen=True)
 class TimeOut:
+    device_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Re-assign each device a new attempt (a new deployment) of the same bundle; the failed one stays in history."""
+
     device_ids: tuple[str, ...]
 
 
@@ -104,7 +127,7 @@ class SetState:
     detail: str = ""
 
 
-Effect = Assign | TimeOut | EnterStage | StartSoak | ApproveStage | RevertDevices | CancelDeployments | SetState
+Effect = Assign | TimeOut | Retry | EnterStage | StartSoak | ApproveStage | RevertDevices | CancelDeployments | SetState
 
 
 @dataclass(frozen=True)
@@ -112,17 +135,33 @@ class Counts:
     assigned: int
     committed: int
     failed: int
+    """Final failures only: a deployment that will be retried is not counted here."""
     in_progress: int
+    """Not finished: running on the device, or failed and waiting for its retry."""
+    active: int = 0
+    """Deployments in flight on devices (not terminal): what ``max_concurrent`` caps."""
 
     @property
     def finished(self) -> int:
         return self.committed + self.failed
 
 
-def count(deployments: Mapping[str, DeploymentView]) -> Counts:
+def will_retry(d: DeploymentView, max_retries: int) -> bool:
+    """True when ``d`` failed for a transient reason and has attempts left."""
+    return d.state == DS.FAILED and d.reason in RETRYABLE_REASONS and d.attempt <= max_retries
+
+
+def count(deployments: Mapping[str, DeploymentView], max_retries: int = 0) -> Counts:
     committed = sum(1 for d in deployments.values() if d.state == DS.COMMITTED)
-    failed = sum(1 for d in deployments.values() if d.state in FAILED_STATES)
-    return Counts(len(deployments), committed, failed, len(deployments) - committed - failed)
+    failed = sum(1 for d in deployments.values() if d.state in FAILED_STATES and not will_retry(d, max_retries))
+    active = sum(1 for d in deployments.values() if not d.state.terminal)
+    return Counts(len(deployments), committed, failed, len(deployments) - committed - failed, active)
+
+
+def retry_due(d: DeploymentView, plan: Plan, now: datetime) -> bool:
+    """A retry waits ``retry_backoff_seconds * 2 ** (attempt - 1)`` after the failed attempt's last change."""
+    backoff = plan.retry_backoff_seconds * 2 ** (d.attempt - 1)
+    return will_retry(d, plan.max_retries) and (now - d.last_change).total_seconds() >= backoff
 
 
 def _halt(view: RolloutView, deployments: Mapping[str, DeploymentView], detail: str) -> list[Effect]:
@@ -163,11 +202,13 @@ def decide(view: RolloutView, now: datetime) -> list[Effect]:
         effects.append(TimeOut(timed_out))
         for device_id in timed_out:
             old = deployments[device_id]
-            deployments[device_id] = DeploymentView(device_id, old.stage, DS.FAILED, now)
+            deployments[device_id] = DeploymentView(
+                device_id, old.stage, DS.FAILED, now, old.attempt, ReasonCode.DEVICE_TIMEOUT
+            )
 
     if view.telemetry_failure:
         return [*effects, *_halt(view, deployments, view.telemetry_failure)]
-    counts = count(deployments)
+    counts = count(deployments, view.plan.max_retries)
     if counts.finished >= max(1, gates.min_count_for_failure_rate):
         rate = counts.failed / counts.finished
         if rate > gates.max_failure_rate:
@@ -180,12 +221,16 @@ def decide(view: RolloutView, now: datetime) -> list[Effect]:
     if stage.requires_approval and stage_index not in view.approved_stages:
         return effects
     wanted = sizes[stage_index]
-    if counts.assigned < wanted:
+    due = tuple(sorted(d.device_id for d in deployments.values() if retry_due(d, view.plan, now)))
+    if counts.assigned < wanted or due:
         if not view.plan.may_assign(now):
             return effects  # outside every maintenance window: wait
-        new = tuple(d for d in view.targets[:wanted] if d not in deployments)
-        if gates.max_concurrent is not None:
-            new = new[: max(0, gates.max_concurrent - counts.in_progress)]
+        slots = len(view.targets) if gates.max_concurrent is None else max(0, gates.max_concurrent - counts.active)
+        # Retries go first: those devices are already part of the stage.
+        retry = due[:slots]
+        if retry:
+            effects.append(Retry(retry))
+        new = tuple(d for d in view.targets[:wanted] if d not in deployments)[: slots - len(retry)]
         if new:
             effects.append(Assign(new, stage_index))
         return effects

@@ -70,6 +70,10 @@ class Plan:
     """New assignments start only inside one of these windows (none = any time)."""
     mode: Literal["install", "shadow"] = "install"
     """``shadow``: devices run the candidate beside the serving model (no switch); revert = shadow_stop."""
+    max_retries: int = 0
+    """Re-assignments of a device whose deployment failed for a transient reason (0: fail at once)."""
+    retry_backoff_seconds: float = 60.0
+    """Wait before retry n: ``retry_backoff_seconds * 2 ** (n - 1)`` after the failed attempt."""
 
     def may_assign(self, now: datetime) -> bool:
         return not self.windows or any(w.contains(now) for w in self.windows)
@@ -88,6 +92,8 @@ class Plan:
             "on_failure": self.on_failure,
             "windows": [vars(w) for w in self.windows],
             "mode": self.mode,
+            "max_retries": self.max_retries,
+            "retry_backoff_seconds": self.retry_backoff_seconds,
         }
 
     @classmethod
@@ -98,6 +104,8 @@ class Plan:
             on_failure=data.get("on_failure", "rollback"),
             windows=tuple(Window(**w) for w in data.get("windows", [])),
             mode=data.get("mode", "install"),
+            max_retries=int(data.get("max_retries", 0)),
+            retry_backoff_seconds=float(data.get("retry_backoff_seconds", 60.0)),
         )
 
 

@@ -170,6 +170,8 @@ def deployment_json(dep: Deployment) -> dict[str, Any]:
         "state": dep.state,
         "reason": dep.reason,
         "detail": dep.detail,
+        "attempt": dep.attempt,
+        "retried": dep.retried,
         "created_at": dep.created_at.isoformat(),
         "updated_at": dep.updated_at.isoformat(),
     }

@@ -7,8 +7,10 @@ next check-in, which re-sends every open deployment.
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -37,6 +39,27 @@ def prepare_sends(session: Session, deployments: list[Deployment]) -> list[str]:
     return ids
 
 
+def build_assignment(dep: Deployment, bundle: Bundle, ttl_seconds: float) -> Assignment:
+    """The assignment command for ``dep`` (fresh nonce and expiry; the stored assignment id)."""
+    now = utcnow()
+    return Assignment(
+        assignment_id=dep.assignment_id or new_id(),
+        deployment_id=dep.id,
+        rollout_id=dep.rollout_id,
+        device_id=dep.device_id,
+        mode="rollback" if dep.mode == "rollback" else "shadow" if dep.mode == "shadow" else "install",
+        model_name=dep.model_name,
+        version=dep.version,
+        release_counter=dep.release_counter,
+        hardware_profile=bundle.hardware_profile,
+        bundle_sha256=dep.bundle_sha256,
+        bundle_size=bundle.size,
+        bundle_url=f"/api/v1/artifacts/{dep.bundle_sha256}",
+        issued_at=now,
+        expires_at=now + timedelta(seconds=ttl_seconds),
+    )
+
+
 def publish_deployments(ctx: ServerContext, deployment_ids: list[str]) -> int:
     """Sign and publish the (already committed) deployments; returns how many were handed over."""
     sent = 0
@@ -48,22 +71,7 @@ def publish_deployments(ctx: ServerContext, deployment_ids: list[str]) -> int:
             bundle = session.get(Bundle, dep.bundle_sha256)
             if bundle is None:
                 continue
-            assignment = Assignment(
-                assignment_id=dep.assignment_id or new_id(),
-                deployment_id=dep.id,
-                rollout_id=dep.rollout_id,
-                device_id=dep.device_id,
-                mode="rollback" if dep.mode == "rollback" else "shadow" if dep.mode == "shadow" else "install",
-                model_name=dep.model_name,
-                version=dep.version,
-                release_counter=dep.release_counter,
-                hardware_profile=bundle.hardware_profile,
-                bundle_sha256=dep.bundle_sha256,
-                bundle_size=bundle.size,
-                bundle_url=f"/api/v1/artifacts/{dep.bundle_sha256}",
-                issued_at=utcnow(),
-                expires_at=utcnow() + timedelta(seconds=ctx.settings.assignment_ttl_seconds),
-            )
+            assignment = build_assignment(dep, bundle, ctx.settings.assignment_ttl_seconds)
             payload = sign_command(assignment, ctx.server_key)
             if ctx.publisher.publish_command(dep.device_id, payload):
                 sent += 1
@@ -88,6 +96,44 @@ def send_pending(ctx: ServerContext) -> int:
     if ids:
         publish_deployments(ctx, ids)
     return len(ids)
+
+
+def poll_commands(ctx: ServerContext, device_id: str) -> list[dict[str, Any]]:
+    """The signed assignments of ``device_id``'s open deployments, oldest first, as JSON objects.
+
+    Each object is the document the MQTT bridge publishes on the device's command topic (a
+    :class:`~edgeota_contract.messages.SignedCommand`): ``json.dumps(obj).encode()`` is a payload
+    ``verify_command`` accepts. Serving a ``pending`` deployment marks it ``notified`` exactly as a
+    publish does; a repeated poll serves the same deployments and assignment ids again, with a fresh
+    nonce and expiry, and changes nothing in the database.
+    """
+    with ctx.sessions() as session, session.begin():
+        open_deps = list(
+            session.scalars(
+                select(Deployment)
+                .where(
+                    Deployment.device_id == device_id,
+                    Deployment.state.notin_([s.value for s in DeploymentState if s.terminal]),
+                )
+                .order_by(Deployment.created_at, Deployment.id)
+            )
+        )
+        prepare_sends(session, [d for d in open_deps if d.state == DeploymentState.PENDING.value])
+        for dep in open_deps:
+            if dep.assignment_id is None:  # reconciled into progress without ever being sent
+                dep.assignment_id = new_id()
+        bundles = {
+            b.sha256: b
+            for b in session.scalars(select(Bundle).where(Bundle.sha256.in_({d.bundle_sha256 for d in open_deps})))
+        }
+        ttl = ctx.settings.assignment_ttl_seconds
+        commands = [
+            json.loads(sign_command(build_assignment(d, bundles[d.bundle_sha256], ttl), ctx.server_key))
+            for d in open_deps
+            if d.bundle_sha256 in bundles
+        ]
+    ctx.metrics.inc("commands_polled", len(commands))
+    return commands
 
 
 def send_shadow_stops(ctx: ServerContext, stops: list[tuple[str, str]]) -> None:

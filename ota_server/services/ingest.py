@@ -31,8 +31,8 @@ from ota_server.models import (
     utcnow,
 )
 from ota_server.rollout.engine_logic import apply_report
+from ota_server.services.deployments import revert_devices
 from ota_server.services.dispatch import prepare_sends
-from ota_server.services.rollouts import revert_devices
 
 log = logging.getLogger("edgeota.server.ingest")
 

@@ -7,16 +7,16 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from edgeota_contract.states import DeploymentState, ReasonCode, RolloutState
 from ota_server.core.problems import ApiError
-from ota_server.models import Bundle, Deployment, Device, DeviceModel, Release, Rollout, utcnow
+from ota_server.models import Bundle, Deployment, Device, Release, Rollout, utcnow
 from ota_server.rollout import engine_logic as el
 from ota_server.rollout.plan import DeviceInfo, Plan, Selector, Targeting, dry_run, select_targets
 from ota_server.services import audit
-from ota_server.services.devices import deployment_json
+from ota_server.services import deployments as deps
 
 # Serialises rollout mutations inside one process (SQLite has no row locks; PostgreSQL also
 # takes FOR UPDATE row locks, which covers several processes).
@@ -95,14 +95,31 @@ def create_rollout(
     return rollout, preview
 
 
+def _reason(value: str) -> ReasonCode:
+    try:
+        return ReasonCode(value)
+    except ValueError:  # a device may report a code this server does not know: never retried
+        return ReasonCode.INTERNAL_ERROR
+
+
 def load_view(session: Session, rollout: Rollout, telemetry_failure: str | None = None) -> el.RolloutView:
-    mode = Plan.from_json(rollout.plan).mode
-    deps = session.scalars(select(Deployment).where(Deployment.rollout_id == rollout.id, Deployment.mode == mode))
-    views = {d.device_id: el.DeploymentView(d.device_id, d.stage, DeploymentState(d.state), d.updated_at) for d in deps}
+    """The pure engine's view of ``rollout``: the latest attempt per device, read as plain rows."""
+    plan = Plan.from_json(rollout.plan)
+    rows = session.execute(
+        select(Deployment.device_id, Deployment.stage, Deployment.state, Deployment.updated_at)
+        .add_columns(Deployment.attempt, Deployment.reason)
+        .where(Deployment.rollout_id == rollout.id, Deployment.mode == plan.mode, Deployment.retried.is_(False))
+    )
+    views = {
+        r.device_id: el.DeploymentView(
+            r.device_id, r.stage, DeploymentState(r.state), r.updated_at, r.attempt, _reason(r.reason)
+        )
+        for r in rows
+    }
     return el.RolloutView(
         rollout_id=rollout.id,
         state=RolloutState(rollout.state),
-        plan=Plan.from_json(rollout.plan),
+        plan=plan,
         targets=tuple(rollout.targets),
         current_stage=rollout.current_stage,
         stage_started_at=rollout.stage_started_at,
@@ -114,6 +131,14 @@ def load_view(session: Session, rollout: Rollout, telemetry_failure: str | None 
 
 
 def lock_rollout(session: Session, rollout_id: str) -> Rollout | None:
+    """Load ``rollout_id`` for a change, serialised against other processes changing it.
+
+    PostgreSQL takes a ``FOR UPDATE`` row lock. SQLite has none, so a no-op write first takes the
+    database's write lock: with several server processes (``--workers``), the engine and a manual
+    command then never decide on the same stale state. Call it first in its transaction.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(Rollout).where(Rollout.id == rollout_id).values(current_stage=Rollout.current_stage))
     return session.scalar(select(Rollout).where(Rollout.id == rollout_id).with_for_update())
 
 
@@ -122,17 +147,19 @@ def apply_effects(session: Session, rollout: Rollout, effects: list[el.Effect], 
     to_send: list[str] = []
     for effect in effects:
         if isinstance(effect, el.Assign):
-            to_send.extend(_assign(session, rollout, effect.device_ids, effect.stage, actor, now))
+            to_send.extend(deps.assign(session, rollout, effect.device_ids, effect.stage, actor, now))
+        elif isinstance(effect, el.Retry):
+            to_send.extend(deps.retry(session, rollout, effect.device_ids, actor, now))
         elif isinstance(effect, el.TimeOut):
-            _finish_install(
+            deps.finish_install(
                 session, rollout, effect.device_ids, ReasonCode.DEVICE_TIMEOUT, "no report before timeout", now, actor
             )
         elif isinstance(effect, el.CancelDeployments):
-            _finish_install(
+            deps.finish_install(
                 session, rollout, effect.device_ids, ReasonCode.CANCELLED, "cancelled by rollout", now, actor
             )
         elif isinstance(effect, el.RevertDevices):
-            to_send.extend(revert_devices(session, rollout, effect.device_ids, actor, now))
+            to_send.extend(deps.revert_devices(session, rollout, effect.device_ids, actor, now))
         elif isinstance(effect, el.EnterStage):
             before = _snapshot(rollout)
             rollout.current_stage = effect.stage
@@ -174,174 +201,6 @@ def apply_effects(session: Session, rollout: Rollout, effects: list[el.Effect], 
     return to_send
 
 
-def _assign(
-    session: Session, rollout: Rollout, device_ids: tuple[str, ...], stage: int, actor: str, now: datetime
-) -> list[str]:
-    release = session.get(Release, rollout.release_id)
-    assert release is not None
-    bundles = {b.hardware_profile: b for b in session.scalars(select(Bundle).where(Bundle.release_id == release.id))}
-    mode = Plan.from_json(rollout.plan).mode
-    new_ids: list[str] = []
-    for device_id in device_ids:
-        device = session.get(Device, device_id)
-        if device is None or device.hardware_profile not in bundles:
-            continue
-        bundle = bundles[device.hardware_profile]
-        shadow = mode == "shadow"
-        running = None if shadow else session.get(DeviceModel, (device_id, bundle.model_name))
-        # Supersede any other open deployment of this model on the device (shadows only other shadows).
-        for other in session.scalars(
-            select(Deployment).where(Deployment.device_id == device_id, Deployment.model_name == bundle.model_name)
-        ):
-            if not DeploymentState(other.state).terminal and (other.mode == "shadow") == shadow:
-                other.state = DeploymentState.FAILED.value
-                other.reason = ReasonCode.SUPERSEDED.value
-                other.detail = f"superseded by rollout {rollout.id}"
-                other.updated_at = now
-        already = running is not None and running.bundle_sha256 == bundle.sha256
-        dep = Deployment(
-            id=uuid.uuid4().hex,
-            rollout_id=rollout.id,
-            device_id=device_id,
-            mode=mode,
-            stage=stage,
-            model_name=bundle.model_name,
-            version=bundle.version,
-            bundle_sha256=bundle.sha256,
-            release_counter=bundle.release_counter,
-            previous_bundle_sha256=running.bundle_sha256 if running is not None and not already else None,
-            state=DeploymentState.COMMITTED.value if already else DeploymentState.PENDING.value,
-            detail="device already runs this bundle" if already else "",
-            created_at=now,
-            updated_at=now,
-        )
-        session.add(dep)
-        audit.record(
-            session,
-            actor,
-            "deployment.create",
-            "deployment",
-            dep.id,
-            None,
-            {
-                "device_id": device_id,
-                "rollout_id": rollout.id,
-                "stage": stage,
-                "version": bundle.version,
-                "state": dep.state,
-            },
-        )
-        if not already:
-            new_ids.append(dep.id)
-    session.flush()
-    return new_ids
-
-
-def _finish_install(
-    session: Session,
-    rollout: Rollout,
-    device_ids: tuple[str, ...],
-    reason: ReasonCode,
-    detail: str,
-    now: datetime,
-    actor: str,
-) -> None:
-    for dep in session.scalars(
-        select(Deployment).where(
-            Deployment.rollout_id == rollout.id,
-            Deployment.mode == Plan.from_json(rollout.plan).mode,
-            Deployment.device_id.in_(device_ids),
-        )
-    ):
-        if DeploymentState(dep.state).terminal:
-            continue
-        before = {"state": dep.state}
-        if dep.mode == "shadow" and dep.state != DeploymentState.PENDING.value:
-            _queue_shadow_stop(session, dep)
-        dep.state = DeploymentState.FAILED.value
-        dep.reason = reason.value
-        dep.detail = detail
-        dep.updated_at = now
-        audit.record(
-            session,
-            actor,
-            "deployment.failed",
-            "deployment",
-            dep.id,
-            before,
-            {"state": dep.state, "reason": reason.value},
-            detail,
-        )
-
-
-def revert_devices(
-    session: Session, rollout: Rollout, device_ids: tuple[str, ...], actor: str, now: datetime
-) -> list[str]:
-    """Create one rollback deployment per device (to the bundle it ran before); returns their ids.
-
-    For a shadow rollout nothing is installed: the shadows are ended (``rolled_back``) and a
-    ``shadow_stop`` is queued for each (see :func:`take_shadow_stops`).
-    """
-    if Plan.from_json(rollout.plan).mode == "shadow":
-        _stop_shadows(session, rollout, device_ids, actor, now)
-        return []
-    new_ids: list[str] = []
-    skipped: list[str] = []
-    for dep in list(
-        session.scalars(
-            select(Deployment).where(
-                Deployment.rollout_id == rollout.id,
-                Deployment.mode == Plan.from_json(rollout.plan).mode,
-                Deployment.device_id.in_(device_ids),
-            )
-        )
-    ):
-        exists = session.scalar(
-            select(Deployment).where(
-                Deployment.rollout_id == rollout.id,
-                Deployment.device_id == dep.device_id,
-                Deployment.mode == "rollback",
-            )
-        )
-        if exists is not None:
-            continue
-        previous = session.get(Bundle, dep.previous_bundle_sha256) if dep.previous_bundle_sha256 else None
-        if previous is None:
-            skipped.append(dep.device_id)
-            continue
-        back = Deployment(
-            id=uuid.uuid4().hex,
-            rollout_id=rollout.id,
-            device_id=dep.device_id,
-            mode="rollback",
-            stage=dep.stage,
-            model_name=previous.model_name,
-            version=previous.version,
-            bundle_sha256=previous.sha256,
-            release_counter=previous.release_counter,
-            previous_bundle_sha256=dep.bundle_sha256,
-            state=DeploymentState.PENDING.value,
-            reason=ReasonCode.SERVER_ROLLBACK.value,
-            created_at=now,
-            updated_at=now,
-        )
-        session.add(back)
-        audit.record(
-            session,
-            actor,
-            "deployment.rollback",
-            "deployment",
-            back.id,
-            None,
-            {"device_id": dep.device_id, "to_version": previous.version, "from_version": dep.version},
-        )
-        new_ids.append(back.id)
-    if skipped:
-        rollout.detail = (rollout.detail + f"; no previous bundle to revert: {', '.join(skipped)}").lstrip("; ")
-    session.flush()
-    return new_ids
-
-
 def schedule(session: Session, rollout: Rollout, start_at: datetime, actor: str) -> None:
     """Move a draft rollout to ``scheduled``; the engine starts it at ``start_at`` (caller commits)."""
     before = _snapshot(rollout)
@@ -369,33 +228,6 @@ def start_due(session: Session, now: datetime, actor: str) -> list[str]:
     return started
 
 
-def _queue_shadow_stop(session: Session, dep: Deployment) -> None:
-    session.info.setdefault("shadow_stops", []).append((dep.device_id, dep.model_name))
-
-
-def take_shadow_stops(session: Session) -> list[tuple[str, str]]:
-    """The (device, model) pairs to send ``shadow_stop`` to once the session's transaction commits."""
-    stops: list[tuple[str, str]] = session.info.pop("shadow_stops", [])
-    return stops
-
-
-def _stop_shadows(session: Session, rollout: Rollout, device_ids: tuple[str, ...], actor: str, now: datetime) -> None:
-    for dep in session.scalars(
-        select(Deployment).where(
-            Deployment.rollout_id == rollout.id, Deployment.mode == "shadow", Deployment.device_id.in_(device_ids)
-        )
-    ):
-        if dep.state == DeploymentState.ROLLED_BACK.value:
-            continue
-        before = {"state": dep.state}
-        dep.state = DeploymentState.ROLLED_BACK.value
-        dep.reason = ReasonCode.SERVER_ROLLBACK.value
-        dep.detail = "shadow stopped"
-        dep.updated_at = now
-        _queue_shadow_stop(session, dep)
-        audit.record(session, actor, "deployment.shadow_stop", "deployment", dep.id, before, {"state": dep.state})
-
-
 def run_command(session: Session, rollout: Rollout, command: el.Command, actor: str, reason: str) -> list[str]:
     """Apply a manual command (caller commits). Raises TransitionError when not allowed."""
     view = load_view(session, rollout)
@@ -407,42 +239,3 @@ def run_command(session: Session, rollout: Rollout, command: el.Command, actor: 
             session, actor, f"rollout.command.{command}", "rollout", rollout.id, None, _snapshot(rollout), reason
         )
     return ids
-
-
-def rollout_json(session: Session, rollout: Rollout, with_devices: bool = True) -> dict[str, Any]:
-    """The rollout's status; per-device deployments only when ``with_devices`` (counts come from SQL)."""
-    plan = Plan.from_json(rollout.plan)
-    grouped = session.execute(
-        select(Deployment.mode, Deployment.state, func.count())
-        .where(Deployment.rollout_id == rollout.id)
-        .group_by(Deployment.mode, Deployment.state)
-    ).all()
-    counts = {state: n for mode, state, n in grouped if mode == plan.mode}
-    rollback_counts = {state: n for mode, state, n in grouped if mode == "rollback"}
-    out: dict[str, Any] = {
-        "rollout_id": rollout.id,
-        "release_id": rollout.release_id,
-        "state": rollout.state,
-        "reason": rollout.reason,
-        "detail": rollout.detail,
-        "current_stage": rollout.current_stage,
-        "stage_count": len(plan.stages),
-        "stage_sizes": plan.stage_sizes(len(rollout.targets)),
-        "plan": rollout.plan,
-        "selector": rollout.selector,
-        "targets": len(rollout.targets),
-        "no_bundle_for_profile": rollout.no_bundle,
-        "skipped_rolled_back_before": rollout.skipped,
-        "counts": {s.value: counts.get(s.value, 0) for s in DeploymentState},
-        "rollback_counts": rollback_counts,
-        "created_at": rollout.created_at.isoformat(),
-        "updated_at": rollout.updated_at.isoformat(),
-        "created_by": rollout.created_by,
-        "start_at": rollout.start_at.isoformat() if rollout.start_at else None,
-    }
-    if with_devices:
-        deps = session.scalars(
-            select(Deployment).where(Deployment.rollout_id == rollout.id).order_by(Deployment.created_at, Deployment.id)
-        )
-        out["deployments"] = [deployment_json(d) for d in deps]
-    return out

@@ -32,8 +32,6 @@ from edgeota_contract.topics import DEVICE_ID_PATTERN
 from ota_server.core.problems import ApiError
 from ota_server.models import Bundle, Device
 
-MAX_SAMPLE_BYTES = 16 * 1024 * 1024
-"""Upload size cap (bytes of the ``.npz`` body)."""
 MAX_ARCHIVE_SAMPLES = 10_000
 SAMPLE_HEADER = "x-edgeota-sample"
 # The agent names files "<time_ns>-<model>-<version>-<first 12 hex of the bundle digest>.npz".

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import tarfile
+from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from edgeota_contract.manifest import REFERENCE_STATS_FILE
 from ota_server.artifacts import ArtifactStore
 from ota_server.models import Bundle, Deployment, Rollout, TelemetryRecord
-from ota_server.rollout.plan import Plan
+from ota_server.rollout.plan import Gates, Plan
 from ota_server.rollout.telemetry_gates import TelemetryTotals, max_psi, shadow_gate_failure, telemetry_gate_failure
 
 _REFERENCE_CACHE: dict[str, list[dict[str, Any]]] = {}
@@ -35,15 +36,17 @@ def reference_features(store: ArtifactStore, sha256: str) -> list[dict[str, Any]
     return _REFERENCE_CACHE[sha256]
 
 
-def _totals(session: Session, shas: set[str], devices: set[str]) -> dict[str, TelemetryTotals]:
+def _totals(session: Session, shas: set[str], devices: Select[str]) -> dict[str, TelemetryTotals]:
     out: dict[str, TelemetryTotals] = {}
-    if not shas or not devices:
+    if not shas:
         return out
-    rows = session.scalars(
-        select(TelemetryRecord).where(TelemetryRecord.bundle_sha256.in_(shas), TelemetryRecord.device_id.in_(devices))
+    rows = session.execute(
+        select(TelemetryRecord.bundle_sha256, TelemetryRecord.device_id, TelemetryRecord.payload).where(
+            TelemetryRecord.bundle_sha256.in_(shas), TelemetryRecord.device_id.in_(devices)
+        )
     )
-    for row in rows:
-        out.setdefault(row.bundle_sha256, TelemetryTotals()).add_window(row.payload, row.device_id)
+    for sha, device_id, payload in rows:
+        out.setdefault(sha, TelemetryTotals()).add_window(payload, device_id)
     return out
 
 
@@ -54,30 +57,75 @@ def _merge(parts: dict[str, TelemetryTotals]) -> TelemetryTotals:
     return total
 
 
+def _counted(session: Session, shas: set[str], devices: Select[str]) -> TelemetryTotals:
+    """Requests and errors of the windows, summed by the database (no payload is read)."""
+    if not shas:
+        return TelemetryTotals()
+    requests, errors = session.execute(
+        select(
+            func.coalesce(func.sum(TelemetryRecord.request_count), 0),
+            func.coalesce(func.sum(TelemetryRecord.error_count), 0),
+        ).where(TelemetryRecord.bundle_sha256.in_(shas), TelemetryRecord.device_id.in_(devices))
+    ).one()
+    return TelemetryTotals(requests=int(requests), errors=int(errors))
+
+
 def rollout_telemetry_failure(session: Session, store: ArtifactStore, rollout: Rollout) -> str | None:
-    """Evaluate the plan's telemetry gates on what the rollout's devices reported; None when all pass."""
+    """Evaluate the plan's telemetry gates on what the rollout's devices reported; None when all pass.
+
+    The database sums requests and errors first: below ``min_telemetry_requests``, or when the error-rate
+    gate is the only one set (or already fails), no window payload is read. Only the latency, drift and
+    shadow gates need the histograms in the payloads, and only they read them.
+    """
     gates = Plan.from_json(rollout.plan).gates
     wanted = (gates.max_error_rate, gates.max_p95_latency_ratio, gates.max_drift_psi, gates.min_shadow_agreement)
     if all(g is None for g in wanted):
         return None
-    installs = list(
-        session.scalars(select(Deployment).where(Deployment.rollout_id == rollout.id, Deployment.mode == "install"))
-    )
-    devices = {d.device_id for d in installs}
+    devices = select(Deployment.device_id).where(Deployment.rollout_id == rollout.id, Deployment.mode == "install")
     new_shas = set(session.scalars(select(Bundle.sha256).where(Bundle.release_id == rollout.release_id)))
-    old_shas = {d.previous_bundle_sha256 for d in installs if d.previous_bundle_sha256}
+    failure: str | None = None
+    if gates.max_error_rate is not None or gates.max_p95_latency_ratio is not None or gates.max_drift_psi is not None:
+        counted = _counted(session, new_shas, devices)
+        failure = telemetry_gate_failure(
+            replace(gates, max_p95_latency_ratio=None, max_drift_psi=None), counted, None, None
+        )
+        histograms = gates.max_p95_latency_ratio is not None or gates.max_drift_psi is not None
+        if failure is None and histograms and counted.requests >= max(1, gates.min_telemetry_requests):
+            failure = _histogram_failure(session, store, rollout.id, gates, new_shas, devices)
+    if failure is None and gates.min_shadow_agreement is not None:
+        device_ids = set(session.scalars(devices))
+        failure = shadow_gate_failure(gates, _shadow_totals(session, new_shas, device_ids))
+    return failure
+
+
+def _histogram_failure(
+    session: Session,
+    store: ArtifactStore,
+    rollout_id: str,
+    gates: Gates,
+    new_shas: set[str],
+    devices: Select[str],
+) -> str | None:
+    """The latency and drift gates, on the merged histograms of the window payloads."""
     new_parts = _totals(session, new_shas, devices)
-    baseline = _merge(_totals(session, old_shas, devices)) if gates.max_p95_latency_ratio is not None else None
+    baseline = None
+    if gates.max_p95_latency_ratio is not None:
+        old_shas = session.scalars(
+            select(Deployment.previous_bundle_sha256).where(
+                Deployment.rollout_id == rollout_id,
+                Deployment.mode == "install",
+                Deployment.previous_bundle_sha256.is_not(None),
+            )
+        )
+        baseline = _merge(_totals(session, {s for s in old_shas if s}, devices))
     drift: float | None = None
     if gates.max_drift_psi is not None:
         for sha, part in new_parts.items():
             value = max_psi(reference_features(store, sha), part.features)
             if value is not None:
                 drift = value if drift is None else max(drift, value)
-    failure = telemetry_gate_failure(gates, _merge(new_parts), baseline, drift)
-    if failure is None and gates.min_shadow_agreement is not None:
-        failure = shadow_gate_failure(gates, _shadow_totals(session, new_shas, devices))
-    return failure
+    gates = replace(gates, max_error_rate=None)  # already judged on the database's sums
+    return telemetry_gate_failure(gates, _merge(new_parts), baseline, drift)
 
 
 def _shadow_totals(session: Session, candidate_shas: set[str], devices: set[str]) -> TelemetryTotals:

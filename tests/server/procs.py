@@ -21,7 +21,8 @@ EDGEOTA = str(Path(sys.executable).with_name("edgeota"))
 
 
 class ServerProcess:
-    def __init__(self, tmp_path: Path, db_url: str, keys: Keys, broker: Broker) -> None:
+    def __init__(self, tmp_path: Path, db_url: str, keys: Keys, broker: Broker, workers: int = 0) -> None:
+        self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -44,7 +45,10 @@ class ServerProcess:
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [EDGEOTA, "server", "run", "--port", str(self.port)], env=self.env, stdout=log, stderr=subprocess.STDOUT
+                [EDGEOTA, "server", "run", "--port", str(self.port), *self.worker_args()],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -56,6 +60,9 @@ class ServerProcess:
                 pass
             time.sleep(0.1)
         raise TimeoutError("server did not become ready:\n" + self.log.read_text()[-3000:])
+
+    def worker_args(self) -> list[str]:
+        return ["--workers", str(self.workers)] if self.workers else []
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

@@ -43,6 +43,8 @@ STEPS = [
 class SimDevice:
     prov: DeviceProvisioning
     fail_versions: set[str] = field(default_factory=set)
+    flaky_downloads: int = 0
+    """This many install assignments fail with ``download_failed`` (a transient fault) before one succeeds."""
     models: dict[str, RunningModel] = field(default_factory=dict)
     assignments: list[Assignment] = field(default_factory=list)
     acked: set[str] = field(default_factory=set)
@@ -154,6 +156,12 @@ class SimDevice:
         done = self.finished.get(a.deployment_id)
         if done is not None:
             self.report(a, done)  # replayed deployment: re-report the final state
+            return
+        if self.flaky_downloads > 0 and a.mode == "install":
+            self.flaky_downloads -= 1
+            self.report(a, DeploymentState.DOWNLOADING)
+            self.finished[a.deployment_id] = DeploymentState.FAILED
+            self.report(a, DeploymentState.FAILED, ReasonCode.DOWNLOAD_FAILED)
             return
         url = a.bundle_url if a.bundle_url.startswith("http") else self.prov.server.url + a.bundle_url
         resp = httpx.get(url, headers={"Authorization": f"Bearer {self.prov.server.token}"}, timeout=10)

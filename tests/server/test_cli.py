@@ -101,10 +101,15 @@ def test_cli_end_to_end(server: ServerProcess, make_bundle: BundleFactory, tmp_p
         "0.1",
         "--window",
         "00:00-23:59",
+        "--max-retries",
+        "2",
+        "--retry-backoff",
+        "5",
         token=rm,
     ).stdout.strip()
     plan = server.api("GET", f"/api/v1/rollouts/{rid}")["plan"]
     assert plan["gates"]["max_concurrent"] == 2 and plan["windows"] == [{"start_minute": 0, "end_minute": 1439}]
+    assert plan["max_retries"] == 2 and plan["retry_backoff_seconds"] == 5.0
     assert "running" in run(server, "rollout", "start", rid, token=rm).stdout
     assert "paused" in run(server, "rollout", "pause", rid, "--reason", "check").stdout
     assert "paused" in run(server, "rollout", "status", rid).stdout

@@ -37,7 +37,24 @@ def test_toml_file_is_overridden_by_env(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert (s.public_url, s.mqtt_host, s.engine_tick_seconds) == ("http://file:1", "broker.env", 2.5)
 
 
-@pytest.mark.parametrize("bad", [{"mqtt_protocol": "4"}, {"mqtt_port": 0}, {"engine_tick_seconds": -1}])
+def test_sample_cap_and_api_workers_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (Settings.load().max_sample_bytes, Settings.load().api_workers) == (16 * 1024 * 1024, 0)
+    monkeypatch.setenv("EDGEOTA_SERVER_MAX_SAMPLE_BYTES", "4096")
+    monkeypatch.setenv("EDGEOTA_SERVER_API_WORKERS", "2")
+    assert (Settings.load().max_sample_bytes, Settings.load().api_workers) == (4096, 2)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"mqtt_protocol": "4"},
+        {"mqtt_port": 0},
+        {"engine_tick_seconds": -1},
+        {"max_sample_bytes": 10},
+        {"api_workers": -1},
+        {"api_workers": 65},
+    ],
+)
 def test_invalid_settings_raise_contract_error(bad: dict[str, object]) -> None:
     with pytest.raises(ContractError, match="invalid setting"):
         Settings.load(**bad)
@@ -66,7 +83,7 @@ def test_migrations_create_schema_and_are_idempotent(db_url: str) -> None:
     tables = set(inspect(engine).get_table_names())
     assert {"alembic_version", "devices", "deployments", "rollouts", "audit_log", "telemetry_windows"} <= tables
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
     engine.dispose()
 
 
@@ -115,6 +132,66 @@ def test_upgrade_from_first_revision_keeps_data(db_url: str) -> None:
     assert "start_at" in columns
     with engine.connect() as conn:
         assert conn.execute(text("SELECT state FROM rollouts WHERE id = 'o1'")).scalar() == "draft"
+    engine.dispose()
+
+
+_DEPLOYMENT_SQL = (
+    "INSERT INTO deployments (id, rollout_id, device_id, mode, stage, model_name, version, bundle_sha256, "
+    "release_counter, state, reason, detail, send_count, created_at, updated_at{extra}) VALUES "
+    "(:id, 'o1', 'd1', 'install', 0, 'm', '1.0.0', :sha, 1, 'failed', 'download_failed', '', 0, "
+    "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP{values})"
+)
+
+
+def test_upgrade_to_attempts_keeps_deployments_and_allows_one_row_per_attempt(db_url: str) -> None:
+    from alembic import command
+    from sqlalchemy.exc import IntegrityError
+
+    from ota_server.db import alembic_config
+
+    engine = make_engine(db_url)
+    cfg = alembic_config(db_url)
+    sha = "b" * 64
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0002")
+        conn.execute(
+            text(
+                "INSERT INTO releases (id, model_name, version, created_at, created_by) "
+                "VALUES ('r1', 'm', '1.0.0', CURRENT_TIMESTAMP, 't')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO bundles (sha256, release_id, model_name, version, hardware_profile, release_counter, "
+                "size, signing_key_id, manifest, created_at) VALUES "
+                "(:sha, 'r1', 'm', '1.0.0', 'x86', 1, 10, 'k', '{}', CURRENT_TIMESTAMP)"
+            ),
+            {"sha": sha},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO devices (id, hardware_profile, labels, token_hash, mqtt_password_hash, created_at, "
+                "presence_online) VALUES ('d1', 'x86', '{}', 'h', 'p', CURRENT_TIMESTAMP, false)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO rollouts (id, release_id, state, plan, selector, targets, no_bundle, skipped, "
+                "current_stage, approved_stages, reason, detail, created_at, updated_at, created_by) VALUES "
+                "('o1', 'r1', 'running', '{}', '{}', '[\"d1\"]', '[]', '[]', 0, '[]', '', '', CURRENT_TIMESTAMP, "
+                "CURRENT_TIMESTAMP, 't')"
+            )
+        )
+        conn.execute(text(_DEPLOYMENT_SQL.format(extra="", values="")), {"id": "dep1", "sha": sha})
+    upgrade_to_head(engine)
+    with engine.begin() as conn:
+        row = conn.execute(text("SELECT attempt, retried FROM deployments WHERE id = 'dep1'")).one()
+        assert row[0] == 1 and not row[1]
+        second = _DEPLOYMENT_SQL.format(extra=", attempt", values=", 2")
+        conn.execute(text(second), {"id": "dep2", "sha": sha})  # a second attempt is allowed now
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        conn.execute(text(second), {"id": "dep3", "sha": sha})  # the same attempt twice is not
     engine.dispose()
 
 

@@ -118,8 +118,11 @@ def test_refused_uploads_store_nothing(
     for resp, status in cases:
         assert resp.status_code == status, resp.text  # type: ignore[attr-defined]
         assert resp.headers["content-type"] == "application/problem+json"  # type: ignore[attr-defined]
-    monkeypatch.setattr(svc, "MAX_SAMPLE_BYTES", len(body) - 1)
-    assert _post(client, "cam-1", body, dev, bundle_sha).status_code == 413  # type: ignore[attr-defined]
+    assert ctx.settings.max_sample_bytes == 16 * 1024 * 1024  # the default
+    monkeypatch.setattr(ctx.settings, "max_sample_bytes", len(body) - 1)
+    too_large = _post(client, "cam-1", body, dev, bundle_sha)
+    assert too_large.status_code == 413, too_large.text  # type: ignore[attr-defined]
+    assert too_large.headers["content-type"] == "application/problem+json"  # type: ignore[attr-defined]
 
     def chunks() -> object:  # no Content-Length: the cap holds while streaming
         yield body[:100]

@@ -158,3 +158,32 @@ def test_shadow_agreement_gate() -> None:
     good.add_shadow({"compared": 200, "top1_agree": 190})
     assert shadow_gate_failure(gates, good) is None
     assert shadow_gate_failure(Gates(), low) is None
+
+
+def test_rollout_halts_on_p95_latency_against_what_the_devices_ran_before(
+    client: TestClient, ctx: ServerContext, make_bundle: BundleFactory
+) -> None:
+    """The latency gate reads the histograms (the sums alone come from SQL) of old and new bundles."""
+    client.post("/api/v1/devices", json={"device_id": "t1", "hardware_profile": "x86"}, headers=AUTH)
+    old, new = (upload(client, make_bundle(v, "x86")).json()["release_id"] for v in ("1.0.0", "1.1.0"))
+    body: dict[str, object] = {"release_id": old, "stages": [{"percent": 100}], "start": True}
+    client.post("/api/v1/rollouts", json=body, headers=AUTH)
+    tick(ctx)
+    before = assignments(ctx, "t1")[-1]
+    finish(ctx, before)
+    _send(ctx, "t1", window(before, 200, 0, lat_bucket=3))  # the old release: fast
+    gate = {"max_p95_latency_ratio": 1.5, "min_telemetry_requests": 50}
+    body = {**body, "release_id": new, "stages": [{"percent": 100, "soak_seconds": 3600}], "gates": gate}
+    body["on_failure"] = "pause"
+    rid = client.post("/api/v1/rollouts", json=body, headers=AUTH).json()["rollout_id"]
+    tick(ctx)
+    after = assignments(ctx, "t1")[-1]
+    assert after.version == "1.1.0"
+    finish(ctx, after)
+    _send(ctx, "t1", window(after, 40, 0, lat_bucket=9))  # slow, but fewer than min_telemetry_requests
+    tick(ctx)
+    assert client.get(f"/api/v1/rollouts/{rid}", headers=AUTH).json()["state"] == "running"
+    _send(ctx, "t1", window(after, 40, 0, lat_bucket=9))
+    tick(ctx)
+    status = client.get(f"/api/v1/rollouts/{rid}", headers=AUTH).json()
+    assert status["state"] == "paused" and "p95 latency" in status["detail"], status["detail"]

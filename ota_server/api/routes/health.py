@@ -23,4 +23,4 @@ def healthz(ctx: CtxDep) -> dict[str, Any]:
 
 @router.get("/api/v1/metrics")
 def metrics(ctx: CtxDep, _who: Viewer) -> dict[str, int]:
-    return ctx.metrics.snapshot()
+    return ctx.metrics_snapshot()

@@ -17,7 +17,9 @@ from ota_server.models import Rollout
 from ota_server.rollout.engine_logic import Command, TransitionError
 from ota_server.rollout.plan import Gates, Plan, Selector, Stage, Window
 from ota_server.services import rollouts as svc
+from ota_server.services.deployments import take_shadow_stops
 from ota_server.services.dispatch import send_pending, send_shadow_stops
+from ota_server.services.rollout_status import rollout_json, rollout_status
 
 router = APIRouter(prefix="/api/v1/rollouts", tags=["rollouts"])
 _ID = r"^[A-Za-z0-9_-]{1,64}$"
@@ -36,6 +38,8 @@ def create(body: RolloutCreate, ctx: CtxDep, session: SessionDep, who: ReleaseMa
         on_failure=body.on_failure,
         windows=tuple(Window(*w.minutes()) for w in body.maintenance_windows),
         mode="shadow" if body.strategy == "shadow" else "install",
+        max_retries=body.max_retries,
+        retry_backoff_seconds=body.retry_backoff_seconds,
     )
     selector = Selector(
         tuple(body.selector.hardware_profiles), dict(body.selector.labels), tuple(body.selector.device_ids)
@@ -51,7 +55,7 @@ def create(body: RolloutCreate, ctx: CtxDep, session: SessionDep, who: ReleaseMa
             session.flush()
             svc.run_command(session, rollout, "start", who.name, "")
         session.commit()
-        out = {**svc.rollout_json(session, rollout), "preview": preview}
+        out = {**rollout_json(session, rollout), "preview": preview}
     return JSONResponse(out, status_code=201)
 
 
@@ -66,7 +70,7 @@ def list_rollouts(
     stmt = select(Rollout).order_by(Rollout.created_at.desc(), Rollout.id)
     if state:
         stmt = stmt.where(Rollout.state == state)
-    return [svc.rollout_json(session, r, with_devices=False) for r in session.scalars(stmt.offset(offset).limit(limit))]
+    return [rollout_json(session, r, with_devices=False) for r in session.scalars(stmt.offset(offset).limit(limit))]
 
 
 @router.get("/{rollout_id}")
@@ -77,10 +81,10 @@ def show(
     deployments: bool = Query(default=True, description="include the per-device deployments"),
 ) -> JSONResponse:
     """State, current stage, counts per deployment state and (unless ``deployments=false``) every deployment."""
-    rollout = session.get(Rollout, rollout_id)
-    if rollout is None:
+    out = rollout_status(session, rollout_id, with_devices=deployments)
+    if out is None:
         raise ApiError(404, "Not Found", f"rollout {rollout_id} not found")
-    return JSONResponse(svc.rollout_json(session, rollout, with_devices=deployments))
+    return JSONResponse(out)
 
 
 _ROLE = {
@@ -117,8 +121,8 @@ def command(
         except TransitionError as exc:
             raise ApiError(409, "Conflict", str(exc)) from exc
         session.commit()
-        out = svc.rollout_json(session, rollout)
-        stops = svc.take_shadow_stops(session)
+        out = rollout_json(session, rollout)
+        stops = take_shadow_stops(session)
         session.commit()  # end the read transaction before dispatch opens its own
     if to_send:
         send_pending(ctx)

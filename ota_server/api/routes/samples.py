@@ -38,7 +38,7 @@ async def upload_sample(
     """Store one ``.npz`` of raw inputs from the calling device (201 new, 200 already stored).
 
     Only the device named in the path, authenticated by its own token, may upload (403 otherwise);
-    bodies over ``MAX_SAMPLE_BYTES`` get 413, bad names or bodies 400/422, and nothing is stored.
+    bodies over the ``max_sample_bytes`` setting get 413, bad names or bodies 400/422, and nothing is stored.
     """
     if who.device_id is None or who.device_id != device_id:
         raise ApiError(403, "Forbidden", "only the device itself may upload its samples")
@@ -46,7 +46,7 @@ async def upload_sample(
     if not ctx.limiter.allow(f"samples:{device_id}", time.monotonic()):
         raise ApiError(429, "Too Many Requests", "sample upload rate exceeded", headers={"Retry-After": "5"})
     name = request.headers.get(svc.SAMPLE_HEADER)
-    limit = svc.MAX_SAMPLE_BYTES
+    limit = ctx.settings.max_sample_bytes
 
     def _origin() -> svc.SampleOrigin:
         with ctx.sessions() as session:

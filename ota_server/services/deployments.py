@@ -1,0 +1,257 @@
+"""Deployments of a rollout in the database: assigning, retrying, timing out, reverting, ending shadows.
+
+Each function changes rows inside the caller's transaction (the caller commits) and returns the ids of
+new deployments to publish once committed. Called by :func:`ota_server.services.rollouts.apply_effects`
+and by ingest (a late commit after a rollback).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from edgeota_contract.states import DeploymentState, ReasonCode
+from ota_server.models import Bundle, Deployment, Device, DeviceModel, Release, Rollout
+from ota_server.rollout.plan import Plan
+from ota_server.services import audit
+
+
+def retry(session: Session, rollout: Rollout, device_ids: tuple[str, ...], actor: str, now: datetime) -> list[str]:
+    """Mark each device's failed latest attempt ``retried`` and assign the next attempt (same stage)."""
+    mode = Plan.from_json(rollout.plan).mode
+    new_ids: list[str] = []
+    for dep in list(
+        session.scalars(
+            select(Deployment).where(
+                Deployment.rollout_id == rollout.id,
+                Deployment.mode == mode,
+                Deployment.device_id.in_(device_ids),
+                Deployment.retried.is_(False),
+                Deployment.state == DeploymentState.FAILED.value,
+            )
+        )
+    ):
+        dep.retried = True
+        audit.record(
+            session,
+            actor,
+            "deployment.retry",
+            "deployment",
+            dep.id,
+            {"attempt": dep.attempt, "state": dep.state, "reason": dep.reason},
+            {"retried": True},
+            f"attempt {dep.attempt} failed with {dep.reason}; assigning attempt {dep.attempt + 1}",
+        )
+        session.flush()  # the new attempt must not meet this one as "the latest"
+        new_ids.extend(assign(session, rollout, (dep.device_id,), dep.stage, actor, now, attempt=dep.attempt + 1))
+    return new_ids
+
+
+def assign(
+    session: Session,
+    rollout: Rollout,
+    device_ids: tuple[str, ...],
+    stage: int,
+    actor: str,
+    now: datetime,
+    attempt: int = 1,
+) -> list[str]:
+    release = session.get(Release, rollout.release_id)
+    assert release is not None
+    bundles = {b.hardware_profile: b for b in session.scalars(select(Bundle).where(Bundle.release_id == release.id))}
+    mode = Plan.from_json(rollout.plan).mode
+    new_ids: list[str] = []
+    for device_id in device_ids:
+        device = session.get(Device, device_id)
+        if device is None or device.hardware_profile not in bundles:
+            continue
+        bundle = bundles[device.hardware_profile]
+        shadow = mode == "shadow"
+        running = None if shadow else session.get(DeviceModel, (device_id, bundle.model_name))
+        # Supersede any other open deployment of this model on the device (shadows only other shadows).
+        for other in session.scalars(
+            select(Deployment).where(Deployment.device_id == device_id, Deployment.model_name == bundle.model_name)
+        ):
+            if not DeploymentState(other.state).terminal and (other.mode == "shadow") == shadow:
+                other.state = DeploymentState.FAILED.value
+                other.reason = ReasonCode.SUPERSEDED.value
+                other.detail = f"superseded by rollout {rollout.id}"
+                other.updated_at = now
+        already = running is not None and running.bundle_sha256 == bundle.sha256
+        dep = Deployment(
+            id=uuid.uuid4().hex,
+            rollout_id=rollout.id,
+            device_id=device_id,
+            mode=mode,
+            stage=stage,
+            model_name=bundle.model_name,
+            version=bundle.version,
+            bundle_sha256=bundle.sha256,
+            release_counter=bundle.release_counter,
+            previous_bundle_sha256=running.bundle_sha256 if running is not None and not already else None,
+            state=DeploymentState.COMMITTED.value if already else DeploymentState.PENDING.value,
+            detail="device already runs this bundle" if already else "",
+            attempt=attempt,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(dep)
+        audit.record(
+            session,
+            actor,
+            "deployment.create",
+            "deployment",
+            dep.id,
+            None,
+            {
+                "device_id": device_id,
+                "rollout_id": rollout.id,
+                "stage": stage,
+                "version": bundle.version,
+                "state": dep.state,
+                "attempt": attempt,
+            },
+        )
+        if not already:
+            new_ids.append(dep.id)
+    session.flush()
+    return new_ids
+
+
+def finish_install(
+    session: Session,
+    rollout: Rollout,
+    device_ids: tuple[str, ...],
+    reason: ReasonCode,
+    detail: str,
+    now: datetime,
+    actor: str,
+) -> None:
+    for dep in session.scalars(
+        select(Deployment).where(
+            Deployment.rollout_id == rollout.id,
+            Deployment.mode == Plan.from_json(rollout.plan).mode,
+            Deployment.device_id.in_(device_ids),
+        )
+    ):
+        if DeploymentState(dep.state).terminal:
+            continue
+        before = {"state": dep.state}
+        if dep.mode == "shadow" and dep.state != DeploymentState.PENDING.value:
+            _queue_shadow_stop(session, dep)
+        dep.state = DeploymentState.FAILED.value
+        dep.reason = reason.value
+        dep.detail = detail
+        dep.updated_at = now
+        audit.record(
+            session,
+            actor,
+            "deployment.failed",
+            "deployment",
+            dep.id,
+            before,
+            {"state": dep.state, "reason": reason.value},
+            detail,
+        )
+
+
+def revert_devices(
+    session: Session, rollout: Rollout, device_ids: tuple[str, ...], actor: str, now: datetime
+) -> list[str]:
+    """Create one rollback deployment per device (to the bundle it ran before); returns their ids.
+
+    For a shadow rollout nothing is installed: the shadows are ended (``rolled_back``) and a
+    ``shadow_stop`` is queued for each (see :func:`take_shadow_stops`).
+    """
+    if Plan.from_json(rollout.plan).mode == "shadow":
+        _stop_shadows(session, rollout, device_ids, actor, now)
+        return []
+    new_ids: list[str] = []
+    skipped: list[str] = []
+    for dep in list(
+        session.scalars(
+            select(Deployment).where(
+                Deployment.rollout_id == rollout.id,
+                Deployment.mode == Plan.from_json(rollout.plan).mode,
+                Deployment.device_id.in_(device_ids),
+                Deployment.retried.is_(False),
+            )
+        )
+    ):
+        exists = session.scalar(
+            select(Deployment).where(
+                Deployment.rollout_id == rollout.id,
+                Deployment.device_id == dep.device_id,
+                Deployment.mode == "rollback",
+            )
+        )
+        if exists is not None:
+            continue
+        previous = session.get(Bundle, dep.previous_bundle_sha256) if dep.previous_bundle_sha256 else None
+        if previous is None:
+            skipped.append(dep.device_id)
+            continue
+        back = Deployment(
+            id=uuid.uuid4().hex,
+            rollout_id=rollout.id,
+            device_id=dep.device_id,
+            mode="rollback",
+            stage=dep.stage,
+            model_name=previous.model_name,
+            version=previous.version,
+            bundle_sha256=previous.sha256,
+            release_counter=previous.release_counter,
+            previous_bundle_sha256=dep.bundle_sha256,
+            state=DeploymentState.PENDING.value,
+            reason=ReasonCode.SERVER_ROLLBACK.value,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(back)
+        audit.record(
+            session,
+            actor,
+            "deployment.rollback",
+            "deployment",
+            back.id,
+            None,
+            {"device_id": dep.device_id, "to_version": previous.version, "from_version": dep.version},
+        )
+        new_ids.append(back.id)
+    if skipped:
+        rollout.detail = (rollout.detail + f"; no previous bundle to revert: {', '.join(skipped)}").lstrip("; ")
+    session.flush()
+    return new_ids
+
+
+def _queue_shadow_stop(session: Session, dep: Deployment) -> None:
+    session.info.setdefault("shadow_stops", []).append((dep.device_id, dep.model_name))
+
+
+def take_shadow_stops(session: Session) -> list[tuple[str, str]]:
+    """The (device, model) pairs to send ``shadow_stop`` to once the session's transaction commits."""
+    stops: list[tuple[str, str]] = session.info.pop("shadow_stops", [])
+    return stops
+
+
+def _stop_shadows(session: Session, rollout: Rollout, device_ids: tuple[str, ...], actor: str, now: datetime) -> None:
+    for dep in session.scalars(
+        select(Deployment).where(
+            Deployment.rollout_id == rollout.id,
+            Deployment.mode == "shadow",
+            Deployment.device_id.in_(device_ids),
+            Deployment.retried.is_(False),
+        )
+    ):
+        if dep.state == DeploymentState.ROLLED_BACK.value:
+            continue
+        before = {"state": dep.state}
+        dep.state = DeploymentState.ROLLED_BACK.value
+        dep.reason = ReasonCode.SERVER_ROLLBACK.value
+        dep.detail = "shadow stopped"
+        dep.updated_at = now
+        _queue_shadow_stop(session, dep)
+        audit.record(session, actor, "deployment.shadow_stop", "deployment", dep.id, before, {"state": dep.state})
