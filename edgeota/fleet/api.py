@@ -124,10 +124,13 @@ class ServerApi:
         result: dict[str, Any] = self._call("GET", f"/api/v1/devices/{device_id}")
         return result
 
-    def devices(self, labels: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    def devices(self, labels: str | None = None, limit: int = 1000, online: bool | None = None) -> list[dict[str, Any]]:
+        """``GET /api/v1/devices`` (label selector ``k=v,...``; ``online`` filters on presence)."""
         params: dict[str, Any] = {"limit": limit}
         if labels:
             params["label"] = labels
+        if online is not None:
+            params["online"] = "true" if online else "false"
         result: Any = self._call("GET", "/api/v1/devices", params=params)
         if isinstance(result, dict):  # a paginated envelope
             result = result.get("items", result.get("devices", []))

@@ -4,8 +4,12 @@
 device, starts one real agent per device (:mod:`edgeota.fleet.agents` adapts the device agent's
 class; ONNX Runtime sessions are shared per bundle through one session cache), drives inference at
 ``rate_per_device`` requests per second through each agent's predict API, and plays the fault
-timeline (:mod:`edgeota.fleet.faults`). ``stop()`` (or leaving the ``with`` block) stops the load,
-the agents, and the proxies, in that order.
+timeline (:mod:`edgeota.fleet.faults`). By default every agent's MQTT connection runs on one
+:class:`~device_agent.mqtt_link.SharedNetworkLoop` (one epoll thread plus a few dispatch workers per
+process, one file descriptor per connection) instead of a paho thread each, which could not serve
+file descriptors above 1023. With ``poll_seconds`` set, devices take their assignments only from
+HTTP polls (:mod:`edgeota.fleet.poll`), the pull-based baseline. ``stop()`` (or leaving the ``with``
+block) stops the load, the poller, the agents, the network loop and the proxies, in that order.
 
 Errors: ``ProvisioningError`` from :meth:`FleetSimulator.provision`; ``FaultSpecError`` when a fault
 names an unknown device.
@@ -14,6 +18,7 @@ names an unknown device.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -26,10 +31,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from edgeota.fleet.agents import SimAgent, build_agent, new_session_cache
+from edgeota.fleet.agents import RealAgent, SimAgent, build_agent, new_session_cache
 from edgeota.fleet.faults import Fault, FaultKind, assign_faults
 from edgeota.fleet.load import Drift, InputSampler
 from edgeota.fleet.netcut import CuttableProxy, ProxyHub
+from edgeota.fleet.poll import CommandPoller, PollTarget
 from edgeota.fleet.provision import DevicePlan, plan_devices, provision_device, write_device_folder
 from edgeota_contract.logs import log_event
 
@@ -73,6 +79,10 @@ class FleetConfig:
     labels: Mapping[str, str] = field(default_factory=dict)
     agent_overrides: Mapping[str, Any] = field(default_factory=dict)
     load_threads: int = 2
+    shared_mqtt_loop: bool = True  # False: each agent's link runs paho's own thread (at most ~140 per process)
+    mqtt_loop_workers: int = 4
+    poll_seconds: float | None = None  # set: assignments come only from HTTP polls every this many seconds
+    poll_threads: int = 2
 
 
 @dataclass
@@ -123,6 +133,8 @@ class FleetSimulator:
         self._load_paused = threading.Event()
         self._threads: list[threading.Thread] = []
         self._session_cache: Any = None
+        self._net: Any = None  # the SharedNetworkLoop
+        self._poller: CommandPoller | None = None
         self._switch_interval: float | None = None
         self._lock = threading.Lock()
         self.started_at = 0.0
@@ -173,18 +185,45 @@ class FleetSimulator:
         if len(self.devices) <= SWITCH_INTERVAL_MAX_DEVICES:
             self._switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_SECONDS))
+        if self.config.shared_mqtt_loop:
+            from device_agent.mqtt_link import SharedNetworkLoop
+
+            self._net = SharedNetworkLoop(name="fleet-mqtt", workers=self.config.mqtt_loop_workers)
+            self._net.start()
         self.started_at = time.monotonic()
         for device in self.devices:
             device.agent = self._new_agent(device)
             if not any(f.kind == FaultKind.OFFLINE and f.num("after") == 0 for f in device.faults):
                 self._start_agent(device)
+        if self.config.poll_seconds is not None:
+            self._poller = CommandPoller(
+                [self._poll_target(d) for d in self.devices],
+                self.config.poll_seconds,
+                seed=self.config.seed,
+                threads=self.config.poll_threads,
+            )
+            self._poller.start()
         for i in range(max(1, self.config.load_threads)):
             share = self.devices[i :: max(1, self.config.load_threads)]
             self._spawn(f"edgeota-load-{i}", self._load_loop, share)
         self._spawn("edgeota-faults", self._fault_loop)
 
+    def _poll_target(self, device: SimDevice) -> PollTarget:
+        from edgeota_contract.provisioning import DeviceProvisioning
+
+        server = DeviceProvisioning.load(device.folder / "provisioning.toml").server
+
+        def deliver(command: dict[str, Any]) -> None:
+            agent = device.agent
+            if isinstance(agent, RealAgent) and device.running:
+                agent.handle_polled(command)
+
+        return PollTarget(device.device_id, server.url, server.token, deliver, lambda: device.running)
+
     def _new_agent(self, device: SimDevice) -> SimAgent:
-        agent = build_agent(device.config_path, self._session_cache)
+        agent = build_agent(
+            device.config_path, self._session_cache, self._net, commands_by_poll=self.config.poll_seconds is not None
+        )
         for fault in device.faults:
             if fault.kind == FaultKind.KILL_MID_UPDATE and fault not in device.spent:
                 agent.arm_crash(fault.text("step"))
@@ -331,10 +370,11 @@ class FleetSimulator:
         )
 
     def status(self) -> dict[str, Any]:
-        """A JSON-able status: the snapshot plus, per version, (devices that served it, requests it answered)."""
+        """A JSON-able status: the snapshot plus, per version, (devices that served it, requests it answered),
+        and this process's threads, open file descriptors and MQTT connections (and polls when polling)."""
         snap = self.snapshot()
         versions = {v for d in self.devices for v in d.stats.served}
-        return {
+        out = {
             "at": snap.at,
             "devices": len(self.devices),
             "running": snap.running,
@@ -342,7 +382,13 @@ class FleetSimulator:
             "requests": snap.requests,
             "errors": snap.errors,
             "served": {v: list(self.served(v)) for v in sorted(versions)},
+            "process": process_stats(),
         }
+        if self._net is not None:
+            out["mqtt_loop"] = self._net.stats()
+        if self._poller is not None:
+            out["polls"] = self._poller.stats()
+        return out
 
     # ------------------------------------------------------------ teardown
 
@@ -352,8 +398,14 @@ class FleetSimulator:
         for thread in self._threads:
             thread.join(timeout=10)
         self._threads.clear()
+        if self._poller is not None:
+            self._poller.stop()
+            self._poller = None
         with ThreadPoolExecutor(max_workers=32, thread_name_prefix="edgeota-stop") as pool:
             list(pool.map(self._stop_quietly, self.devices))
+        if self._net is not None:
+            self._net.stop()
+            self._net = None
         if self._hub is not None:
             self._hub.close()
             self._hub = None
@@ -368,3 +420,22 @@ class FleetSimulator:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def process_stats() -> dict[str, Any]:
+    """This process's OS threads (Python's and native ones), Python threads, open file descriptors (Linux;
+    None elsewhere) and resident memory in MiB."""
+    try:
+        fds: int | None = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = None
+    threads: int | None = None
+    rss: float | None = None
+    try:
+        import psutil
+
+        proc = psutil.Process()
+        threads, rss = proc.num_threads(), round(proc.memory_info().rss / 2**20, 1)
+    except Exception:  # psutil missing or refused: report what is known
+        pass
+    return {"threads": threads, "python_threads": threading.active_count(), "fds": fds, "rss_mib": rss}

@@ -154,3 +154,18 @@ def test_fleet_simulate_command_runs_agents_for_a_while(stack: Stack, tmp_path: 
         seen = api.devices("fleet=cli")
     assert sorted(d["device_id"] for d in seen) == ["cli-0000", "cli-0001"]
     assert all(d["last_seen"] for d in seen)  # each agent connected and checked in
+
+
+@pytest.mark.integration
+def test_polling_devices_take_assignments_only_from_http_polls(stack: Stack, release_id: str, tmp_path: Path) -> None:
+    config = _config(stack, tmp_path, 3, "poll", poll_seconds=1.0)
+    with FleetSimulator(config) as sim, ServerApi(stack.server_url, stack.admin_token) as api:
+        sim.provision()
+        sim.start()
+        _wait(lambda: len([d for d in api.devices("fleet=poll") if d["online"]]) == 3, 30, "3 devices online")
+        final = _roll_out(api, release_id, "poll")
+        assert final["state"] == "completed", final
+        assert final["counts"]["committed"] == 3
+        _wait(lambda: sim.snapshot().versions == {"1.0.0": 3}, 20, "every agent serving 1.0.0")
+        # Assignments pushed over MQTT are dropped by polling devices (tests/demo/test_poll.py), so these came by HTTP.
+        assert sim.status()["polls"]["delivered"] >= 3
