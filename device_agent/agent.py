@@ -1,10 +1,11 @@
 """The device agent: one instance per state folder, many instances per process if you like.
 
-:class:`Agent` ties the pieces together: the state store and its lock, the update executor
-(one worker thread), the serving runtime, telemetry and its spool, and the MQTT link. It owns no
-global state and installs no signal handlers (that is the CLI's job). It is the composition root,
-hence longer than the other modules; the logic lives in :mod:`device_agent.update` (state machine,
-checks, executor, trial), :mod:`device_agent.repair`, :mod:`device_agent.outbox` and friends.
+:class:`Agent` is the composition root: the state store and its lock, the update executor, the
+serving runtime, telemetry and its spool, and the MQTT link. It owns no global state and installs no
+signal handlers (that is the CLI's job). The logic lives elsewhere: commands in
+:mod:`device_agent.commands`, the background threads in :mod:`device_agent.loop`, the update path in
+:mod:`device_agent.update` (state machine, checks, executor, trial), start-up repair in
+:mod:`device_agent.repair`, delivery in :mod:`device_agent.outbox`.
 
 Typical use on a device::
 
@@ -17,7 +18,6 @@ Typical use on a device::
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from device_agent._lazy import lazy_module
+from device_agent.commands import CommandHandler
 from device_agent.fsutil import FreeSpaceProbe, disk_free
 from device_agent.lock import StateDirLock
+from device_agent.loop import Ticker, Timer, UpdateWorker
 from device_agent.mqtt_link import MqttLink
 from device_agent.outbox import Outbox, describe
 from device_agent.repair import repair
@@ -38,28 +40,18 @@ from device_agent.shadow import ShadowRunner
 from device_agent.spool import Spool
 from device_agent.store import SHADOW_SLOT, AgentState, StateStore
 from device_agent.telemetry import TelemetryRecorder
-from device_agent.update import machine
-from device_agent.update.checks import Verdict, decide
 from device_agent.update.download import resolve_url
-from device_agent.update.executor import CrashHook, Executor, Interrupted
-from device_agent.update.machine import Report, Step
+from device_agent.update.executor import CrashHook, Executor
+from device_agent.update.machine import Step
 from edgeota_contract.errors import EdgeotaError
 from edgeota_contract.logs import log_event
-from edgeota_contract.messages import (
-    Ack,
-    Assignment,
-    CheckIn,
-    CheckinRequest,
-    ShadowStop,
-    SignedCommand,
-    TelemetryWindow,
-    new_id,
-    verify_command,
-)
-from edgeota_contract.states import DeploymentState, ReasonCode
+from edgeota_contract.messages import Assignment, CheckIn, TelemetryWindow, new_id
+from edgeota_contract.states import ReasonCode
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from device_agent.mqtt_link import SharedNetworkLoop
 else:
     np = lazy_module("numpy")
 
@@ -73,7 +65,8 @@ class Agent:
     Guarantees: at most one :class:`Agent` runs per state folder (a second :meth:`start` raises
     :class:`~device_agent.lock.AgentLockedError`); only a model that passed bundle verification and
     its smoke test is ever served; status reports, check-ins and telemetry windows are re-sent
-    until the server acknowledges them.
+    until the server acknowledges them. Threads: one timer thread, plus an update thread only while
+    an update runs (:mod:`device_agent.loop`), plus the MQTT client's.
     """
 
     def __init__(
@@ -85,6 +78,7 @@ class Agent:
         crash_hook: CrashHook | None = None,
         connect: bool = True,
         defer_update: Callable[[Assignment], bool] | None = None,
+        mqtt_network_loop: SharedNetworkLoop | None = None,
     ) -> None:
         """Create (not start) an agent.
 
@@ -96,6 +90,8 @@ class Agent:
             connect: False runs without MQTT (reports stay queued in the state folder).
             defer_update: asked before a model switch; returning True defers it (the application is busy),
                 for at most ``max_update_deferral_seconds`` in total.
+            mqtt_network_loop: a network loop shared by many agents' MQTT clients (the fleet simulator),
+                instead of one paho thread per agent.
         """
         self.config = config
         self.settings = config.settings
@@ -110,21 +106,20 @@ class Agent:
         )
         if self.settings.sample_rate > 0:
             self.runtime.add_listener(self.sampler)
-        self.rejected_commands = 0
         self._connect = connect
         self._free_space = free_space
         self._crash_hook = crash_hook
         self._defer_update = defer_update
-        self._worker_died = False
-        self._command_lock = threading.RLock()
+        self._network_loop = mqtt_network_loop
         self._stop = threading.Event()
-        self._wake = threading.Event()
         self._idle = threading.Event()
         self._lock = StateDirLock(self.settings.state_dir)
-        self._threads: list[threading.Thread] = []
         self._store: StateStore | None = None
         self._executor: Executor | None = None
         self._outbox: Outbox | None = None
+        self._commands: CommandHandler | None = None
+        self._ticker: Ticker | None = None
+        self._worker: UpdateWorker | None = None
         self.link: MqttLink | None = None
         self.shadow: ShadowRunner | None = None
 
@@ -142,6 +137,11 @@ class Agent:
             raise EdgeotaError("agent is not started", ReasonCode.INTERNAL_ERROR)
         return self._store
 
+    @property
+    def rejected_commands(self) -> int:
+        """Commands ignored because their signature, device or freshness did not verify."""
+        return self._commands.rejected if self._commands is not None else 0
+
     def start(self) -> None:
         """Lock the state folder, repair any interrupted update, serve the active model, connect.
 
@@ -151,6 +151,7 @@ class Agent:
         """
         self._lock.acquire()
         try:
+            self._stop.clear()
             self._store = StateStore(self.settings.state_dir)
             spool = Spool(self.settings.state_dir / "telemetry.sqlite", self.settings.spool_max_windows)
             self._outbox = Outbox(self.boot_id, self.settings, self._store, spool)
@@ -166,26 +167,47 @@ class Agent:
                 defer_update=self._defer_update,
             )
             self._executor.on_shadow = self._set_shadow
+            self._executor.on_reports = self.flush
+            self._commands = CommandHandler(
+                self.config,
+                self._store,
+                self._outbox,
+                self._executor,
+                wake_worker=self._wake_worker,
+                send_checkin=self.send_checkin,
+                flush=self.flush,
+            )
             self._repair()
         except BaseException:
             self._lock.release()
             raise
         log_event(log, "agent_started", device=self.device_id, boot_id=self.boot_id)
-        self._spawn(self._worker, "update")
-        self._spawn(self._ticker, "ticker")
+        s = self.settings
+        name = f"agent-{self.device_id}"
+        self._worker = UpdateWorker(f"{name}-update", self._stop, self._update_pass)
+        self._ticker = Ticker(
+            f"{name}-ticker",
+            self._stop,
+            [
+                Timer("telemetry", s.telemetry_window_seconds, self._roll_telemetry),
+                Timer("heartbeat", s.heartbeat_seconds, self._heartbeat),
+                Timer("retry", s.report_retry_seconds, self._retry),
+            ],
+        )
+        self._ticker.start()
         if self._connect:
             self.link = MqttLink(
-                self.device_id, self.boot_id, self.config.provisioning.mqtt, self.handle_command, self._on_connected
+                self.device_id,
+                self.boot_id,
+                self.config.provisioning.mqtt,
+                self.handle_command,
+                self._on_connected,
+                network_loop=self._network_loop,
             )
-            self.link.connect_probe_seconds = self.settings.mqtt_connect_probe_seconds
+            self.link.connect_probe_seconds = s.mqtt_connect_probe_seconds
             self.outbox.link = self.link
             self.link.start()
-        self._wake.set()
-
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
-        thread = threading.Thread(target=target, name=f"agent-{self.device_id}-{name}", daemon=True)
-        thread.start()
-        self._threads.append(thread)
+        self._wake_worker()  # resume an interrupted update, send what is queued
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop threads (an update in progress resumes at its step on the next start), close telemetry
@@ -193,12 +215,13 @@ class Agent:
         if not self._lock.held:
             return
         self._stop.set()
-        self._wake.set()
-        for thread in self._threads:
-            thread.join(timeout)
-        if not self._worker_died and not any(t.is_alive() for t in self._threads):
+        workers = [w for w in (self._ticker, self._worker) if w is not None]
+        for w in workers:
+            w.join(timeout)
+        died = self._worker is not None and self._worker.died
+        if not died and not any(w.alive() for w in workers):
             self._give_back_boot_attempt()
-        self._threads.clear()
+        self._ticker = self._worker = None
         self._roll_telemetry()
         if self.shadow is not None:
             self.shadow.stop()
@@ -252,36 +275,29 @@ class Agent:
             self.runtime.add_listener(self.shadow)
             log_event(log, "shadow_started", version=candidate.manifest.version, sample_rate=sample_rate)
 
-    # ------------------------------------------------------------------ worker
+    # ------------------------------------------------------------------ update worker
 
-    def _worker(self) -> None:
-        try:
-            self._work()
-        except BaseException:
-            self._worker_died = True  # not a clean shutdown: a trial in progress keeps its boot attempt
-            raise
+    def _wake_worker(self) -> None:
+        self._idle.clear()
+        if self._worker is not None:
+            self._worker.wake()
 
-    def _work(self) -> None:
+    def _update_pass(self) -> bool:
+        """One pass of the update worker: run the deployment in progress, then a queued assignment.
+        Returns True when a queued assignment was taken (so the worker runs again at once)."""
         assert self._executor is not None
-        while not self._stop.is_set():
-            self._wake.wait(1.0)
-            self._wake.clear()
-            try:
-                self._executor.run_pending()
-                pending = self.store.state.pending_command
-                if pending is not None:
-                    with self.store.update() as st:
-                        st.pending_command = None
-                    self.handle_command(pending.encode("utf-8"))
-                    continue
-            except Interrupted:
-                return
-            except Exception:
-                log.exception("update worker error")
-                self._stop.wait(1.0)
-            self.flush()
-            if self.store.state.deployment is None and self.store.state.pending_command is None:
-                self._idle.set()
+        self._executor.run_pending()
+        pending = self.store.state.pending_command
+        if pending is not None:
+            with self.store.update() as st:
+                st.pending_command = None
+            self.handle_command(pending.encode("utf-8"))
+            return True
+        self.flush()
+        state = self.store.state
+        if state.deployment is None and state.pending_command is None:
+            self._idle.set()
+        return False
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no deployment is in progress or queued; True if that happened in time."""
@@ -294,7 +310,7 @@ class Agent:
             self._idle.wait(min(0.2, max(0.0, deadline - time.monotonic())))
         return False
 
-    # ------------------------------------------------------------------ inference
+    # ------------------------------------------------------------------ inference and commands
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the serving model on ``inputs`` (name -> array). Never sees a half-swapped model.
@@ -305,117 +321,19 @@ class Agent:
         """
         return self.runtime.predict(inputs)
 
-    # ------------------------------------------------------------------ commands
-
     def handle_command(self, payload: bytes) -> None:
         """Act on one signed command (from MQTT or a file). Never raises for a bad command: it is
-        ignored, counted in :attr:`rejected_commands`, logged, and reported when it names a deployment."""
-        with self._command_lock:  # MQTT's thread and the update worker (queued assignments) both call this
-            self._handle_command(payload)
+        ignored, counted in :attr:`rejected_commands`, logged, and reported when it names a deployment.
 
-    def _handle_command(self, payload: bytes) -> None:
-        try:
-            command = verify_command(payload, self.config.server_keys, self.device_id)
-        except EdgeotaError as exc:
-            self.rejected_commands += 1
-            log_event(
-                log,
-                "command_rejected",
-                level=logging.WARNING,
-                device=self.device_id,
-                reason=exc.reason.value,
-                detail=str(exc),
-            )
-            self._report_unverified(payload, exc)
+        Raises:
+            EdgeotaError: the agent is not started.
+        """
+        if self._commands is None:
+            raise EdgeotaError("agent is not started", ReasonCode.INTERNAL_ERROR)
+        if not self._lock.held:  # stopped (or killed in the simulator): a late delivery is not ours to act on
+            log_event(log, "command_after_stop", level=logging.DEBUG, device=self.device_id)
             return
-        if isinstance(command, Ack):
-            self.outbox.acked(command.msg_ids)
-        elif isinstance(command, CheckinRequest):
-            self.send_checkin()
-        elif isinstance(command, ShadowStop):
-            self._shadow_stop(command)
-        else:
-            self._assignment(command, payload)
-
-    def _shadow_stop(self, command: ShadowStop) -> None:
-        assert self._executor is not None
-        state = self.store.state
-        if command.nonce in state.used_nonces:
-            return
-        shadow = state.slots.get(SHADOW_SLOT)
-        if shadow is not None and shadow.model_name == command.model_name:
-            self._executor.stop_shadow()
-            log_event(log, "shadow_stopped", model=command.model_name)
-        with self.store.update() as st:
-            st.remember_nonce(command.nonce)
-
-    def _report_unverified(self, payload: bytes, exc: EdgeotaError) -> None:
-        """Report a refused assignment naming a deployment of this device that we do not already know."""
-        try:
-            body = json.loads(SignedCommand.model_validate_json(payload).body)
-            assignment = Assignment.model_validate(body)
-        except Exception:
-            return
-        if assignment.device_id != self.device_id or exc.reason == ReasonCode.WRONG_DEVICE:
-            return
-        if exc.reason == ReasonCode.ASSIGNMENT_EXPIRED:
-            # A stale copy (e.g. queued by the broker while offline): the server re-sends a fresh one
-            # after our check-in, so failing the deployment here would be wrong.
-            return
-        state = self.store.state
-        known = state.finished_by_id(assignment.deployment_id) is not None or (
-            state.deployment is not None and state.deployment.deployment_id == assignment.deployment_id
-        )
-        if not known:
-            self._report_now(assignment, Report(DeploymentState.FAILED, exc.reason, str(exc)))
-
-    def _report_now(self, assignment: Assignment, report: Report) -> None:
-        with self.store.update() as st:
-            st.add_report(self.outbox.status(assignment, report), self.settings.outbox_max_reports)
-        self.flush()
-
-    def _assignment(self, a: Assignment, payload: bytes) -> None:
-        state = self.store.state
-        decision = decide(a, state, self.config.hardware_profile)
-        log_event(
-            log,
-            "assignment_received",
-            deployment=a.deployment_id,
-            verdict=decision.verdict.value,
-            reason=decision.reason.value,
-        )
-        if decision.verdict == Verdict.CONTINUE:
-            self._wake.set()
-        elif decision.verdict == Verdict.REREPORT:
-            final = state.finished_by_id(a.deployment_id)
-            assert final is not None
-            self._report_now(a, Report(final.state, final.reason, final.detail))
-        elif decision.verdict == Verdict.QUEUE:
-            with self.store.update() as st:
-                st.pending_command = payload.decode("utf-8")
-        elif decision.verdict == Verdict.START:
-            with self.store.update() as st:
-                st.remember_nonce(a.nonce)
-                target = SHADOW_SLOT if a.mode == "shadow" else st.inactive_slot()
-                st.deployment = machine.start(a, target, st.active_slot)
-            self._idle.clear()
-            self._wake.set()
-        elif decision.verdict == Verdict.ALREADY_INSTALLED:
-            self._finish_without_update(a, DeploymentState.COMMITTED, ReasonCode.OK, decision.detail)
-        elif decision.reason == ReasonCode.ASSIGNMENT_REPLAYED:
-            self._report_now(a, Report(DeploymentState.FAILED, decision.reason, decision.detail))
-        else:
-            self._finish_without_update(a, DeploymentState.FAILED, decision.reason, decision.detail)
-
-    def _finish_without_update(self, a: Assignment, outcome: DeploymentState, reason: ReasonCode, detail: str) -> None:
-        assert self._executor is not None
-        dep = machine.Deployment(
-            assignment=a, step=Step.DONE, target_slot="-", outcome=outcome, reason=reason, detail=detail
-        )
-        with self.store.update() as st:
-            st.remember_nonce(a.nonce)
-        self._executor.commit_transition(machine.Transition(dep, (Report(outcome, reason, detail),)))
-        self.flush()
+        self._commands.handle(payload)
 
     # ------------------------------------------------------------------ reports
 
@@ -446,7 +364,7 @@ class Agent:
         self.send_checkin()
         self.flush(force=True)
 
-    # ------------------------------------------------------------------ telemetry and heartbeat
+    # ------------------------------------------------------------------ timers: telemetry, heartbeat, retries
 
     def _roll_telemetry(self) -> None:
         if self._outbox is None:
@@ -466,6 +384,14 @@ class Agent:
                 )
             )
 
+    def _heartbeat(self) -> None:
+        if self.link is not None and self.link.connected:
+            self.send_checkin()
+
+    def _retry(self) -> None:
+        self.flush()
+        self._upload_samples()
+
     def _upload_samples(self) -> None:
         if self.settings.sample_rate <= 0:
             return
@@ -476,32 +402,11 @@ class Agent:
         url, same_origin = resolve_url(self.config.provisioning.server.url, target.format(device_id=self.device_id))
         self.sampler.upload(url, self.config.provisioning.server.token if same_origin else None)
 
-    def _ticker(self) -> None:
-        s = self.settings
-        next_beat = time.monotonic() + s.heartbeat_seconds
-        next_window = time.monotonic() + s.telemetry_window_seconds
-        next_retry = time.monotonic() + s.report_retry_seconds
-        while not self._stop.wait(min(0.5, s.telemetry_window_seconds, s.report_retry_seconds)):
-            now = time.monotonic()
-            try:
-                if now >= next_window:
-                    next_window = now + s.telemetry_window_seconds
-                    self._roll_telemetry()
-                if now >= next_beat:
-                    next_beat = now + s.heartbeat_seconds
-                    if self.link is not None and self.link.connected:
-                        self.send_checkin()
-                if now >= next_retry:
-                    next_retry = now + s.report_retry_seconds
-                    self.flush()
-                    self._upload_samples()
-            except Exception:
-                log.exception("agent ticker error")
-
     # ------------------------------------------------------------------ introspection
 
     @property
     def state(self) -> AgentState:
+        """The persisted state (a shared read-only snapshot)."""
         return self.store.state
 
     @property

@@ -185,8 +185,8 @@ def load_model(
     return LoadedModel(manifest, bundle_sha256, slot, folder, session)
 
 
-Listener: TypeAlias = "Callable[[LoadedModel, dict[str, np.ndarray], dict[str, np.ndarray] | None, float], None]"
-"""Called after every request with (model, inputs, outputs or None on error, latency in ms)."""
+Listener: TypeAlias = "Callable[[LoadedModel, dict[str, np.ndarray], dict[str, np.ndarray] | None, int], None]"
+"""Called after every request with (model, inputs, outputs or None on error, latency in ns)."""
 
 
 class ModelRuntime:
@@ -221,12 +221,12 @@ class ModelRuntime:
         model = self._current
         if model is None:
             raise NoModelError("no model installed", ReasonCode.LOAD_FAILED)
-        started = time.perf_counter()
+        started = time.perf_counter_ns()
         outputs: dict[str, np.ndarray] | None = None
         try:
             outputs = model.run(inputs)
             return outputs
         finally:
-            latency_ms = (time.perf_counter() - started) * 1000.0
+            latency_ns = time.perf_counter_ns() - started
             for listener in self._listeners:
-                listener(model, inputs, outputs, latency_ms)
+                listener(model, inputs, outputs, latency_ns)

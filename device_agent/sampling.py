@@ -47,7 +47,7 @@ class InputSampler:
         self._io_lock = threading.Lock()
         self._queue: collections.deque[tuple[int, str, dict[str, np.ndarray]]] = collections.deque(maxlen=max_files)
 
-    def __call__(self, model: LoadedModel, inputs: dict[str, Any], outputs: Any, latency_ms: float) -> None:
+    def __call__(self, model: LoadedModel, inputs: dict[str, Any], outputs: Any, latency_ns: int) -> None:
         if self.rate <= 0 or self._rng.random() >= self.rate:
             return
         arrays = {f"in.{k}": np.array(v) for k, v in inputs.items() if isinstance(v, np.ndarray)}

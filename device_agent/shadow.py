@@ -54,7 +54,7 @@ class ShadowRunner:
         return self.candidate.manifest.version
 
     def __call__(
-        self, model: LoadedModel, inputs: dict[str, Any], outputs: dict[str, np.ndarray] | None, latency_ms: float
+        self, model: LoadedModel, inputs: dict[str, Any], outputs: dict[str, np.ndarray] | None, latency_ns: int
     ) -> None:
         if outputs is None or model.bundle_sha256 == self.candidate.bundle_sha256:
             return

@@ -3,6 +3,9 @@
 Windows are kept in insertion order until :meth:`Spool.ack` names them. When full, the oldest
 windows are dropped and counted (:attr:`Spool.dropped`, persisted), so the count can be reported
 in ``TelemetryWindow.spool_dropped``. Safe to use from several threads of one agent.
+
+The number of stored windows and the dropped count are also kept in memory (read once on open,
+updated by every change), so an idle agent's retry tick and every closed window ask SQLite nothing.
 """
 
 from __future__ import annotations
@@ -28,14 +31,21 @@ class Spool:
             " payload BLOB NOT NULL)"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        (count,) = self._db.execute("SELECT COUNT(*) FROM windows").fetchone()
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
+        self._closed = False
+        self._count = int(count)
+        self._dropped = int(row[0]) if row else 0
 
     def add(self, msg_id: str, payload: bytes) -> int:
         """Store one window; returns how many old windows were dropped to make room."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("INSERT OR IGNORE INTO windows (msg_id, payload) VALUES (?, ?)", (msg_id, payload))
-                (count,) = self._db.execute("SELECT COUNT(*) FROM windows").fetchone()
+                cur = self._db.execute(
+                    "INSERT OR IGNORE INTO windows (msg_id, payload) VALUES (?, ?)", (msg_id, payload)
+                )
+                count = self._count + cur.rowcount
                 drop = max(0, count - self._max)
                 if drop:
                     self._db.execute(
@@ -50,6 +60,8 @@ class Spool:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            self._count = count - drop
+            self._dropped += drop
             return int(drop)
 
     def oldest(self, limit: int, skip: Iterable[str] = ()) -> list[tuple[str, bytes]]:
@@ -57,6 +69,8 @@ class Spool:
         skipped = set(skip)
         out: list[tuple[str, bytes]] = []
         with self._lock:
+            if self._count == 0 or self._closed:
+                return out
             for msg_id, payload in self._db.execute("SELECT msg_id, payload FROM windows ORDER BY id"):
                 if msg_id in skipped:
                     continue
@@ -66,25 +80,27 @@ class Spool:
         return out
 
     def ack(self, msg_ids: Iterable[str]) -> int:
-        """Delete acknowledged windows; returns how many were deleted."""
+        """Delete acknowledged windows; returns how many were deleted (none once closed: a late Ack is
+        harmless, the window is re-sent after the next start and the server deduplicates it)."""
         ids = list(msg_ids)
         if not ids:
             return 0
         with self._lock:
+            if self._count == 0 or self._closed:
+                return 0
             cur = self._db.executemany("DELETE FROM windows WHERE msg_id = ?", [(i,) for i in ids])
+            self._count -= cur.rowcount
             return cur.rowcount
 
     @property
     def dropped(self) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
-        return int(row[0]) if row else 0
+        """Windows dropped to respect the bound, ever (persisted)."""
+        return self._dropped
 
     def __len__(self) -> int:
-        with self._lock:
-            (count,) = self._db.execute("SELECT COUNT(*) FROM windows").fetchone()
-        return int(count)
+        return self._count
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._db.close()

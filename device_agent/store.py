@@ -118,8 +118,11 @@ class AgentState(BaseModel):
 class StateStore:
     """Thread-safe owner of ``state.json`` in one state folder.
 
-    :meth:`update` hands out a copy under a lock and writes it back atomically when the block
-    ends without an exception; readers get a snapshot via :attr:`state`.
+    Copy on write: :meth:`update` hands out a deep copy under a lock, writes it atomically when the
+    block ends without an exception and then publishes it as the new snapshot. :attr:`state` returns
+    the current snapshot itself, without copying: snapshots are never changed after they are
+    published, so readers (the idle agent reads the state on every tick) pay nothing, and callers
+    must treat what they read as read-only.
     """
 
     def __init__(self, state_dir: Path) -> None:
@@ -127,6 +130,7 @@ class StateStore:
         self.path = state_dir / STATE_FILE
         self._lock = threading.RLock()
         self._state = self._load()
+        self._written: bytes | None = None  # the bytes of the last write: an unchanged state is not rewritten
 
     def _load(self) -> AgentState:
         if not self.path.exists():
@@ -138,18 +142,22 @@ class StateStore:
 
     @property
     def state(self) -> AgentState:
-        with self._lock:
-            return self._state.model_copy(deep=True)
+        """The current snapshot (shared, read-only by convention; replaced, never changed, by :meth:`update`)."""
+        return self._state
 
     @contextmanager
     def update(self) -> Iterator[AgentState]:
-        """Mutate a copy of the state; it is saved (durably) and published only if the block succeeds."""
+        """Mutate a copy of the state; it is saved (durably: write, fsync, rename, fsync the folder) and
+        published only if the block succeeds. A block that changed nothing writes nothing."""
         with self._lock:
             draft = self._state.model_copy(deep=True)
             yield draft
             data = json.dumps(draft.model_dump(mode="json"), separators=(",", ":")).encode("utf-8")
+            if data == self._written:
+                return
             self.state_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, data)
+            self._written = data
             self._state = draft
 
 

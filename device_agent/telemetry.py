@@ -1,38 +1,50 @@
-"""Telemetry windows: additive per-window summaries of inference, one accumulator per model version.
+"""Telemetry windows: additive per-model-version summaries of live requests, summarised in batches.
 
-Summaries follow :mod:`edgeota_contract.telemetry`: latency counts on ``LATENCY_EDGES_MS``;
-per-input-feature counts on the edges from the bundle's ``reference_stats.json`` (plus NaN count,
-min, max, sum and sum of squares); output class counts and a confidence histogram on
-``CONFIDENCE_EDGES``. Everything is a count or a sum, so the server merges windows by adding.
+The request path (:meth:`TelemetryRecorder.__call__`, a :class:`~device_agent.runtime.ModelRuntime`
+listener) does as little as Python allows: for the usual model (one input with reference
+statistics, one output, fixed row shapes) it copies the input and output bytes (``tobytes``: the
+application may reuse its buffers after ``predict`` returns) and appends them with the integer
+latency to a flat list, one atomic ``list.extend`` of four items. Everything numpy does happens in
+batches, when the buffer holds ``limit`` requests, on :meth:`TelemetryRecorder.roll` and so on
+stop: :mod:`device_agent.telemetry_summaries`.
 
-The request path only buffers copies (see :class:`TelemetryRecorder`); the numpy work is done in
-batches by :mod:`device_agent.telemetry_summaries`.
+Why bytes in a list rather than rows written into a preallocated numpy ring: ``a.tobytes()`` costs
+about 70 ns, an ndarray slice assignment 250-300 ns; a list append holds no lock and needs no
+slot reservation, so concurrent requests never wait on each other; and bytes and ints are not
+tracked by the garbage collector, so the buffer adds no GC work. The batch joins the bytes and
+views them as one ``[rows, features]`` matrix.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from device_agent._lazy import lazy_module
 from device_agent.runtime import LoadedModel
-from device_agent.telemetry_summaries import _counts, _InputSummary, _Output, row_confidences
+from device_agent.telemetry_summaries import FeatureBlock, OutputStats, WholeInput, _counts, row_confidences
 from edgeota_contract.logs import log_event
 from edgeota_contract.manifest import REFERENCE_STATS_FILE
 from edgeota_contract.telemetry import (
     LATENCY_EDGES_MS,
-    FeatureReference,
     FeatureSummary,
     OutputReference,
     OutputSummary,
     ReferenceStats,
 )
 
-__all__ = ["MAX_BUFFERED_BYTES", "MAX_BUFFERED_REQUESTS", "TelemetryRecorder", "WindowSummary", "row_confidences"]
+__all__ = [
+    "MAX_BUFFERED_BYTES",
+    "MAX_BUFFERED_REQUESTS",
+    "TelemetryRecorder",
+    "WindowSummary",
+    "load_reference",
+    "row_confidences",
+]
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,6 +52,15 @@ else:
     np = lazy_module("numpy")
 
 log = logging.getLogger("device_agent.telemetry")
+
+MAX_BUFFERED_REQUESTS = 1024
+"""At most this many requests wait in the buffer before they are summarised (fewer for large inputs).
+
+Why not fewer: a batch has a fixed numpy cost (about 0.15 ms for 64 features), so smaller batches cost
+more per request, interleaved with inference too (``telemetry_batch_sweep`` in the agent bench, digits
+CNN: 64 rows 5-9 us, 256 rows 3-4 us, 1024 rows 1.6-2.5 us per request in the quieter runs)."""
+MAX_BUFFERED_BYTES = 4 << 20
+"""The buffer limit adapts so that buffered inputs and outputs stay near this many bytes."""
 
 
 @dataclass
@@ -58,94 +79,170 @@ class WindowSummary:
     outputs: list[OutputSummary]
 
 
-MAX_BUFFERED_REQUESTS = 1024
-"""At most this many requests wait in the buffer before they are summarised (fewer for large inputs)."""
-MAX_BUFFERED_BYTES = 4 << 20
-"""The buffer limit adapts so that buffered inputs and outputs stay near this many bytes."""
+def load_reference(model: LoadedModel) -> ReferenceStats | None:
+    """The bundle's reference statistics, or None when they cannot be read (telemetry then skips features)."""
+    try:
+        return ReferenceStats.model_validate_json((model.folder / REFERENCE_STATS_FILE).read_bytes())
+    except (OSError, ValueError) as exc:
+        log_event(log, "reference_stats_unreadable", level=logging.WARNING, detail=str(exc)[:200])
+        return None
+
+
+@dataclass(frozen=True)
+class _Template:
+    """What to copy for one bundle, and how rows of the usual (fast) shape are rebuilt."""
+
+    refs: ReferenceStats | None
+    inputs: tuple[str, ...]  # inputs with reference statistics (copied), manifest order
+    outputs: tuple[str, ...]  # non-string outputs (copied), manifest order
+    fast: tuple[str, str] | None  # (input, output) when both have fixed row shapes; else None
+    in_dtype: Any = None
+    in_width: int = 0  # features per row of the fast input
+    out_dtype: Any = None
+    out_row: tuple[int, ...] = ()
+
+
+def _fixed_row(session_args: Any, name: str) -> tuple[int, ...] | None:
+    """The row shape (all axes after the first) when the model itself fixes it, else None."""
+    for arg in session_args:
+        if arg.name == name:
+            shape = list(arg.shape)
+            if len(shape) >= 2 and all(isinstance(d, int) and d > 0 for d in shape[1:]):
+                return tuple(shape[1:])
+    return None
+
+
+def _template(model: LoadedModel) -> _Template:
+    refs = load_reference(model)
+    names = {r.input for r in refs.features} if refs else set()
+    m = model.manifest
+    inputs = tuple(s.name for s in m.inputs if s.name in names and s.dtype != "string")
+    outputs = tuple(s.name for s in m.outputs if s.dtype != "string")
+    if len(inputs) != 1 or len(outputs) != 1:
+        return _Template(refs, inputs, outputs, None)
+    try:  # the session enforces its input dims, so a request that succeeded has rows of exactly this shape
+        in_row = _fixed_row(model.session.get_inputs(), inputs[0])
+        out_row = _fixed_row(model.session.get_outputs(), outputs[0])
+        in_spec = next(s for s in m.inputs if s.name == inputs[0])
+        out_spec = next(s for s in m.outputs if s.name == outputs[0])
+        in_dtype, out_dtype = np.dtype(_dtype(in_spec.dtype)), np.dtype(_dtype(out_spec.dtype))
+    except Exception:  # a session without shape information, an unknown dtype: the general path
+        return _Template(refs, inputs, outputs, None)
+    if in_row is None or out_row is None:
+        return _Template(refs, inputs, outputs, None)
+    return _Template(refs, inputs, outputs, (inputs[0], outputs[0]), in_dtype, math.prod(in_row), out_dtype, out_row)
+
+
+def _dtype(name: str) -> str:
+    return {"float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32"}.get(name, name)
+
+
+class _Plan:
+    """One model's buffering in the current window: the hot path reads only these slots."""
+
+    __slots__ = ("digest", "fast", "input", "model", "output", "slow", "started", "template")
+
+    def __init__(self, model: LoadedModel | None, template: _Template | None, started: datetime) -> None:
+        self.model = model
+        self.digest = model.bundle_sha256 if model is not None else ""
+        self.template = template
+        self.started = started
+        fast = template.fast if template is not None else None
+        self.fast = fast is not None
+        self.input, self.output = fast if fast is not None else ("", "")
+        self.slow = _Slow(self)
+
+
+class _Slow:
+    """Marks buffered requests of a plan that carry shapes (the general path) rather than bare row bytes."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+
 
 _Copy = tuple[bytes, tuple[int, ...], Any]  # an array's row-major bytes, shape and dtype
-_Item = tuple[Any, ...]
-"""A buffered request: (digest, input copies, output copies, latency ms) with lists of :data:`_Copy`, or for
-one input and one output flat, (digest, input bytes, shape, dtype, output bytes, shape, dtype, latency ms),
-which allocates less on the request path. A failed request has None in place of the copies."""
 
 
-def _arrays(values: dict[str, Any], names: tuple[str, ...]) -> list[np.ndarray]:
-    return [np.asarray(values.get(n, np.nan)) for n in names]  # a missing one: 0-d, never a feature
+def _copies(values: dict[str, Any], names: tuple[str, ...]) -> list[_Copy]:
+    arrays = [np.asarray(values.get(n, np.nan)) for n in names]  # a missing one: 0-d, never a feature
+    return [(a.tobytes(), a.shape, a.dtype) for a in arrays]
 
 
-def _copy(values: dict[str, Any], names: tuple[str, ...]) -> list[_Copy]:
-    """Copies of ``values[name]`` for ``names``."""
-    try:
-        return [(a.tobytes(), a.shape, a.dtype) for a in map(values.__getitem__, names)]
-    except (AttributeError, KeyError):  # not an ndarray (a list, say), or missing
-        return [(a.tobytes(), a.shape, a.dtype) for a in _arrays(values, names)]
-
-
-def _rebuild(
-    datas: tuple[bytes, ...], shapes: tuple[Any, ...], dtypes: tuple[Any, ...], scalars: bool = False
-) -> list[np.ndarray]:
-    """The copies as arrays; consecutive ones of one row shape and dtype become one array. 0-d ones are
-    dropped unless ``scalars``."""
-    first = shapes[0]
-    if first and shapes.count(first) == len(shapes) and dtypes.count(dtypes[0]) == len(dtypes):
-        return [np.frombuffer(b"".join(datas), dtype=dtypes[0]).reshape(-1, *first[1:])]  # the usual case
-    arrays: list[np.ndarray] = []
-    run: list[bytes] = []
-    key: tuple[tuple[int, ...], Any] | None = None
-    for data, shape, dtype in zip(datas, shapes, dtypes, strict=True):
-        if not shape:
-            if scalars:
-                arrays.append(np.frombuffer(data, dtype=dtype).reshape(()))
-            continue
-        if (shape[1:], dtype) != key:
-            if run and key is not None:
-                arrays.append(np.frombuffer(b"".join(run), dtype=key[1]).reshape(-1, *key[0]))
-            run, key = [], (shape[1:], dtype)
-        run.append(data)
-    if run and key is not None:
-        arrays.append(np.frombuffer(b"".join(run), dtype=key[1]).reshape(-1, *key[0]))
-    return arrays
-
-
-@dataclass
 class _Window:
-    model: LoadedModel
-    started: datetime
-    inputs: dict[str, _InputSummary]  # the inputs with references, in the recorder's copy order
-    outputs: list[_Output]  # every manifest output, in order
-    requests: int = 0
-    errors: int = 0
-    latency: np.ndarray = field(default_factory=lambda: np.zeros(len(LATENCY_EDGES_MS) + 1, dtype=np.int64))
+    """The open window of one bundle: counts and the summaries of its inputs and outputs."""
 
-    def add(self, items: list[_Item]) -> int:
-        """Summarise buffered requests of this window's model with a few vectorised calls; returns their bytes."""
-        self.requests += len(items)
-        _, *columns, latencies = zip(*items, strict=True)  # every item of one model has the same length
-        self.latency += _counts(np.asarray(LATENCY_EDGES_MS), np.asarray(latencies, dtype=np.float64))
-        failed = columns[0].count(None)
+    def __init__(self, model: LoadedModel, template: _Template, started: datetime) -> None:
+        self.model = model
+        self.started = started
+        self.requests = 0
+        self.errors = 0
+        self.latency = np.zeros(len(LATENCY_EDGES_MS) + 1, dtype=np.int64)
+        refs = template.refs.features if template.refs else []
+        self.inputs: list[tuple[FeatureBlock, WholeInput]] = []
+        for name in template.inputs:
+            mine = [r for r in refs if r.input == name]
+            self.inputs.append(
+                (
+                    FeatureBlock([r for r in mine if r.feature is not None]),
+                    WholeInput([r for r in mine if r.feature is None]),
+                )
+            )
+        self.outputs = [OutputStats(s.name, _classes(s.name, template.refs)) for s in model.manifest.outputs]
+        self.copied = [o for o in self.outputs if o.name in template.outputs]
+
+    def _count(self, latencies: list[int], failed: int) -> None:
+        self.requests += len(latencies)
         self.errors += failed
-        if failed == len(items):
+        ns = np.fromiter(latencies, dtype=np.int64, count=len(latencies))
+        self.latency += _counts(np.asarray(LATENCY_EDGES_MS), ns / 1e6)  # as bisect_right(edges, ns / 1e6)
+
+    def add_fast(self, t: _Template, ins: list[Any], outs: list[Any], latencies: list[int]) -> int:
+        """Requests buffered as bare row bytes (None for a failed one), in recording order; returns their bytes."""
+        failed = ins.count(None)
+        self._count(latencies, failed)
+        if failed == len(ins):
             return 0
         if failed:
-            _, *columns, _ = zip(*(item for item in items if item[1] is not None), strict=True)
-        if len(columns) == 6:  # flat: one input, one output
-            in_cols, out_cols = [columns[:3]], [columns[3:]]
-        else:
-            ins, outs = columns
-            in_cols = [list(zip(*copies, strict=True)) for copies in zip(*ins, strict=True)]
-            out_cols = [list(zip(*copies, strict=True)) for copies in zip(*outs, strict=True)]
+            ins = [a for a in ins if a is not None]
+            outs = [b for b in outs if b is not None]
+        data = b"".join(ins)
+        view = np.frombuffer(data, dtype=t.in_dtype).reshape(-1, t.in_width)
+        block, whole = self.inputs[0]
+        if block.applies(t.in_width):
+            block.add(view)
+        if whole.refs:
+            whole.add([view])
+        out_data = b"".join(outs)
+        if len(out_data) % (t.out_dtype.itemsize * math.prod(t.out_row)) == 0:
+            self.copied[0].add(np.frombuffer(out_data, dtype=t.out_dtype).reshape(-1, *t.out_row))
+        else:  # the model returned another shape than it declares: do not guess its rows
+            log_event(log, "telemetry_output_shape_unexpected", level=logging.WARNING, output=self.copied[0].name)
+        return len(data) + len(out_data)
+
+    def add_general(self, ins: list[Any], outs: list[Any], latencies: list[int]) -> int:
+        """Requests buffered with shapes (lists of copies per input/output), in recording order."""
+        failed = ins.count(None)
+        self._count(latencies, failed)
+        ok = [(a, b) for a, b in zip(ins, outs, strict=True) if a is not None]
         nbytes = 0
-        for summary, (datas, shapes, dtypes) in zip(self.inputs.values(), in_cols, strict=False):
-            arrays = _rebuild(datas, shapes, dtypes)
-            nbytes += sum(a.nbytes for a in arrays)
+        for k, (block, whole) in enumerate(self.inputs):
+            arrays = [np.frombuffer(a[k][0], dtype=a[k][2]).reshape(a[k][1]) for a, _ in ok]
+            nbytes += sum(x.nbytes for x in arrays)
+            whole.add(arrays)
+            rows = [x.reshape(len(x), -1) for x in arrays if x.ndim and x.size]
+            start = 0
+            for i in range(1, len(rows) + 1):  # consecutive requests of one width, in order
+                if i == len(rows) or rows[i].shape[1] != rows[start].shape[1]:
+                    if block.applies(rows[start].shape[1]):
+                        block.add(rows[start] if i - start == 1 else np.concatenate(rows[start:i]))
+                    start = i
+        for k, out in enumerate(self.copied):
+            arrays = [np.frombuffer(b[k][0], dtype=b[k][2]).reshape(b[k][1]) for _, b in ok]
+            nbytes += sum(x.nbytes for x in arrays)
             if arrays:
-                summary.add(arrays)
-        copied = [o for o in self.outputs if o.copied]
-        for out, (datas, shapes, dtypes) in zip(copied, out_cols, strict=False):
-            arrays = _rebuild(datas, shapes, dtypes, scalars=True)
-            nbytes += sum(a.nbytes for a in arrays)
-            out.add_batch(arrays)
+                out.add_batch(arrays)
         return nbytes
 
     def close(self, now: datetime) -> WindowSummary:
@@ -159,110 +256,87 @@ class _Window:
             request_count=self.requests,
             error_count=self.errors,
             latency_counts=[int(c) for c in self.latency],
-            features=[f for summary in self.inputs.values() for f in summary.summaries()],
+            features=[f for block, whole in self.inputs for f in block.summaries() + whole.summaries()],
             outputs=[o.summary() for o in self.outputs],
         )
-
-
-def load_reference(model: LoadedModel) -> ReferenceStats | None:
-    """The bundle's reference statistics, or None when they cannot be read (telemetry then skips features)."""
-    try:
-        return ReferenceStats.model_validate_json((model.folder / REFERENCE_STATS_FILE).read_bytes())
-    except (OSError, ValueError) as exc:
-        log_event(log, "reference_stats_unreadable", level=logging.WARNING, detail=str(exc)[:200])
-        return None
 
 
 class TelemetryRecorder:
     """Accumulates requests into the current window per model version (a :class:`ModelRuntime` listener).
 
-    The request path only copies the inputs that have reference statistics (their bytes: the caller
-    may reuse its buffers) and appends them, the outputs and the latency to a buffer (a deque: appends
-    are atomic, so concurrent requests never wait on each other). The numpy summaries happen in batch:
-    on the request that finds ``limit`` requests buffered, and in :meth:`roll`. Guarantees: every
-    request is counted in exactly one window, summaries equal those of summarising each request on
-    its own, and the buffer holds at most ``max_requests`` requests (growing past that only while a
-    summary is running, and at ``4 * limit`` a request waits for it) and, after the first batch, about
-    ``max_bytes`` of copied inputs and outputs (outputs are copied too: the caller may modify them).
+    Guarantees: every request is counted in exactly one window, the one open when it was recorded;
+    the summaries are exactly those of summarising each request on its own, in recording order
+    (``tests/agent/test_telemetry_exact.py`` checks this against a plain per-value reference);
+    inputs and outputs are copied, never referenced. Thread-safe: requests never take a lock on
+    the usual path; the request that finds ``limit`` requests buffered summarises them (another
+    request that finds a summary running goes on, and only at ``4 * limit`` does one wait). The
+    buffer holds about ``max_bytes`` of copies once the first batch showed the request size.
     """
 
     def __init__(self, max_requests: int = MAX_BUFFERED_REQUESTS, max_bytes: int = MAX_BUFFERED_BYTES) -> None:
-        self._lock = threading.Lock()  # windows and the summarising; never taken on the plain request path
-        self._meta = threading.Lock()  # plans, refs and window starts
-        self._queue: deque[_Item] = deque()
+        self._lock = threading.Lock()  # windows and summarising; never taken on the request path
+        self._meta = threading.Lock()  # plans and templates
+        self._buf: list[Any] = []  # (marker, input copy, output copy, latency ns) per request, flat
+        self._extend = self._buf.extend
         self._max_requests = max(1, max_requests)
         self._max_bytes = max(1, max_bytes)
-        self.limit = min(64, self._max_requests)
+        self._set_limit(min(64, self._max_requests))
+        self._plan = _Plan(None, None, datetime.now(UTC))  # the last model seen (see __call__)
+        self._plans: dict[str, _Plan] = {}  # this window's plans by bundle digest
+        self._templates: dict[str, _Template] = {}
         self._windows: dict[str, _Window] = {}
-        self._refs: dict[str, ReferenceStats | None] = {}
-        self._plans: dict[str, tuple[Any, ...]] = {}  # digest: (input names, output names[, input, output])
-        self._starts: dict[str, datetime] = {}
-        self._cur: tuple[Any, ...] = (None, "", None, None)  # the last model seen (see __call__)
-        self._models: dict[str, LoadedModel] = {}  # buffered entries name their model by digest (see roll)
-        self._seen: set[str] = set()  # digests whose model was noted since the last roll
+        self._rolled_at = datetime.now(UTC)
+
+    def _set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self._limit4 = 4 * limit  # the buffer holds four items per request
 
     def __call__(
-        self, model: LoadedModel, inputs: dict[str, Any], outputs: dict[str, np.ndarray] | None, latency_ms: float
+        self, model: LoadedModel, inputs: dict[str, Any], outputs: dict[str, np.ndarray] | None, latency_ns: int
     ) -> None:
-        cur = self._cur  # (model, digest, input, output): one read, so a concurrent swap cannot mix two models
-        if cur[0] is not model:
-            cur = self._first_seen(model)
-        if outputs is not None and cur[2] is not None:  # one input and one output: the usual case, one flat tuple
+        plan = self._plan  # one read: a concurrent swap cannot mix two models' plans
+        if plan.model is not model:
+            plan = self._first_seen(model)
+        if plan.fast and outputs is not None:
             try:
-                a, b = inputs[cur[2]], outputs[cur[3]]
-                self._queue.append((cur[1], a.tobytes(), a.shape, a.dtype, b.tobytes(), b.shape, b.dtype, latency_ms))
-            except (AttributeError, KeyError):  # not ndarrays (a list, say), or missing
-                self._queue.append(self._entry(cur[1], inputs, outputs, latency_ms))
+                self._extend((plan, inputs[plan.input].tobytes(), outputs[plan.output].tobytes(), latency_ns))
+            except (AttributeError, KeyError):  # not ndarrays (a list, say): the general path
+                self._extend(self._entry(plan, inputs, outputs, latency_ns))
         else:
-            self._queue.append(self._entry(cur[1], inputs, outputs, latency_ms))
-        if len(self._queue) >= self.limit:
-            self._summarise(block=len(self._queue) >= 4 * self.limit)
+            self._extend(self._entry(plan, inputs, outputs, latency_ns))
+        if len(self._buf) >= self._limit4:
+            self._summarise(block=len(self._buf) >= 4 * self._limit4)
 
-    def _entry(self, digest: str, inputs: dict[str, Any], outputs: dict[str, Any] | None, latency: float) -> _Item:
-        """The buffered entry of a request off the usual path (entries hold no object the GC must track)."""
-        plan = self._plans[digest]
-        names, out_names = plan[0], plan[1]
-        if outputs is None:  # as long as the model's other entries, so that summarising can transpose them
-            return (digest, *(None,) * (len(plan) + 2), latency)
-        if len(plan) == 4:
-            (a,), (b,) = _arrays(inputs, names), _arrays(outputs, out_names)
-            return (digest, a.tobytes(), a.shape, a.dtype, b.tobytes(), b.shape, b.dtype, latency)
-        return (digest, _copy(inputs, names), _copy(outputs, out_names), latency)
+    def _entry(
+        self, plan: _Plan, inputs: dict[str, Any], outputs: dict[str, Any] | None, latency_ns: int
+    ) -> tuple[Any, ...]:
+        """A request off the usual path: a failed one (no copies), or copies with their shapes."""
+        if outputs is None:
+            return (plan, None, None, latency_ns)
+        t = plan.template
+        assert t is not None
+        return (plan.slow, _copies(inputs, t.inputs), _copies(outputs, t.outputs), latency_ns)
 
-    def _first_seen(self, model: LoadedModel) -> tuple[Any, ...]:
-        """Note the window start and the copy plan of a model (on its first request after a swap or a roll)."""
+    def _first_seen(self, model: LoadedModel) -> _Plan:
+        """The plan of a model in this window (on its first request after a swap or a roll)."""
         with self._meta:
             digest = model.bundle_sha256
-            if digest not in self._refs:
-                self._refs[digest] = load_reference(model)
-                refs = self._refs[digest]
-                names = {r.input for r in refs.features} if refs else set()
-                copied = tuple(s.name for s in model.manifest.inputs if s.name in names and s.dtype != "string")
-                outs = tuple(s.name for s in model.manifest.outputs if s.dtype != "string")
-                single = (copied[0], outs[0]) if len(copied) == 1 and len(outs) == 1 else ()
-                self._plans[digest] = (copied, outs, *single)
-            self._starts.setdefault(digest, datetime.now(UTC))
-            self._models[digest] = model
-            self._seen.add(digest)
-            plan = self._plans[digest]
-            self._cur = (model, digest, *(plan[2:] if len(plan) == 4 else (None, None)))
-            return self._cur
+            plan = self._plans.get(digest)
+            if plan is None or plan.model is not model:
+                template = self._templates.get(digest)
+                if template is None:
+                    template = self._templates[digest] = _template(model)
+                plan = self._plans[digest] = _Plan(model, template, datetime.now(UTC))
+            self._plan = plan
+            return plan
 
-    def _window_for(self, model: LoadedModel) -> _Window:
-        window = self._windows.get(model.bundle_sha256)
+    def _window_for(self, plan: _Plan) -> _Window:
+        window = self._windows.get(plan.digest)
         if window is None:
-            with self._meta:
-                ref = self._refs.get(model.bundle_sha256)
-                plan = self._plans.get(model.bundle_sha256, ((), ()))[0]
-                started = self._starts.pop(model.bundle_sha256, None) or datetime.now(UTC)
-            by_input: dict[str, list[FeatureReference]] = {name: [] for name in plan}
-            for r in ref.features if ref else []:
-                if r.input in by_input:
-                    by_input[r.input].append(r)
-            inputs = {name: _InputSummary(name, refs) for name, refs in by_input.items()}
-            outputs = [_Output(s.name, _classes(s.name, ref), s.dtype != "string") for s in model.manifest.outputs]
-            window = _Window(model, started, inputs, outputs)
-            self._windows[model.bundle_sha256] = window
+            assert plan.model is not None and plan.template is not None
+            # a request that read its plan just before a roll lands in the next window: start no earlier
+            window = _Window(plan.model, plan.template, max(plan.started, self._rolled_at))
+            self._windows[plan.digest] = window
         return window
 
     def _summarise(self, block: bool) -> None:
@@ -274,40 +348,57 @@ class TelemetryRecorder:
             self._lock.release()
 
     def _summarise_locked(self) -> None:
-        queue = self._queue
-        items = [queue.popleft() for _ in range(len(queue))]  # later appends stay for the next batch
-        if not items:
+        buf = self._buf
+        n = len(buf)  # a multiple of 4: each request is one atomic extend
+        if not n:
             return
-        first = items[0][0]
-        if [item[0] for item in items].count(first) == len(items):  # one model
-            groups = [items]
-        else:
-            by_digest: dict[str, list[_Item]] = {}
-            for item in items:
-                by_digest.setdefault(item[0], []).append(item)
-            groups = list(by_digest.values())
-        with self._meta:
-            models = dict(self._models)
-        nbytes = sum(self._window_for(models[group[0][0]]).add(group) for group in groups)
-        self.limit = max(1, min(self._max_requests, self._max_bytes * len(items) // max(nbytes, 1)))
+        items = buf[:n]
+        del buf[:n]  # later requests stay for the next batch
+        markers = items[0::4]
+        first = markers[0]
+        runs = [(first, 0, len(markers))]
+        if markers.count(first) != len(markers):  # several models or paths: consecutive runs, in order
+            runs, start = [], 0
+            for i in range(1, len(markers) + 1):
+                if i == len(markers) or markers[i] is not markers[start]:
+                    runs.append((markers[start], start, i))
+                    start = i
+        nbytes = 0
+        for marker, lo, hi in runs:
+            ins, outs, lats = (
+                items[4 * lo + 1 : 4 * hi : 4],
+                items[4 * lo + 2 : 4 * hi : 4],
+                items[4 * lo + 3 : 4 * hi : 4],
+            )
+            if isinstance(marker, _Slow):
+                nbytes += self._window_for(marker.plan).add_general(ins, outs, lats)
+            elif marker.fast:
+                assert marker.template is not None
+                nbytes += self._window_for(marker).add_fast(marker.template, ins, outs, lats)
+            else:  # only failed requests of a model off the fast path
+                nbytes += self._window_for(marker).add_general(ins, outs, lats)
+        requests = n // 4
+        self._set_limit(max(1, min(self._max_requests, self._max_bytes * requests // max(nbytes, 1))))
 
     def pending(self) -> int:
         """Requests buffered and not yet summarised."""
-        return len(self._queue)
+        return len(self._buf) // 4
 
     def roll(self) -> list[WindowSummary]:
         """Close every open window that saw at least one request; the next request opens a new one."""
         with self._lock:
             with self._meta:
-                self._starts.clear()
-            self._cur = (None, "", None, None)  # the next request notes its model and its window's start
+                self._plans = {}
+                self._plan = _Plan(None, None, datetime.now(UTC))  # the next request notes its window's start
             self._summarise_locked()
             now = datetime.now(UTC)
+            self._rolled_at = now
             closed = [w.close(now) for w in self._windows.values() if w.requests]
-            self._windows.clear()
-            with self._meta:  # a request that raced this roll may still name a model noted before it: keep those
-                self._models = {d: m for d, m in self._models.items() if d in self._seen}
-                self._seen = set()
+            used = set(self._windows)
+            self._windows = {}
+            with self._meta:  # keep the templates of models still in use (reference stats are read once)
+                used |= set(self._plans)
+                self._templates = {d: t for d, t in self._templates.items() if d in used}
         return closed
 
 

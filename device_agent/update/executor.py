@@ -16,38 +16,27 @@ import os
 import random
 import signal
 import threading
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from device_agent.fsutil import FreeSpaceProbe, disk_free, fsync_dir, remove_tree
-from device_agent.runtime import LoadedModel, ModelError, ModelRuntime, SessionCache, load_model
+from device_agent.fsutil import FreeSpaceProbe, disk_free
+from device_agent.runtime import ModelRuntime, SessionCache
 from device_agent.settings import AgentConfig
-from device_agent.store import SHADOW_SLOT, AgentState, FinishedDeployment, SlotInfo, StateStore
+from device_agent.store import AgentState, FinishedDeployment, StateStore
 from device_agent.update import machine
-from device_agent.update.checks import (
-    policy_problem,
-    quantile,
-)
-from device_agent.update.checks import smoke_test as run_smoke_test
-from device_agent.update.download import DownloadPolicy, download, resolve_url
 from device_agent.update.machine import Deployment, Report, Step
-from device_agent.update.trial import TrialMonitor, latencies_on
-from edgeota_contract.bundle import sha256_file, verify_bundle
-from edgeota_contract.errors import AssignmentError, BundleError, EdgeotaError
+from device_agent.update.steps import CrashHook, Interrupted, Steps
+from device_agent.update.trial import TrialMonitor
+from edgeota_contract.errors import EdgeotaError
 from edgeota_contract.logs import log_event
 from edgeota_contract.messages import Assignment
 from edgeota_contract.states import ReasonCode
 
+__all__ = ["CrashHook", "Executor", "Interrupted", "StatusFactory", "sigkill_hook"]
+
 log = logging.getLogger("device_agent.update")
 
-CrashHook = Callable[[str], None]
 StatusFactory = Callable[[Assignment, Report], dict[str, Any]]
-
-
-class Interrupted(Exception):
-    """The agent is shutting down in the middle of a step; the step resumes on the next start."""
 
 
 def sigkill_hook(crash_at: str | None) -> CrashHook:
@@ -61,8 +50,9 @@ def sigkill_hook(crash_at: str | None) -> CrashHook:
     return hook
 
 
-class Executor:
-    """Performs update steps for one agent. Not thread-safe: one worker thread drives it."""
+class Executor(Steps):
+    """Drives update steps for one agent (the steps themselves: :class:`~device_agent.update.steps.Steps`).
+    Not thread-safe: one worker thread drives it."""
 
     def __init__(
         self,
@@ -89,10 +79,11 @@ class Executor:
         self.stop = stop or threading.Event()
         self.rng = rng or random.Random()
         self.defer_update = defer_update
-        self.on_shadow: Callable[[LoadedModel | None, float], None] | None = None
+        self.on_shadow = None
+        self.on_reports: Callable[[], None] | None = None
         self.download_dir = self.settings.state_dir / "download"
-        self._candidate: LoadedModel | None = None
-        self._baseline_ms: float | None = None
+        self._candidate = None
+        self._baseline_ms = None
         self.trial = TrialMonitor()
         runtime.add_listener(self.trial)
         self._steps: dict[Step, Callable[[Deployment], Callable[[AgentState], None] | None]] = {
@@ -110,12 +101,6 @@ class Executor:
         }
 
     # ------------------------------------------------------------------ driving
-
-    def slot_dir(self, slot: str) -> Path:
-        return self.settings.state_dir / "slots" / slot
-
-    def bundle_path(self, dep: Deployment) -> Path:
-        return self.download_dir / f"{dep.assignment.bundle_sha256}.bundle"
 
     def run_pending(self) -> None:
         """Advance the deployment in progress until it is done or the agent stops. Raises Interrupted."""
@@ -182,6 +167,8 @@ class Executor:
                 )
             else:
                 st.deployment = nxt
+        if transition.reports and self.on_reports is not None:
+            self.on_reports()  # send at once: a long step (download, trial) must not hide progress until the end
         for report in transition.reports:
             log_event(
                 log,
@@ -191,249 +178,3 @@ class Executor:
                 reason=report.reason.value,
                 detail=report.detail,
             )
-
-    # ------------------------------------------------------------------ steps
-
-    def _verify_assignment(self, dep: Deployment) -> None:
-        problem = policy_problem(dep.assignment, self.store.state, self.config.hardware_profile)
-        if problem is not None:
-            raise AssignmentError(problem.detail, problem.reason)
-        return None
-
-    def _check_disk(self, dep: Deployment) -> None:
-        self.download_dir.mkdir(parents=True, exist_ok=True)
-        size = dep.assignment.bundle_size
-        have = 0
-        for path in (self.bundle_path(dep), self.bundle_path(dep).with_suffix(".part")):
-            if path.exists():
-                have = path.stat().st_size
-        need = (size - have) + size + self.settings.disk_margin_bytes
-        free = self.free_space(self.settings.state_dir)
-        if free < need:
-            raise EdgeotaError(f"needs {need} bytes free, {free} available", ReasonCode.DISK_FULL)
-        return None
-
-    def _download(self, dep: Deployment) -> None:
-        a = dep.assignment
-        final = self.bundle_path(dep)
-        if final.exists() and final.stat().st_size == a.bundle_size:
-            return None
-        part = final.with_suffix(".part")
-        url, same_origin = resolve_url(self.config.provisioning.server.url, a.bundle_url)
-        s = self.settings
-        policy = DownloadPolicy(
-            timeout_seconds=s.download_timeout_seconds,
-            stall_seconds=s.download_stall_seconds,
-            retries=s.download_retries,
-            backoff_seconds=s.download_backoff_seconds,
-            backoff_max_seconds=s.download_backoff_max_seconds,
-            rate_limit_bps=s.download_rate_limit_bps,
-        )
-        half = a.bundle_size // 2
-        crossed = [part.exists() and part.stat().st_size >= half]
-
-        def progress(have: int) -> None:
-            if self.stop.is_set():
-                raise Interrupted()
-            if not crossed[0] and have >= half:
-                crossed[0] = True
-                self.crash_hook("download_mid")
-
-        token = self.config.provisioning.server.token if same_origin else None
-        download(
-            url, part, a.bundle_size, token=token, policy=policy, rng=self.rng, sleep=self._sleep, on_progress=progress
-        )
-        os.replace(part, final)
-        fsync_dir(final.parent)
-        return None
-
-    def _sleep(self, seconds: float) -> None:
-        if self.stop.wait(seconds):
-            raise Interrupted()
-
-    def _check_digest(self, dep: Deployment) -> None:
-        path = self.bundle_path(dep)
-        digest = sha256_file(path)
-        if digest != dep.assignment.bundle_sha256:
-            path.unlink(missing_ok=True)
-            raise BundleError("downloaded archive does not match the assigned sha256", ReasonCode.DIGEST_MISMATCH)
-        return None
-
-    def _verify_bundle(self, dep: Deployment) -> Callable[[AgentState], None]:
-        a, target = dep.assignment, dep.target_slot
-        with self.store.update() as st:  # forget the slot before touching its files
-            if st.active_slot == target:
-                raise EdgeotaError("refusing to stage into the active slot", ReasonCode.INTERNAL_ERROR)
-            st.slots[target] = None
-        folder = self.slot_dir(target)
-        remove_tree(folder)
-        state = self.store.state
-        minimum = state.committed_counters.get(a.model_name) if a.mode == "install" else None
-        verified = verify_bundle(
-            self.bundle_path(dep),
-            self.config.release_keys,
-            expected_profile=self.config.hardware_profile,
-            min_release_counter=minimum,
-            extract_to=folder,
-        )
-        m = verified.manifest
-        if (m.model_name, m.version, m.release_counter) != (a.model_name, a.version, a.release_counter):
-            remove_tree(folder)
-            raise BundleError(
-                f"bundle is {m.model_name} {m.version} (counter {m.release_counter}), the assignment names "
-                f"{a.model_name} {a.version} (counter {a.release_counter})",
-                ReasonCode.MANIFEST_INVALID,
-            )
-        fsync_dir(folder)
-        info = SlotInfo(manifest=m, bundle_sha256=verified.archive_sha256)
-
-        def mutate(st: AgentState) -> None:
-            st.slots[target] = info
-
-        return mutate
-
-    def load_slot(self, slot: str) -> LoadedModel:
-        info = self.store.state.slots.get(slot)
-        if info is None:
-            raise ModelError(f"slot {slot} holds no verified bundle", ReasonCode.LOAD_FAILED)
-        return load_model(self.slot_dir(slot), info.manifest, info.bundle_sha256, slot, self.cache)
-
-    def _smoke_test(self, dep: Deployment) -> None:
-        candidate = self.load_slot(dep.target_slot)
-        run_smoke_test(candidate)
-        self._candidate = candidate
-        self._baseline_ms = None
-        current = self.runtime.current
-        if current is not None and current.input_names == candidate.input_names:
-            try:  # the old model keeps serving; measure it on the same vectors for the trial's comparison
-                self._baseline_ms = quantile(latencies_on(current, candidate, runs=5), 0.5)
-            except ModelError:
-                self._baseline_ms = None
-        return None
-
-    def _switch(self, dep: Deployment) -> Callable[[AgentState], None]:
-        target = dep.target_slot
-        if dep.assignment.mode == "shadow":
-            rate = dep.assignment.shadow_sample_rate
-
-            def start_shadow(st: AgentState) -> None:
-                st.shadow_deployment = dep.deployment_id
-                st.shadow_sample_rate = rate
-
-            return start_shadow
-        self._wait_for_consent(dep)
-
-        def mutate(st: AgentState) -> None:
-            if st.slots.get(target) is None:
-                raise EdgeotaError("target slot is not verified", ReasonCode.INTERNAL_ERROR)
-            st.active_slot = target
-
-        return mutate
-
-    def _wait_for_consent(self, dep: Deployment) -> None:
-        """Let the application defer the switch while it is busy, for at most ``max_update_deferral_seconds``."""
-        if self.defer_update is None:
-            return
-        limit = self.settings.max_update_deferral_seconds
-        started = time.monotonic()
-        while time.monotonic() - started < limit:
-            try:
-                busy = self.defer_update(dep.assignment)
-            except Exception:  # a failing callback must not block updates forever
-                log.exception("update deferral callback failed")
-                return
-            if not busy:
-                return
-            log_event(log, "update_deferred", deployment=dep.deployment_id)
-            self._sleep(min(self.settings.deferral_poll_seconds, max(0.0, limit - (time.monotonic() - started))))
-        log_event(log, "update_deferral_exhausted", deployment=dep.deployment_id, seconds=limit)
-
-    def _ensure_serving(self, slot: str) -> LoadedModel:
-        current = self.runtime.current
-        if current is not None and current.slot == slot:
-            return current
-        model = self._candidate if self._candidate is not None and self._candidate.slot == slot else None
-        if model is None:
-            model = self.load_slot(slot)
-        self.runtime.install(model)
-        log_event(log, "model_installed", slot=slot, model=model.manifest.model_name, version=model.manifest.version)
-        return model
-
-    def _run_trial(self, dep: Deployment) -> None:
-        info = self.store.state.slots.get(dep.target_slot)
-        if info is not None:
-            self.trial.watch(info.bundle_sha256)  # before the swap: the very first requests count
-        model = self._ensure_serving(dep.target_slot)
-        self.trial.run(model, self.settings, self._baseline_ms, self._sleep)
-
-    def _cleanup_download(self, dep: Deployment) -> None:
-        final = self.bundle_path(dep)
-        final.unlink(missing_ok=True)
-        final.with_suffix(".part").unlink(missing_ok=True)
-
-    def _commit(self, dep: Deployment) -> Callable[[AgentState], None]:
-        a = dep.assignment
-        self._cleanup_download(dep)
-        if a.mode == "shadow":
-            candidate = self._candidate if self._candidate is not None else self.load_slot(dep.target_slot)
-            self._candidate = None
-            if self.on_shadow is not None:
-                self.on_shadow(candidate, a.shadow_sample_rate)
-            return lambda st: None
-
-        def mutate(st: AgentState) -> None:
-            old = st.committed_counters.get(a.model_name, 0)
-            st.committed_counters[a.model_name] = (
-                a.release_counter if a.mode == "rollback" else max(old, a.release_counter)
-            )
-
-        self._candidate = None
-        return mutate
-
-    def _abort(self, dep: Deployment) -> Callable[[AgentState], None]:
-        self._cleanup_download(dep)
-        self._candidate = None
-        target = dep.target_slot
-        state = self.store.state
-        if state.active_slot != target:
-            with self.store.update() as st:
-                st.slots[target] = None
-                if target == SHADOW_SLOT:
-                    st.shadow_deployment = None
-            remove_tree(self.slot_dir(target))
-            if target == SHADOW_SLOT and self.on_shadow is not None:
-                self.on_shadow(None, 1.0)
-        return lambda st: None
-
-    def stop_shadow(self) -> None:
-        """End shadowing (``shadow_stop``): forget the candidate and remove its slot."""
-        with self.store.update() as st:
-            st.shadow_deployment = None
-            st.slots[SHADOW_SLOT] = None
-        remove_tree(self.slot_dir(SHADOW_SLOT))
-        if self.on_shadow is not None:
-            self.on_shadow(None, 1.0)
-
-    def _rollback(self, dep: Deployment) -> Callable[[AgentState], None]:
-        self._cleanup_download(dep)
-        self._candidate = None
-        if dep.target_slot == SHADOW_SLOT:
-            self.stop_shadow()
-            return lambda st: None
-        previous, target = dep.previous_slot, dep.target_slot
-        state = self.store.state
-        if previous is not None and state.slots.get(previous) is None:
-            previous = None  # nothing verified to go back to
-        with self.store.update() as st:
-            st.active_slot = previous
-            st.slots[target] = None
-        model = None
-        if previous is not None:
-            try:
-                model = self.load_slot(previous)
-            except ModelError as exc:
-                log_event(log, "rollback_load_failed", level=logging.ERROR, slot=previous, detail=str(exc))
-        self.runtime.install(model)
-        remove_tree(self.slot_dir(target))
-        self.cache.discard(dep.assignment.bundle_sha256)
-        return lambda st: None

@@ -53,7 +53,7 @@ def make_model(seed: int = 0, variant: str = "ok") -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return bytes(model.SerializeToString())
 
 
 def reference_model(x: np.ndarray, seed: int = 0, variant: str = "ok") -> np.ndarray:
@@ -63,7 +63,7 @@ def reference_model(x: np.ndarray, seed: int = 0, variant: str = "ok") -> np.nda
     src = np.log(x) if variant == "log" else x
     logits = src @ w + b
     e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return np.asarray((e / e.sum(axis=-1, keepdims=True)).astype(np.float32))
 
 
 def sample_inputs(n: int = 4, seed: int = 1) -> np.ndarray:

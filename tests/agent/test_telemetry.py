@@ -69,7 +69,7 @@ def test_spool_is_durable_ordered_bounded(tmp_path: Path) -> None:
 
 
 def test_whole_input_and_per_feature_summaries_match_numpy() -> None:
-    from device_agent.telemetry import _InputSummary
+    from device_agent.telemetry_summaries import FeatureBlock, WholeInput
     from edgeota_contract.telemetry import FeatureReference
 
     rng = np.random.default_rng(0)
@@ -81,10 +81,13 @@ def test_whole_input_and_per_feature_summaries_match_numpy() -> None:
         FeatureReference(input="img", feature=7, edges=[-0.5, 0.5], counts=[1, 1, 1]),
         FeatureReference(input="img", feature=1, edges=[-2.0, -1.0, 0.0, 1.0, 2.0], counts=[1] * 6),
     ]
-    summary = _InputSummary("img", refs)
-    summary.add(batches[:2])
-    summary.add(batches[2:])
-    out = {(f.feature, len(f.edges)): f for f in summary.summaries()}
+    block = FeatureBlock([r for r in refs if r.feature is not None])
+    whole = WholeInput([r for r in refs if r.feature is None])
+    block.add(np.concatenate(batches[:2]))
+    block.add(batches[2])
+    whole.add(batches[:2])
+    whole.add(batches[2:])
+    out = {(f.feature, len(f.edges)): f for f in block.summaries() + whole.summaries()}
     allv = np.concatenate([b.ravel() for b in batches])
     for (feature, _), f in out.items():
         values = allv if feature is None else np.concatenate([b[:, feature] for b in batches])
@@ -244,7 +247,8 @@ def test_concurrent_requests_and_rolls_lose_nothing(tmp_path: Path, keys: Keys) 
 def test_edges_between_float32_values_and_non_finite_values_count_exactly() -> None:
     from bisect import bisect_right
 
-    from device_agent.telemetry import _InputSummary, _Output, row_confidences
+    from device_agent.telemetry import row_confidences
+    from device_agent.telemetry_summaries import FeatureBlock, OutputStats
     from edgeota_contract.telemetry import FeatureReference
 
     # Edges that float32 cannot represent, values right at and around them, and edges beyond float32's range.
@@ -256,11 +260,12 @@ def test_edges_between_float32_values_and_non_finite_values_count_exactly() -> N
     values = np.array(near + list(rng.normal(scale=2, size=200)), dtype=np.float32)
     for dtype in (np.float32, np.float64):
         x = np.stack([rng.permutation(values) for _ in range(len(edges))], axis=1).astype(dtype)
-        summary = _InputSummary("x", refs)
-        summary.add([x[:100], x[100:]])
+        summary = FeatureBlock(refs)
+        summary.add(x[:100])
+        summary.add(x[100:])
         dirty = x.copy()
         dirty[0, 1], dirty[3, 2], dirty[5, 0] = np.nan, np.inf, -np.inf
-        summary.add([dirty])
+        summary.add(dirty)
         for j, f in enumerate(summary.summaries()):
             col = np.concatenate([x[:, j], dirty[:, j]]).astype(np.float64)
             finite = col[np.isfinite(col)]
@@ -278,7 +283,7 @@ def test_edges_between_float32_values_and_non_finite_values_count_exactly() -> N
         soft /= soft.sum(axis=1, keepdims=True)
         is_prob = ((rows >= 0) & (rows <= 1)).all(axis=1) & (np.abs(rows.sum(axis=1) - 1) <= 1e-3)
         assert np.array_equal(row_confidences(rows), np.where(is_prob, rows.max(axis=1), soft.max(axis=1)))
-    out = _Output("y", 4)
+    out = OutputStats("y", 4)
     bad = logits.astype(np.float32)
     bad[2, 1] = np.nan
     out.add_batch([probs.astype(np.float32), bad])
