@@ -15,7 +15,14 @@ from typing import Any
 
 from device_agent.runtime import LoadedModel, ModelError
 from device_agent.settings import AgentSettings
-from device_agent.update.checks import HealthPolicy, HealthStats, count_non_finite, judge_health, smoke_inputs
+from device_agent.update.checks import (
+    MIN_LATENCY_SAMPLES,
+    HealthPolicy,
+    HealthStats,
+    count_non_finite,
+    judge_health,
+    smoke_inputs,
+)
 from edgeota_contract.manifest import METRIC_LATENCY_BUDGET_MS
 
 
@@ -26,16 +33,19 @@ class TrialMonitor:
         self._lock = threading.Lock()
         self._active: tuple[str, HealthStats] | None = None
 
-    def __call__(self, model: LoadedModel, inputs: Any, outputs: Any, latency_ms: float) -> None:
+    def __call__(self, model: LoadedModel, inputs: Any, outputs: Any, latency_ns: int) -> None:
+        active = self._active  # outside a trial (nearly always) a request costs one read, no lock
+        if active is None or active[0] != model.bundle_sha256:
+            return
         with self._lock:
-            if self._active is None or self._active[0] != model.bundle_sha256:
+            if self._active is not active:
                 return
-            stats = self._active[1]
+            stats = active[1]
             stats.requests += 1
             if outputs is None:
                 stats.errors += 1
             else:
-                stats.latencies_ms.append(latency_ms)
+                stats.latencies_ms.append(latency_ns / 1e6)
                 stats.nan_outputs += count_non_finite(outputs)
 
     def watch(self, bundle_sha256: str) -> None:
@@ -72,15 +82,25 @@ class TrialMonitor:
                 stats = self._active[1]  # requests since :meth:`watch` count too
             self._active = (model.bundle_sha256, stats)
         started = time.monotonic()
+        extra_probes = 0
         try:
             while True:
                 self._probe(model, stats)
                 elapsed = time.monotonic() - started
                 done = bool(s.trial_requests and stats.requests >= s.trial_requests) or elapsed >= s.trial_seconds
                 with self._lock:
-                    verdict = judge_health(stats, policy, final=done)
+                    # A model so slow that the window closes before it gave enough latency samples must
+                    # not pass unjudged: probe again at once until it has (at most MIN_LATENCY_SAMPLES more
+                    # probes, so a model whose every probe fails cannot hold the trial open).
+                    short = (
+                        done and len(stats.latencies_ms) < MIN_LATENCY_SAMPLES and extra_probes < MIN_LATENCY_SAMPLES
+                    )
+                    verdict = judge_health(stats, policy, final=done and not short)
                 if verdict is not None:
                     raise ModelError(verdict[1], verdict[0])
+                if short:
+                    extra_probes += 1
+                    continue
                 if done:
                     return stats
                 sleep(min(s.trial_probe_interval_seconds, max(0.0, s.trial_seconds - elapsed)))
