@@ -51,7 +51,7 @@ from edgeota_contract.states import ReasonCode
 if TYPE_CHECKING:
     import numpy as np
 
-    from device_agent.mqtt_link import SharedNetworkLoop
+    from device_agent.mqtt_loop import SharedNetworkLoop
 else:
     np = lazy_module("numpy")
 

@@ -4,7 +4,7 @@ The simulator needs, per device: start, stop, an abrupt stop (the in-process sta
 ``kill -9``: no goodbye, no final state write), predict, what is serving, and the update step in
 progress. :class:`SimAgent` is that protocol; :func:`build_agent` wraps the device agent's own
 :class:`device_agent.agent.Agent` (one instance per device, all sharing one ONNX Runtime session cache
-and, optionally, one :class:`~device_agent.mqtt_link.SharedNetworkLoop` that runs every agent's MQTT
+and, optionally, one :class:`~device_agent.mqtt_loop.SharedNetworkLoop` that runs every agent's MQTT
 connection on one thread).
 
 In ``commands_by_poll`` mode an agent acts only on commands its simulator fetched over HTTP
@@ -191,7 +191,7 @@ def build_agent(
 ) -> RealAgent:
     """A :class:`SimAgent` running the real device agent for ``config_path`` (``agent.toml``).
 
-    ``network_loop``: a :class:`~device_agent.mqtt_link.SharedNetworkLoop` to run the agent's MQTT link
+    ``network_loop``: a :class:`~device_agent.mqtt_loop.SharedNetworkLoop` to run the agent's MQTT link
     on (None: the link's own paho thread). ``commands_by_poll``: see the module docstring.
 
     Raises:

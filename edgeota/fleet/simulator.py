@@ -5,7 +5,7 @@ device, starts one real agent per device (:mod:`edgeota.fleet.agents` adapts the
 class; ONNX Runtime sessions are shared per bundle through one session cache), drives inference at
 ``rate_per_device`` requests per second through each agent's predict API, and plays the fault
 timeline (:mod:`edgeota.fleet.faults`). By default every agent's MQTT connection runs on one
-:class:`~device_agent.mqtt_link.SharedNetworkLoop` (one epoll thread plus a few dispatch workers per
+:class:`~device_agent.mqtt_loop.SharedNetworkLoop` (one epoll thread plus a few dispatch workers per
 process, one file descriptor per connection) instead of a paho thread each, which could not serve
 file descriptors above 1023. With ``poll_seconds`` set, devices take their assignments only from
 HTTP polls (:mod:`edgeota.fleet.poll`), the pull-based baseline. ``stop()`` (or leaving the ``with``
@@ -186,7 +186,7 @@ class FleetSimulator:
             self._switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_SECONDS))
         if self.config.shared_mqtt_loop:
-            from device_agent.mqtt_link import SharedNetworkLoop
+            from device_agent.mqtt_loop import SharedNetworkLoop
 
             self._net = SharedNetworkLoop(name="fleet-mqtt", workers=self.config.mqtt_loop_workers)
             self._net.start()

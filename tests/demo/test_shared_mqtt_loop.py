@@ -22,7 +22,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_agent.mqtt_link import MqttLink, SharedNetworkLoop
+from device_agent.mqtt_link import MqttLink
+from device_agent.mqtt_loop import SharedNetworkLoop
 from edgeota.broker import RunningBroker, start_broker
 from edgeota_contract.provisioning import MqttSection
 from edgeota_contract.topics import Channel
