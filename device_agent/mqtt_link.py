@@ -118,14 +118,19 @@ class MqttLink:
         if not self._ever_connected and not self._stopped:
             self._fall_back()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Publish ``Presence(online=False)`` (a clean shutdown sends no last will), then disconnect."""
+    def _detach(self) -> mqtt.Client | None:
+        """Mark the link stopped and take its client (None when it had none)."""
         with self._lock:
             self._stopped = True
             if self._probe is not None:
                 self._probe.cancel()
             client = self._client
             self._client = None
+        return client
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish ``Presence(online=False)`` (a clean shutdown sends no last will), then disconnect."""
+        client = self._detach()
         if client is None:
             return
         if self._connected.is_set():
@@ -139,12 +144,7 @@ class MqttLink:
     def abort(self) -> None:
         """Drop the connection without a DISCONNECT, as a killed process would (the broker then publishes
         the last will), and stop. Idempotent; ``start()`` connects again."""
-        with self._lock:
-            self._stopped = True
-            if self._probe is not None:
-                self._probe.cancel()
-            client = self._client
-            self._client = None
+        client = self._detach()
         if client is None:
             return
         if self._loop is not None:

@@ -8,7 +8,7 @@ bridge and starts the rollout engine loop when enabled; stopping it stops both c
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -63,6 +63,35 @@ def build_context(settings: Settings, migrate: bool = True) -> ServerContext:
     )
 
 
+def start_core(ctx: ServerContext, settings: Settings) -> Callable[[], None]:
+    """Start the MQTT bridge and the rollout engine loop (each when enabled); return what stops both.
+
+    The bridge becomes ``ctx.publisher``. A broker that is not reachable yet is logged, not fatal: the
+    bridge keeps reconnecting.
+    """
+    from ota_server.engine import EngineLoop
+    from ota_server.mqtt_bridge import MqttBridge
+
+    bridge = None
+    loop = None
+    if settings.mqtt_enabled:
+        bridge = MqttBridge(ctx)
+        ctx.publisher = bridge
+        if not bridge.start():
+            log_event(log, "mqtt_not_connected_yet", logging.WARNING)
+    if settings.engine_enabled:
+        loop = EngineLoop(ctx)
+        loop.start()
+
+    def stop() -> None:
+        if loop is not None:
+            loop.stop()
+        if bridge is not None:
+            bridge.stop()
+
+    return stop
+
+
 def create_app(settings: Settings | None = None, ctx: ServerContext | None = None) -> FastAPI:
     settings = settings or Settings.load()
     ctx = ctx or build_context(settings)
@@ -71,29 +100,14 @@ def create_app(settings: Settings | None = None, ctx: ServerContext | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         import anyio.to_thread
 
-        from ota_server.engine import EngineLoop
-        from ota_server.mqtt_bridge import MqttBridge
-
         # Few worker threads: sync routes are short, and many threads only fight over the GIL.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
-        bridge = None
-        loop = None
-        if settings.mqtt_enabled:
-            bridge = MqttBridge(ctx)
-            ctx.publisher = bridge
-            if not bridge.start():
-                log_event(log, "mqtt_not_connected_yet", logging.WARNING)
-        if settings.engine_enabled:
-            loop = EngineLoop(ctx)
-            loop.start()
+        stop_core = start_core(ctx, settings)
         log_event(log, "server_started", public_url=settings.public_url)
         try:
             yield
         finally:
-            if loop is not None:
-                loop.stop()
-            if bridge is not None:
-                bridge.stop()
+            stop_core()
             ctx.engine.dispose()
             log_event(log, "server_stopped")
 

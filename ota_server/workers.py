@@ -30,6 +30,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.context import SpawnProcess
 from typing import TYPE_CHECKING, Any
 
@@ -138,9 +139,7 @@ def run_workers(settings: Settings, host: str, port: int, workers: int) -> None:
     Returns only through the re-raised stop signal (or an error). Raises ContractError when the
     address cannot be bound, the configuration is invalid, or workers keep dying.
     """
-    from ota_server.engine import EngineLoop
-    from ota_server.main import build_context
-    from ota_server.mqtt_bridge import MqttBridge
+    from ota_server.main import build_context, start_core
 
     ctx = build_context(settings)  # migrations and the server key, once, before any worker starts
     sock = _bind(host, port)
@@ -173,22 +172,14 @@ def run_workers(settings: Settings, host: str, port: int, workers: int) -> None:
         return proc
 
     procs = [spawn(i) for i in range(workers)]
-    bridge = None
-    loop = None
+    stop_core: Callable[[], None] | None = None
     forwarder = threading.Thread(
         target=_forward,
         args=(ctx, shared["commands"], shared["connected"], SharedMetrics(shared["core_metrics"]), stop),
         name="command-forwarder",
     )
     try:
-        if settings.mqtt_enabled:
-            bridge = MqttBridge(ctx)
-            ctx.publisher = bridge
-            if not bridge.start():
-                log_event(log, "mqtt_not_connected_yet", logging.WARNING)
-        if settings.engine_enabled:
-            loop = EngineLoop(ctx)
-            loop.start()
+        stop_core = start_core(ctx, settings)
         forwarder.start()
         log_event(log, "server_started", public_url=settings.public_url, workers=workers, host=host, port=port)
         restarts = 0
@@ -206,10 +197,8 @@ def run_workers(settings: Settings, host: str, port: int, workers: int) -> None:
         _stop_all(procs)
         if forwarder.is_alive():
             forwarder.join(timeout=5)
-        if loop is not None:
-            loop.stop()
-        if bridge is not None:
-            bridge.stop()
+        if stop_core is not None:
+            stop_core()
         ctx.engine.dispose()
         sock.close()
         shared["commands"].close()
