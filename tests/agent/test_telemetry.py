@@ -161,9 +161,11 @@ def _expected(batches: list[np.ndarray]) -> tuple[list[list[int]], list[int], li
 
 def _merged(windows: list) -> tuple[int, list[list[int]], list[int], list[int]]:  # type: ignore[type-arg]
     requests = sum(w.request_count for w in windows)
-    features = np.sum([[f.counts for f in w.features] for w in windows], axis=0).tolist()
-    classes = np.sum([w.outputs[0].class_counts for w in windows], axis=0).tolist()
-    confidence = np.sum([w.outputs[0].confidence_counts for w in windows], axis=0).tolist()
+    # A window whose only request failed has no class counts (and may have no feature counts): skip it.
+    features = np.sum([[f.counts for f in w.features] for w in windows if w.features], axis=0).tolist()
+    served = [w.outputs[0] for w in windows if w.outputs and w.outputs[0].class_counts is not None]
+    classes = np.sum([o.class_counts for o in served], axis=0).tolist()
+    confidence = np.sum([o.confidence_counts for o in served], axis=0).tolist()
     return requests, features, classes, confidence
 
 
