@@ -3,7 +3,7 @@
 Status reports live in the state file, the latest check-in in memory, telemetry windows in the
 SQLite spool. :meth:`Outbox.flush` (re-)publishes what is unacknowledged, skipping messages sent
 too recently: a message is re-sent after ``report_retry_seconds``, then after twice that and so on, up
-to ``report_retry_max_seconds``, each interval jittered by +-20% (:func:`resend_due`). Without the
+to ``report_retry_max_seconds``, each interval jittered by +-20% (:func:`next_send`). Without the
 back-off a server that fell behind was buried by its fleet's re-sends (measured at 1,000 devices:
 ~30 sends of each status report). Spooled windows drain oldest first in batches so the backlog never
 starves live windows, which are published as soon as they close.

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import httpx
 from tests.conftest import Broker, free_port
 
 from .conftest import ADMIN, AUTH, Keys
+from .simdevice import SimDevice
 
 EDGEOTA = str(Path(sys.executable).with_name("edgeota"))
 
@@ -23,6 +26,7 @@ EDGEOTA = str(Path(sys.executable).with_name("edgeota"))
 class ServerProcess:
     def __init__(self, tmp_path: Path, db_url: str, keys: Keys, broker: Broker, workers: int = 0) -> None:
         self.workers = workers
+        self.sims: list[SimDevice] = []  # disconnected by :meth:`running` on the way out
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -63,6 +67,18 @@ class ServerProcess:
 
     def worker_args(self) -> list[str]:
         return ["--workers", str(self.workers)] if self.workers else []
+
+    @contextmanager
+    def running(self) -> Iterator[ServerProcess]:
+        """Start the server; on exit disconnect the tests' simulated devices, stop it, close the client."""
+        self.start()
+        try:
+            yield self
+        finally:
+            for sim in self.sims:
+                sim.disconnect()
+            self.stop()
+            self.http.close()
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

@@ -29,17 +29,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def server(tmp_path: Path, db_url: str, keys: Keys, mqtt_broker: Broker) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path, db_url, keys, mqtt_broker)
-    sims: list[SimDevice] = []
-    proc.sims = sims  # type: ignore[attr-defined]
-    proc.start()
-    try:
+    with ServerProcess(tmp_path, db_url, keys, mqtt_broker).running() as proc:
         yield proc
-    finally:
-        for sim in sims:
-            sim.disconnect()
-        proc.stop()
-        proc.http.close()
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
@@ -81,7 +72,7 @@ def test_canary_restart_and_offline_device(server: ServerProcess, make_bundle: B
     rel = publish(server, make_bundle("1.0.0", "x86"))
     provs = provision(server, 4, tag)
     sims = {p.device.id: SimDevice(p) for p in provs}
-    server.sims.extend(sims.values())  # type: ignore[attr-defined]
+    server.sims.extend(sims.values())
     body = {
         "release_id": rel["release_id"],
         "selector": {"labels": {"tag": tag}},
@@ -132,7 +123,7 @@ def test_failing_stage_halts_and_rolls_back(server: ServerProcess, make_bundle: 
     v2 = publish(server, make_bundle("2.0.0", "x86"))
     sims = [SimDevice(p) for p in provision(server, 3, tag)]
     sims[0].fail_versions.add("2.0.0")
-    server.sims.extend(sims)  # type: ignore[attr-defined]
+    server.sims.extend(sims)
     for sim in sims:
         sim.connect()
     first = {"release_id": v1["release_id"], "selector": {"labels": {"tag": tag}}, "start": True}

@@ -33,17 +33,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def workers_server(tmp_path: Path, db_url: str, keys: Keys, mqtt_broker: Broker) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path, db_url, keys, mqtt_broker, workers=2)
-    sims: list[SimDevice] = []
-    proc.sims = sims  # type: ignore[attr-defined]
-    proc.start()  # waits until a worker's /healthz reports the core's bridge connected
-    try:
+    # start() waits until a worker's /healthz reports the core's bridge connected
+    with ServerProcess(tmp_path, db_url, keys, mqtt_broker, workers=2).running() as proc:
         yield proc
-    finally:
-        for sim in sims:
-            sim.disconnect()
-        proc.stop()
-        proc.http.close()
 
 
 def test_transient_failure_is_retried_and_the_rollout_completes(
@@ -55,7 +47,7 @@ def test_transient_failure_is_retried_and_the_rollout_completes(
     provs = provision(server, 2, tag)
     flaky = SimDevice(provs[0], flaky_downloads=1)
     steady = SimDevice(provs[1])
-    server.sims.extend([flaky, steady])  # type: ignore[attr-defined]
+    server.sims.extend([flaky, steady])
     for sim in (flaky, steady):
         sim.connect()
     body = {
@@ -179,7 +171,7 @@ def test_http_poll_serves_signed_commands_to_the_device_only(
 
     # The device acts on the polled command: it downloads, installs and reports over MQTT.
     sim = SimDevice(poller)
-    server.sims.append(sim)  # type: ignore[attr-defined]
+    server.sims.append(sim)
     sim.inbox.put(json.dumps(first[0]).encode())  # queued before anything MQTT may re-send on check-in
     sim.connect()
     wait_for(lambda: rollout_state(server, rid)["state"] == "completed", what="the polled install to commit")
