@@ -99,7 +99,7 @@ class Agent:
         self.boot_id = new_id()
         self.cache = session_cache or SessionCache()
         self.runtime = ModelRuntime()
-        self.telemetry = TelemetryRecorder()
+        self.telemetry = TelemetryRecorder(background=self.settings.telemetry_background)
         self.runtime.add_listener(self.telemetry)
         self.sampler = InputSampler(
             self.settings.state_dir / "samples", self.settings.sample_rate, self.settings.sample_max_files
@@ -223,6 +223,7 @@ class Agent:
             self._give_back_boot_attempt()
         self._ticker = self._worker = None
         self._roll_telemetry()
+        self.telemetry.close()  # after the roll drained it: releases the shared summariser thread
         if self.shadow is not None:
             self.shadow.stop()
         if self.link is not None:

@@ -29,6 +29,9 @@ class AgentSettings(BaseSettings):
     state_dir: Path = Field(default=Path("/var/lib/edgeota-agent"), description="one agent per folder")
     heartbeat_seconds: float = Field(default=60.0, gt=0)
     telemetry_window_seconds: float = Field(default=60.0, gt=0)
+    telemetry_background: bool = Field(
+        default=True, description="summarise telemetry batches on a shared background thread, not on requests"
+    )
     report_retry_seconds: float = Field(default=30.0, gt=0, description="first re-send of an unacknowledged message")
     report_retry_max_seconds: float = Field(
         default=600.0, gt=0, description="re-sends back off (doubling, jittered) up to this interval"

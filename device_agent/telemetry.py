@@ -5,8 +5,9 @@ listener) does as little as Python allows: for the usual model (one input with r
 statistics, one output, fixed row shapes) it copies the input and output bytes (``tobytes``: the
 application may reuse its buffers after ``predict`` returns) and appends them with the integer
 latency to a flat list, one atomic ``list.extend`` of four items. Everything numpy does happens in
-batches, when the buffer holds ``limit`` requests, on :meth:`TelemetryRecorder.roll` and so on
-stop: :mod:`device_agent.telemetry_summaries`.
+batches (:mod:`device_agent.telemetry_summaries`): on the process's background summariser thread
+(:mod:`device_agent.telemetry_worker`) when the buffer holds ``limit`` requests, and synchronously
+on :meth:`TelemetryRecorder.roll` (and so on stop).
 
 Why bytes in a list rather than rows written into a preallocated numpy ring: ``a.tobytes()`` costs
 about 70 ns, an ndarray slice assignment 250-300 ns; a list append holds no lock and needs no
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from device_agent._lazy import lazy_module
 from device_agent.runtime import LoadedModel
 from device_agent.telemetry_summaries import FeatureBlock, OutputStats, WholeInput, _counts, row_confidences
+from device_agent.telemetry_worker import SHARED, Summariser
 from edgeota_contract.logs import log_event
 from edgeota_contract.manifest import REFERENCE_STATS_FILE
 from edgeota_contract.telemetry import (
@@ -57,8 +59,8 @@ MAX_BUFFERED_REQUESTS = 1024
 """At most this many requests wait in the buffer before they are summarised (fewer for large inputs).
 
 Why not fewer: a batch has a fixed numpy cost (about 0.15 ms for 64 features), so smaller batches cost
-more per request, interleaved with inference too (``telemetry_batch_sweep`` in the agent bench, digits
-CNN: 64 rows 5-9 us, 256 rows 3-4 us, 1024 rows 1.6-2.5 us per request in the quieter runs)."""
+more per request, on the summariser thread and on the request thread alike (``telemetry_batch_sweep``
+in the agent bench: per-request cost falls steadily from 64 to 1024 rows)."""
 MAX_BUFFERED_BYTES = 4 << 20
 """The buffer limit adapts so that buffered inputs and outputs stay near this many bytes."""
 
@@ -268,14 +270,30 @@ class TelemetryRecorder:
     the summaries are exactly those of summarising each request on its own, in recording order
     (``tests/agent/test_telemetry_exact.py`` checks this against a plain per-value reference);
     inputs and outputs are copied, never referenced. Thread-safe: requests never take a lock on
-    the usual path; the request that finds ``limit`` requests buffered summarises them (another
-    request that finds a summary running goes on, and only at ``4 * limit`` does one wait). The
-    buffer holds about ``max_bytes`` of copies once the first batch showed the request size.
+    the usual path. The request that finds ``limit`` requests buffered queues one job on the
+    background :class:`~device_agent.telemetry_worker.Summariser` and goes on; only when the
+    summariser falls ``4 * limit`` requests behind does a request summarise the buffer itself
+    (and wait for a batch that is running), so memory stays bounded. With ``background=False``
+    the request that finds ``limit`` buffered summarises them (as above, waiting only at
+    ``4 * limit``). :meth:`roll` summarises whatever is buffered synchronously, so a batch still
+    queued never moves a request into another window. The buffer holds about ``max_bytes`` of
+    copies once the first batch showed the request size. Call :meth:`close` when done with it.
     """
 
-    def __init__(self, max_requests: int = MAX_BUFFERED_REQUESTS, max_bytes: int = MAX_BUFFERED_BYTES) -> None:
+    def __init__(
+        self,
+        max_requests: int = MAX_BUFFERED_REQUESTS,
+        max_bytes: int = MAX_BUFFERED_BYTES,
+        background: bool = True,
+        summariser: Summariser | None = None,
+    ) -> None:
+        """``background``: full buffers go to ``summariser`` (default: the process-wide
+        :data:`~device_agent.telemetry_worker.SHARED`); False summarises on the request thread."""
         self._lock = threading.Lock()  # windows and summarising; never taken on the request path
-        self._meta = threading.Lock()  # plans and templates
+        self._meta = threading.Lock()  # plans, templates, queueing a batch
+        self._worker = (summariser or SHARED) if background else None
+        self._queued = False  # a batch job of this recorder waits in the summariser's queue
+        self._attached = False  # counted in the summariser's users (until close)
         self._buf: list[Any] = []  # (marker, input copy, output copy, latency ns) per request, flat
         self._extend = self._buf.extend
         self._max_requests = max(1, max_requests)
@@ -290,6 +308,8 @@ class TelemetryRecorder:
     def _set_limit(self, limit: int) -> None:
         self.limit = limit
         self._limit4 = 4 * limit  # the buffer holds four items per request
+        # the request path's one comparison: the limit, or while a batch job is queued, the fallback point
+        self._check = 4 * self._limit4 if self._queued else self._limit4
 
     def __call__(
         self, model: LoadedModel, inputs: dict[str, Any], outputs: dict[str, np.ndarray] | None, latency_ns: int
@@ -304,8 +324,32 @@ class TelemetryRecorder:
                 self._extend(self._entry(plan, inputs, outputs, latency_ns))
         else:
             self._extend(self._entry(plan, inputs, outputs, latency_ns))
-        if len(self._buf) >= self._limit4:
-            self._summarise(block=len(self._buf) >= 4 * self._limit4)
+        if len(self._buf) >= self._check:
+            self._full()
+
+    def _full(self) -> None:
+        """The buffer reached its limit: hand it to the summariser, or summarise here when there is
+        none or it fell ``4 * limit`` requests behind (bounded memory; this request waits for it)."""
+        behind = len(self._buf) >= 4 * self._limit4
+        if self._worker is None or behind:
+            self._summarise(block=behind)
+            return
+        with self._meta:
+            if self._queued:
+                return
+            self._queued = True
+            self._check = 4 * self._limit4
+            if not self._attached:
+                self._attached = True
+                self._worker.attach()
+        self._worker.submit(self._background)
+
+    def _background(self) -> None:
+        """The summariser's job: summarise what is buffered now (later requests may queue the next job)."""
+        self._queued = False
+        self._check = self._limit4
+        with self._lock:
+            self._summarise_locked()
 
     def _entry(
         self, plan: _Plan, inputs: dict[str, Any], outputs: dict[str, Any] | None, latency_ns: int
@@ -400,6 +444,22 @@ class TelemetryRecorder:
                 used |= set(self._plans)
                 self._templates = {d: t for d, t in self._templates.items() if d in used}
         return closed
+
+    def close(self) -> None:
+        """Release the background summariser (the agent calls this on stop, after a last :meth:`roll`).
+
+        Drops a queued batch job of this recorder (its requests stay buffered for the next
+        :meth:`roll`) and waits for one that is running; once no recorder is attached, the
+        summariser's thread exits. Idempotent. The recorder stays usable: a later full buffer
+        attaches it again.
+        """
+        with self._meta:
+            attached, self._attached = self._attached, False
+        if attached and self._worker is not None:
+            self._worker.detach(self._background)
+        with self._lock:  # a batch of this recorder running on the summariser finishes first
+            self._queued = False
+            self._check = self._limit4
 
 
 def _classes(output: str, ref: ReferenceStats | None) -> int | None:

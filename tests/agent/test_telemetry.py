@@ -169,26 +169,42 @@ def _merged(windows: list) -> tuple[int, list[list[int]], list[int], list[int]]:
     return requests, features, classes, confidence
 
 
-def test_buffer_is_bounded_and_flushed_on_roll(tmp_path: Path, keys: Keys) -> None:
-    recorder = TelemetryRecorder(max_requests=8)
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
+def test_buffer_is_bounded_and_flushed_on_roll(tmp_path: Path, keys: Keys, background: bool) -> None:
+    from device_agent.telemetry_worker import Summariser
+
+    worker = Summariser(linger_seconds=5.0)
+    recorder = TelemetryRecorder(max_requests=8, background=background, summariser=worker)
     runtime = _runtime(tmp_path, keys, recorder)
+    # inline: the request that fills the buffer summarises it; background: the summariser may lag, and
+    # a request summarises itself at 4x the limit
+    bound = 4 * 8 if background else 8
     batches = [sample_inputs(1 + i % 3, seed=i) for i in range(50)]
     for batch in batches:
         runtime.predict({"x": batch})
-        assert recorder.pending() < 8  # summarised in batches of at most max_requests
-    assert recorder.pending() > 0  # the rest waits for the roll
+        assert recorder.pending() < bound
+    assert worker.wait_idle(30)
+    assert recorder.pending() < 8 and (background or recorder.pending() > 0)  # the rest waits for the roll
     windows = recorder.roll()
     assert recorder.pending() == 0 and recorder.roll() == []
     requests, features, classes, confidence = _merged(windows)
     assert (requests, features, classes, confidence) == (50, *_expected(batches))
 
-    small = TelemetryRecorder(max_bytes=4096)  # 300-900 bytes a request here: after its first batch of
-    runtime.add_listener(small)  # 64, the limit adapts to about 4096 bytes' worth of requests
+    small = TelemetryRecorder(max_bytes=4096, background=background, summariser=worker)  # 300-900 bytes a
+    runtime.add_listener(small)  # request here: after its first batch of 64, the limit adapts to ~4096 bytes
     for batch in batches * 3:
         runtime.predict({"x": batch})
-        assert small.pending() <= 64
-    assert small.limit <= 16 and small.pending() < small.limit
+        assert small.pending() < 4 * 64 if background else small.pending() <= 64
+    assert worker.wait_idle(30)
+    # a background batch adapts the limit after requests already passed the old one: they wait for the next
+    assert small.limit <= 16 and small.pending() < (64 if background else small.limit)
     assert _merged(small.roll())[0] == 150
+    recorder.close()
+    small.close()
+    thread = worker.thread
+    if thread is not None:
+        thread.join(10)
+    assert worker.thread is None and (worker.jobs_run > 0) == background
 
 
 def test_inputs_are_copied_when_the_caller_reuses_its_buffer(tmp_path: Path, keys: Keys) -> None:
