@@ -10,6 +10,11 @@ queueing (no coordinated omission). Results go to ``bench/results/server_bench.j
         --database postgresql --workers 0 --workers 2 --out /tmp/server_bench.json
 
 ``postgresql`` creates (and drops) a throwaway database next to ``EDGEOTA_TEST_PG_URL``.
+
+``--ingest`` runs the MQTT ingest benchmark instead (``bench/server_ingest.py``: old path and batched
+writers, SQLite and PostgreSQL, merged under ``"ingest"`` into the same JSON):
+
+    flock /tmp/edgeota-bench.lock .venv/bin/python -m bench.server_bench --ingest --ingest-devices 500
 """
 
 from __future__ import annotations
@@ -316,6 +321,9 @@ def run(results_dir: Path, quick: bool = False) -> dict[str, Any]:
     """`make bench` entry point: SQLite and PostgreSQL, one process and 2 API workers, 200 req/s."""
     devices, duration = (200, 5.0) if quick else (1000, 20.0)
     report = _report(_matrix(["sqlite", "postgresql"], [0, 2], devices, 200.0, duration, 100))
+    from bench.server_ingest import ingest_report
+
+    report["ingest"] = ingest_report(["sqlite", "postgresql"], 100 if quick else 500, 4 if quick else 8)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "server_bench.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -333,7 +341,18 @@ def main() -> None:
     parser.add_argument("--page", type=int, default=100, help="devices per list page")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "server_bench.json")
     parser.add_argument("--py-spy", type=Path, default=None, help="folder for py-spy raw stacks of each server")
+    parser.add_argument("--ingest", action="store_true", help="MQTT ingest before/after (merged under 'ingest')")
+    parser.add_argument("--ingest-devices", type=int, default=500, help="--ingest: devices publishing at once")
+    parser.add_argument("--windows", type=int, default=8, help="--ingest: telemetry windows per device")
     args = parser.parse_args()
+    if args.ingest:
+        from bench.server_ingest import ingest_report, merge
+
+        databases = args.database or ["sqlite", "postgresql"]
+        report = ingest_report(databases, args.ingest_devices, args.windows)
+        merge(args.out, "ingest", report)
+        print(json.dumps(report, indent=2))
+        return
     if args.py_spy is not None:
         args.py_spy.mkdir(parents=True, exist_ok=True)
     runs = _matrix(

@@ -3,6 +3,10 @@
 Each device's password hash (Mosquitto's ``$7$`` PBKDF2-SHA512 format) is computed once at
 provisioning, so the plaintext never needs to be stored. The ACL gives each device only its own
 topics (``edgeota_contract.topics.mosquitto_acl_patterns``); the server user gets the whole tree.
+
+The generated ``edgeota.conf`` also raises Mosquitto's per-client queue limits (:data:`BROKER_LIMITS`):
+its defaults (20 in flight, 1,000 queued) would drop QoS 1 reports queued for the server's
+session whenever its ingest applies back-pressure during a fleet-wide burst.
 """
 
 from __future__ import annotations
@@ -13,11 +17,26 @@ from pathlib import Path
 from sqlalchemy import select
 
 from edgeota_contract.errors import ContractError
+from edgeota_contract.messages import MAX_MESSAGE_BYTES
 from edgeota_contract.topics import PREFIX, mosquitto_acl_patterns
 from ota_server.core.config import Settings
 from ota_server.core.security import mosquitto_password_hash
 from ota_server.db import make_engine, make_sessionmaker, upgrade_to_head
 from ota_server.models import Device
+
+BROKER_LIMITS: dict[str, int] = {
+    # QoS 1 messages in flight to one client (the server) before the broker waits for its PUBACKs.
+    "max_inflight_messages": 1000,
+    # Messages queued for one client (the server's session) while it is slow, busy or reconnecting:
+    # a burst of ~20 reports per device for a 10,000-device fleet.
+    "max_queued_messages": 200_000,
+    "max_queued_bytes": 0,  # no byte limit: the message count above and the size limit bound memory
+    "message_size_limit": MAX_MESSAGE_BYTES,
+}
+
+
+def render_limits() -> str:
+    return "".join(f"{name} {value}\n" for name, value in BROKER_LIMITS.items())
 
 
 def render_acl(server_user: str | None) -> str:
@@ -65,7 +84,7 @@ def write_broker_config(settings: Settings, out: Path) -> list[Path]:
     acl = _write(out / "acl", render_acl(server_user))
     conf = _write(
         out / "edgeota.conf",
-        f"allow_anonymous false\npassword_file {passwd.resolve()}\nacl_file {acl.resolve()}\n",
+        f"allow_anonymous false\npassword_file {passwd.resolve()}\nacl_file {acl.resolve()}\n" + render_limits(),
         0o644,
     )
     return [passwd, acl, conf]
