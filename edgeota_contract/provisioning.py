@@ -19,6 +19,19 @@ from edgeota_contract.manifest import NAME_PATTERN
 from edgeota_contract.states import ReasonCode
 from edgeota_contract.topics import DEVICE_ID_PATTERN
 
+TUF_URL_PATH = "/tuf/"
+"""Where the server serves its TUF metadata (read-only, no auth), relative to its base URL."""
+
+
+def tuf_target_path(bundle_sha256: str) -> str:
+    """The TUF target path naming a bundle archive; server and agent agree on it through this function."""
+    return f"bundles/{bundle_sha256}"
+
+
+def tuf_metadata_url(server_url: str) -> str:
+    """The TUF metadata base URL of a server (always ending in ``/``)."""
+    return server_url.rstrip("/") + TUF_URL_PATH
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -50,6 +63,12 @@ class MqttSection(_Strict):
 class TrustSection(_Strict):
     release_keys: list[str] = Field(min_length=1, description="PEM public keys trusted to sign bundles")
     server_keys: list[str] = Field(min_length=1, description="PEM public keys trusted to sign commands")
+    tuf_root: str | None = Field(
+        default=None,
+        max_length=512_000,
+        description="trusted TUF root metadata (JSON text); when set, the agent requires every assigned bundle "
+        f"to be a target of the server's TUF repository at <server url>{TUF_URL_PATH}",
+    )
 
 
 class DeviceProvisioning(_Strict):

@@ -113,6 +113,11 @@ class ReasonCode(StrEnum):
     DOWNLOAD_TOO_LARGE = "download_too_large"
     DOWNLOAD_TIMEOUT = "download_timeout"
     DISK_FULL = "disk_full"
+    # TUF repository metadata (checked before a bundle is downloaded)
+    REPOSITORY_METADATA_INVALID = "repository_metadata_invalid"
+    REPOSITORY_METADATA_EXPIRED = "repository_metadata_expired"
+    REPOSITORY_UNREACHABLE = "repository_unreachable"
+    NOT_IN_REPOSITORY = "not_in_repository"
     # install and health
     LOAD_FAILED = "load_failed"
     IO_SIGNATURE_MISMATCH = "io_signature_mismatch"

@@ -37,8 +37,10 @@ def register(app: typer.Typer) -> None:
     app.add_typer(rollout_app, name="rollout")
     app.add_typer(broker_app, name="broker")
     from ota_server.cli_telemetry import telemetry_app
+    from ota_server.cli_tuf import tuf_app
 
     app.add_typer(telemetry_app, name="telemetry")
+    server_app.add_typer(tuf_app, name="tuf")
 
 
 def _client(server: str | None, token: str | None) -> Any:

@@ -6,7 +6,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -14,6 +14,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from edgeota_contract.signing import SigningKey, TrustedKeys
 from ota_server.artifacts import ArtifactStore
 from ota_server.core.config import Settings
+
+if TYPE_CHECKING:
+    from ota_server.tuf_repo import TufRepository
 
 
 class Publisher(Protocol):
@@ -78,6 +81,8 @@ class ServerContext:
     metrics: Metrics = field(default_factory=Metrics)
     limiter: RateLimiter | None = None
     core_metrics: Callable[[], dict[str, int]] | None = None
+    tuf: TufRepository | None = None
+    """The TUF repository (None when ``tuf_enabled`` is false)."""
     """In an API worker (``--workers``): the core process's counters (ingest, engine), to add to this one's."""
 
     def metrics_snapshot(self) -> dict[str, int]:

@@ -27,6 +27,7 @@ from ota_server.api.routes import (
     samples,
     telemetry,
     tokens,
+    tuf,
 )
 from ota_server.artifacts import LocalArtifactStore
 from ota_server.context import ServerContext
@@ -34,6 +35,7 @@ from ota_server.core.config import Settings
 from ota_server.core.problems import install_problem_handlers
 from ota_server.core.security import load_or_create_server_key
 from ota_server.db import make_engine, make_sessionmaker, upgrade_to_head
+from ota_server.tuf_service import TufRefresher, open_repository, prepare_repository
 
 log = logging.getLogger("edgeota.server")
 
@@ -52,6 +54,9 @@ def build_context(settings: Settings, migrate: bool = True) -> ServerContext:
         except Exception as exc:
             raise ContractError(f"cannot migrate database: {exc}", ReasonCode.INTERNAL_ERROR) from exc
     release_keys = TrustedKeys.from_files(settings.release_keys)
+    tuf_repo = open_repository(settings)
+    if tuf_repo is not None and migrate:
+        prepare_repository(tuf_repo, settings, make_sessionmaker(engine))
     return ServerContext(
         settings=settings,
         engine=engine,
@@ -60,6 +65,7 @@ def build_context(settings: Settings, migrate: bool = True) -> ServerContext:
         server_key=load_or_create_server_key(settings.resolved_server_key),
         release_keys=release_keys,
         release_key_pems=[public_pem(release_keys.get(k)).decode() for k in release_keys.key_ids],  # type: ignore[arg-type]
+        tuf=tuf_repo,
     )
 
 
@@ -82,8 +88,13 @@ def start_core(ctx: ServerContext, settings: Settings) -> Callable[[], None]:
     if settings.engine_enabled:
         loop = EngineLoop(ctx)
         loop.start()
+    refresher = TufRefresher(ctx.tuf, settings.tuf_refresh_seconds) if ctx.tuf is not None else None
+    if refresher is not None:
+        refresher.start()
 
     def stop() -> None:
+        if refresher is not None:
+            refresher.stop()
         if loop is not None:
             loop.stop()
         if bridge is not None:
@@ -114,6 +125,6 @@ def create_app(settings: Settings | None = None, ctx: ServerContext | None = Non
     app = FastAPI(title="edgeota OTA server", version="1", lifespan=lifespan)
     app.state.ctx = ctx
     install_problem_handlers(app)
-    for module in (health, tokens, audit, releases, devices, device_commands, rollouts, samples, telemetry):
+    for module in (health, tokens, audit, releases, devices, device_commands, rollouts, samples, telemetry, tuf):
         app.include_router(module.router)
     return app

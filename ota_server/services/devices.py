@@ -67,7 +67,11 @@ def provision(
             tls=s.mqtt_tls,
             protocol=s.mqtt_protocol,
         ),
-        trust=TrustSection(release_keys=list(ctx.release_key_pems), server_keys=[ctx.server_key.public_pem().decode()]),
+        trust=TrustSection(
+            release_keys=list(ctx.release_key_pems),
+            server_keys=[ctx.server_key.public_pem().decode()],
+            tuf_root=ctx.tuf.root_json() if ctx.tuf is not None else None,
+        ),
     )
     return {
         "device_id": device_id,

@@ -15,14 +15,22 @@ from ota_server.artifacts import ArtifactStore
 from ota_server.core.problems import ApiError
 from ota_server.models import Bundle, Release
 from ota_server.services import audit
+from ota_server.tuf_repo import TufRepository, bundle_custom
 
 
 def accept_bundle(
-    session: Session, store: ArtifactStore, trusted: TrustedKeys, upload: Path, actor: str
+    session: Session,
+    store: ArtifactStore,
+    trusted: TrustedKeys,
+    upload: Path,
+    actor: str,
+    tuf: TufRepository | None = None,
 ) -> tuple[Bundle, bool]:
     """Verify ``upload`` and file it into its release; returns (bundle, created).
 
-    The temporary ``upload`` file is always consumed (moved into the store or deleted).
+    The temporary ``upload`` file is always consumed (moved into the store or deleted). With ``tuf``, the
+    bundle becomes a TUF target before this returns (a target whose commit then fails is harmless: devices
+    are only ever assigned committed bundles).
 
     Raises:
         SignatureError / BundleError: the bundle is unsigned, untrusted, tampered or unsafe.
@@ -84,6 +92,12 @@ def accept_bundle(
         )
         session.flush()
         store.put_file(verified.archive_sha256, upload)
+        if tuf is not None:
+            tuf.add_bundle(
+                bundle.sha256,
+                bundle.size,
+                bundle_custom(m.model_name, m.version, m.hardware_profile, m.release_counter),
+            )
         return bundle, True
     finally:
         upload.unlink(missing_ok=True)

@@ -52,7 +52,7 @@ async def upload_bundle(request: Request, ctx: CtxDep, who: ReleaseManager) -> R
         def _accept() -> tuple[dict[str, Any], bool]:
             with ctx.sessions() as session:
                 try:
-                    bundle, created = accept_bundle(session, ctx.store, ctx.release_keys, tmp, who.name)
+                    bundle, created = accept_bundle(session, ctx.store, ctx.release_keys, tmp, who.name, ctx.tuf)
                     session.commit()
                 except BaseException:
                     session.rollback()
