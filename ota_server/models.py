@@ -119,6 +119,11 @@ class Device(Base):
     presence_online: Mapped[bool] = mapped_column(Boolean, default=False)
     boot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     agent_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The newest status report or check-in applied (boot, per-boot seq, device clock): an older
+    # check-in (re-sent under ingest lag) must not undo what a newer report said.
+    report_boot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    report_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    report_sent_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
 
 class DeviceModel(Base):

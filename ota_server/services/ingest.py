@@ -4,6 +4,13 @@ Identity comes from the topic (``device_id`` argument), never from the payload. 
 returns the msg ids to acknowledge and the deployment ids to (re-)send; the caller acks and
 publishes only after the commit. Status reports are deduplicated by msg id and by
 ``deployment_transition_allowed``; telemetry by (device, boot_id, seq).
+
+A batch of messages applied in one transaction (``ota_server.ingest_queue``) first calls
+:func:`prefetch`: one query loads the batch's devices and one each finds the status msg ids and
+telemetry keys already stored, so the handlers need no lookup per message for them (and sets
+``last_seen`` once per device). The caller adds each message it applied without error to the
+returned :class:`Known` (:meth:`Known.remember`), so a second copy later in the same batch is a
+duplicate too.
 """
 
 from __future__ import annotations
@@ -48,29 +55,119 @@ class IngestResult:
     ignored: str | None = None
 
 
-def _device(session: Session, device_id: str) -> Device:
+DeviceMessageT = StatusReport | CheckIn | TelemetryWindow | Presence
+
+
+@dataclass
+class Known:
+    """What is stored already (before the batch, or earlier in it): status msg keys and telemetry keys."""
+
+    messages: set[str] = field(default_factory=set)
+    windows: set[tuple[str, str, int]] = field(default_factory=set)
+    rows: list[object] = field(default_factory=list)
+    """Rows loaded for the batch: held here because the session's identity map keeps only weak references."""
+
+    def remember(self, device_id: str, message: DeviceMessageT) -> None:
+        """Record ``message`` as stored in this transaction (call once it applied without error)."""
+        if isinstance(message, StatusReport):
+            self.messages.add(_msg_key(device_id, message.msg_id))
+        elif isinstance(message, TelemetryWindow):
+            self.windows.add((device_id, message.boot_id, message.seq))
+
+
+def _msg_key(device_id: str, msg_id: str) -> str:
+    return f"{device_id}/{msg_id}"
+
+
+def prefetch(session: Session, batch: list[tuple[str, DeviceMessageT]]) -> Known:
+    """Load the batch's devices into the session and find which of its reports are stored already.
+
+    At most four queries whatever the batch size (devices, their reported deployments, status msg
+    ids, telemetry keys); the devices and deployments stay in the session for the handlers' lookups.
+    """
+    known = Known()
+    device_ids = {device_id for device_id, _ in batch}
+    if device_ids:
+        now = utcnow()
+        for device in session.scalars(select(Device).where(Device.id.in_(device_ids))):
+            device.last_seen = now  # once per batch, not one UPDATE per message
+            known.rows.append(device)
+    deployment_ids = {m.deployment_id for _, m in batch if isinstance(m, StatusReport)}
+    if deployment_ids:
+        known.rows.extend(session.scalars(select(Deployment).where(Deployment.id.in_(deployment_ids))))
+    keys = [_msg_key(d, m.msg_id) for d, m in batch if isinstance(m, StatusReport)]
+    if keys:
+        known.messages.update(session.scalars(select(DeviceMessage.msg_id).where(DeviceMessage.msg_id.in_(keys))))
+    windows = {(d, m.boot_id, m.seq) for d, m in batch if isinstance(m, TelemetryWindow)}
+    if windows:
+        rows = session.execute(
+            select(TelemetryRecord.device_id, TelemetryRecord.boot_id, TelemetryRecord.seq).where(
+                TelemetryRecord.device_id.in_({w[0] for w in windows}),
+                TelemetryRecord.seq.in_({w[2] for w in windows}),
+            )
+        )
+        known.windows.update(key for key in ((r[0], r[1], r[2]) for r in rows) if key in windows)
+    return known
+
+
+def apply_message(
+    session: Session, device_id: str, message: DeviceMessageT, known: Known | None = None
+) -> IngestResult:
+    """Apply one parsed device message with its handler (the caller owns the transaction)."""
+    if isinstance(message, StatusReport):
+        return handle_status(session, device_id, message, known)
+    if isinstance(message, CheckIn):
+        return handle_checkin(session, device_id, message, known)
+    if isinstance(message, TelemetryWindow):
+        return handle_telemetry(session, device_id, message, known)
+    return handle_presence(session, device_id, message, known)
+
+
+def _device(session: Session, device_id: str, known: Known | None = None) -> Device:
+    """The sending device (``last_seen`` updated, unless a batch's :func:`prefetch` did); UnknownDevice if none."""
     device = session.get(Device, device_id)
     if device is None:
         raise UnknownDevice(f"unknown device {device_id}", ReasonCode.MALFORMED_MESSAGE)
-    device.last_seen = utcnow()
+    if known is None:
+        device.last_seen = utcnow()
     return device
 
 
-def _seen(session: Session, device_id: str, msg_id: str, kind: str) -> bool:
-    """True when this msg id was already stored; otherwise remember it."""
-    key = f"{device_id}/{msg_id}"
-    if session.get(DeviceMessage, key) is not None:
+def _seen(session: Session, device_id: str, msg_id: str, kind: str, known: Known | None) -> bool:
+    """True when this msg id was already stored (``known``: as prefetched for a batch); otherwise remember it."""
+    key = _msg_key(device_id, msg_id)
+    if key in known.messages if known is not None else session.get(DeviceMessage, key) is not None:
         return True
     session.add(DeviceMessage(msg_id=key, device_id=device_id, kind=kind))
     return False
 
 
-def handle_status(session: Session, device_id: str, report: StatusReport) -> IngestResult:
-    _device(session, device_id)
+def _is_older(device: Device, msg: CheckIn | StatusReport) -> bool:
+    """True when ``msg`` was built before the newest report or check-in already applied for ``device``.
+
+    Same boot: by the per-boot ``seq`` (one counter for all of a device's messages). Another boot: by the
+    device's own clock (``sent_at``), the only order two boots share.
+    """
+    if device.report_seq is None:
+        return False
+    if device.report_boot_id == msg.boot_id:
+        return msg.seq < device.report_seq
+    return device.report_sent_at is not None and msg.sent_at < device.report_sent_at
+
+
+def _advance(device: Device, msg: CheckIn | StatusReport) -> None:
+    """Move ``device``'s watermark to ``msg`` unless it is older than what is there."""
+    if not _is_older(device, msg):
+        device.report_boot_id, device.report_seq, device.report_sent_at = msg.boot_id, msg.seq, msg.sent_at
+
+
+def handle_status(session: Session, device_id: str, report: StatusReport, known: Known | None = None) -> IngestResult:
+    device = _device(session, device_id, known)
     result = IngestResult(ack=[report.msg_id])
-    if _seen(session, device_id, report.msg_id, "status"):
+    if _seen(session, device_id, report.msg_id, "status", known):
         result.ignored = "duplicate"
         return result
+    _advance(device, report)
     dep = session.get(Deployment, report.deployment_id)
     if dep is None or dep.device_id != device_id:
         # Acked so the device stops re-sending, but nothing is applied.
@@ -131,11 +228,20 @@ def _record_model(session: Session, device_id: str, model: str, version: str, sh
     row.updated_at = now
 
 
-def handle_checkin(session: Session, device_id: str, checkin: CheckIn) -> IngestResult:
-    """Reconcile what the device runs and re-send its open deployments (fresh assignment ids)."""
-    device = _device(session, device_id)
+def handle_checkin(session: Session, device_id: str, checkin: CheckIn, known: Known | None = None) -> IngestResult:
+    """Reconcile what the device runs and re-send its open deployments (fresh assignment ids).
+
+    A check-in older than a report already applied (re-sent under ingest lag, or delivered late from
+    an earlier boot) is acked and marks the device online, but reconciles nothing: its picture of the
+    device predates what the newer report said (outcome ``stale``).
+    """
+    device = _device(session, device_id, known)
     result = IngestResult(ack=[checkin.msg_id])
     device.presence_online = True
+    if _is_older(device, checkin):
+        result.ignored = "stale"
+        return result
+    _advance(device, checkin)
     device.boot_id = checkin.boot_id
     device.agent_version = checkin.agent_version
     if checkin.hardware_profile != device.hardware_profile:
@@ -218,17 +324,25 @@ def _newer_than(dep: Deployment, running_counter: int) -> bool:
     return dep.release_counter > running_counter
 
 
-def handle_telemetry(session: Session, device_id: str, window: TelemetryWindow) -> IngestResult:
-    _device(session, device_id)
+def handle_telemetry(
+    session: Session, device_id: str, window: TelemetryWindow, known: Known | None = None
+) -> IngestResult:
+    _device(session, device_id, known)
     result = IngestResult(ack=[window.msg_id])
-    exists = session.scalar(
-        select(TelemetryRecord.id).where(
-            TelemetryRecord.device_id == device_id,
-            TelemetryRecord.boot_id == window.boot_id,
-            TelemetryRecord.seq == window.seq,
+    if known is not None:
+        exists = (device_id, window.boot_id, window.seq) in known.windows
+    else:
+        exists = (
+            session.scalar(
+                select(TelemetryRecord.id).where(
+                    TelemetryRecord.device_id == device_id,
+                    TelemetryRecord.boot_id == window.boot_id,
+                    TelemetryRecord.seq == window.seq,
+                )
+            )
+            is not None
         )
-    )
-    if exists is not None:
+    if exists:
         result.ignored = "duplicate"
         return result
     session.add(
@@ -249,8 +363,8 @@ def handle_telemetry(session: Session, device_id: str, window: TelemetryWindow) 
     return result
 
 
-def handle_presence(session: Session, device_id: str, presence: Presence) -> IngestResult:
-    device = _device(session, device_id)
+def handle_presence(session: Session, device_id: str, presence: Presence, known: Known | None = None) -> IngestResult:
+    device = _device(session, device_id, known)
     device.presence_online = presence.online
     device.boot_id = presence.boot_id
     return IngestResult()

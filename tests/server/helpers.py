@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 from edgeota_contract.messages import Ack, Assignment, CheckIn, RunningModel, StatusReport, verify_command
@@ -31,6 +32,11 @@ def acked(ctx: ServerContext, device_id: str) -> set[str]:
 
 
 _seq = iter(range(1, 1_000_000))
+
+
+def next_seq() -> int:
+    """The next per-boot sequence number, as the device would take it for a message built now."""
+    return next(_seq)
 
 
 def report(
@@ -65,6 +71,9 @@ def checkin(
     profile: str,
     models: list[Assignment] = (),  # type: ignore[assignment]
     active: str | None = None,
+    seq: int | None = None,
+    boot_id: str = BOOT,
+    sent_at: datetime | None = None,
 ) -> str:
     running = [
         RunningModel(
@@ -77,12 +86,13 @@ def checkin(
         for a in models
     ]
     msg = CheckIn(
-        boot_id=BOOT,
-        seq=next(_seq),
+        boot_id=boot_id,
+        seq=next(_seq) if seq is None else seq,
         hardware_profile=profile,
         agent_version="t",
         models=running,
         active_deployment_id=active,
+        **({"sent_at": sent_at} if sent_at is not None else {}),
     )
     return process_message(ctx, device_topic(device_id, Channel.CHECKIN), msg.model_dump_json().encode())
 

@@ -83,7 +83,7 @@ def test_migrations_create_schema_and_are_idempotent(db_url: str) -> None:
     tables = set(inspect(engine).get_table_names())
     assert {"alembic_version", "devices", "deployments", "rollouts", "audit_log", "telemetry_windows"} <= tables
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
     engine.dispose()
 
 
@@ -188,6 +188,9 @@ def test_upgrade_to_attempts_keeps_deployments_and_allows_one_row_per_attempt(db
     with engine.begin() as conn:
         row = conn.execute(text("SELECT attempt, retried FROM deployments WHERE id = 'dep1'")).one()
         assert row[0] == 1 and not row[1]
+        # 0004: the device's report watermark starts empty (its next message sets it)
+        device = conn.execute(text("SELECT report_boot_id, report_seq, report_sent_at FROM devices")).one()
+        assert tuple(device) == (None, None, None)
         second = _DEPLOYMENT_SQL.format(extra=", attempt", values=", 2")
         conn.execute(text(second), {"id": "dep2", "sha": sha})  # a second attempt is allowed now
     with pytest.raises(IntegrityError), engine.begin() as conn:

@@ -17,7 +17,7 @@ from ota_server.models import Deployment, Device, TelemetryRecord
 from ota_server.mqtt_bridge import process_message
 
 from .conftest import AUTH, BundleFactory, upload
-from .helpers import BOOT, acked, assignments, checkin, finish, report
+from .helpers import BOOT, acked, assignments, checkin, finish, next_seq, report
 
 
 def _one_device_rollout(client: TestClient, ctx: ServerContext, make_bundle: BundleFactory, dev: str = "dev1") -> str:
@@ -161,3 +161,39 @@ def test_a_flooding_device_is_throttled_and_others_are_not(client: TestClient, c
     assert ctx.metrics.snapshot()["ingest_rate_limited"] == 3
     bucket = RateLimiter(rate=10, burst=1)
     assert bucket.allow("d", 0.0) and not bucket.allow("d", 0.05) and bucket.allow("d", 0.2)
+
+
+def test_a_late_checkin_does_not_undo_a_newer_commit(
+    client: TestClient, ctx: ServerContext, make_bundle: BundleFactory
+) -> None:
+    """Check-ins are re-sent until acked: under ingest lag one built before an update arrives after its commit.
+
+    Seen at 1,000 simulated devices: the stale "still runs 1.0.0" marked committed canaries rolled back, so the
+    failed gate's revert skipped them and 22 devices kept the bad release the server thought they had left.
+    """
+    client.post("/api/v1/devices", json={"device_id": "dev1", "hardware_profile": "x86"}, headers=AUTH)
+    old = upload(client, make_bundle("1.0.0", "x86")).json()["release_id"]
+    new = upload(client, make_bundle("1.1.0", "x86")).json()["release_id"]
+    client.post("/api/v1/rollouts", json={"release_id": old, "start": True}, headers=AUTH)
+    tick(ctx)
+    finish(ctx, assignments(ctx, "dev1")[-1])
+    tick(ctx)
+    v1 = assignments(ctx, "dev1")[0]
+    built_before_update = next_seq()  # the device's heartbeat check-in, sent before the new assignment came
+    earlier = datetime.now(UTC)
+    client.post("/api/v1/rollouts", json={"release_id": new, "start": True}, headers=AUTH)
+    tick(ctx)
+    v2 = assignments(ctx, "dev1")[-1]
+    finish(ctx, v2)
+    assert checkin(ctx, "dev1", "x86", models=[v1], seq=built_before_update) == "stale"
+    detail = client.get("/api/v1/devices/dev1", headers=AUTH).json()
+    assert detail["models"][0]["version"] == "1.1.0"
+    assert {d["version"]: d["state"] for d in detail["deployments"]} == {"1.0.0": "committed", "1.1.0": "committed"}
+    # A check-in of an earlier boot, delivered late, is older too (by the device's clock).
+    assert checkin(ctx, "dev1", "x86", models=[v1], seq=10**6, boot_id="0ldb00t", sent_at=earlier) == "stale"
+    assert client.get("/api/v1/devices/dev1", headers=AUTH).json()["models"][0]["version"] == "1.1.0"
+    # A newer check-in that shows 1.0.0 still means the device went back by itself.
+    assert checkin(ctx, "dev1", "x86", models=[v1]) == "ok"
+    detail = client.get("/api/v1/devices/dev1", headers=AUTH).json()
+    assert detail["models"][0]["version"] == "1.0.0"
+    assert {d["version"]: d["state"] for d in detail["deployments"]}["1.1.0"] == "rolled_back"
