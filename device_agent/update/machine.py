@@ -22,6 +22,7 @@ A shadow deployment (``mode="shadow"``) stages into the ``shadow`` slot and goes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
@@ -83,6 +84,7 @@ class Deployment(BaseModel):
     outcome: DeploymentState | None = None
     reason: ReasonCode = ReasonCode.OK
     detail: str = ""
+    deferred_since: datetime | None = None  # when the application first deferred the switch (survives restarts)
 
     @property
     def deployment_id(self) -> str:

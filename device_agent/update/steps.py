@@ -12,8 +12,8 @@ import logging
 import os
 import random
 import threading
-import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from device_agent.fsutil import FreeSpaceProbe, fsync_dir, remove_tree
@@ -25,6 +25,7 @@ from device_agent.update.checks import smoke_test as run_smoke_test
 from device_agent.update.download import DownloadPolicy, download, resolve_url
 from device_agent.update.machine import Deployment
 from device_agent.update.trial import TrialMonitor, latencies_on
+from device_agent.update.tuf_client import verify_in_repository
 from edgeota_contract.bundle import sha256_file, verify_bundle
 from edgeota_contract.errors import AssignmentError, BundleError, EdgeotaError
 from edgeota_contract.logs import log_event
@@ -71,6 +72,7 @@ class Steps:
         problem = policy_problem(dep.assignment, self.store.state, self.config.hardware_profile)
         if problem is not None:
             raise AssignmentError(problem.detail, problem.reason)
+        verify_in_repository(self.config, dep.assignment, self._sleep)  # TUF: fresh metadata vouches for the bundle
         return None
 
     def _check_disk(self, dep: Deployment) -> None:
@@ -220,12 +222,18 @@ class Steps:
         return mutate
 
     def _wait_for_consent(self, dep: Deployment) -> None:
-        """Let the application defer the switch while it is busy, for at most ``max_update_deferral_seconds``."""
+        """Let the application defer the switch while it is busy, for at most ``max_update_deferral_seconds``
+        in total, counted by the wall clock from the first deferral, which is persisted: a restart (or a
+        crash) while deferring resumes the same budget rather than starting a new one."""
         if self.defer_update is None:
             return
         limit = self.settings.max_update_deferral_seconds
-        started = time.monotonic()
-        while time.monotonic() - started < limit:
+        since = dep.deferred_since
+        while True:
+            waited = 0.0 if since is None else max(0.0, (datetime.now(UTC) - since).total_seconds())
+            if waited >= limit:
+                log_event(log, "update_deferral_exhausted", deployment=dep.deployment_id, seconds=limit)
+                return
             try:
                 busy = self.defer_update(dep.assignment)
             except Exception:  # a failing callback must not block updates forever
@@ -233,9 +241,16 @@ class Steps:
                 return
             if not busy:
                 return
+            if since is None:
+                since = datetime.now(UTC)
+                self._remember_deferral(dep, since)
             log_event(log, "update_deferred", deployment=dep.deployment_id)
-            self._sleep(min(self.settings.deferral_poll_seconds, max(0.0, limit - (time.monotonic() - started))))
-        log_event(log, "update_deferral_exhausted", deployment=dep.deployment_id, seconds=limit)
+            self._sleep(min(self.settings.deferral_poll_seconds, max(0.0, limit - waited)))
+
+    def _remember_deferral(self, dep: Deployment, since: datetime) -> None:
+        with self.store.update() as st:
+            if st.deployment is not None and st.deployment.deployment_id == dep.deployment_id:
+                st.deployment = st.deployment.model_copy(update={"deferred_since": since})
 
     def _ensure_serving(self, slot: str) -> LoadedModel:
         current = self.runtime.current

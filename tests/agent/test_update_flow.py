@@ -531,3 +531,30 @@ def test_sample_rate_is_a_uniform_draw_and_bounded(tmp_path: Path) -> None:
     assert small.persist() == 5 and len(small.pending()) == 5  # the newest five
     kept = sorted(int(np.load(p)["in.x"][0, 0]) for p in small.pending())
     assert kept == [15, 16, 17, 18, 19]
+
+
+def test_deferral_budget_survives_a_restart(
+    make_agent: Callable[..., Agent], keys: Keys, publish_bundle: Callable[..., BundleRef], tmp_path: Path
+) -> None:
+    """The deferral cap counts from the first deferral, persisted: restarting must not grant a fresh hour."""
+    first = make_agent(deferral_poll_seconds=0.05, defer_update=lambda a: True)
+    first.handle_command(signed(assignment(publish_bundle("1.0.0")), keys.server))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        dep = first.state.deployment
+        if dep is not None and dep.deferred_since is not None:
+            break
+        time.sleep(0.02)
+    first.stop()  # mid-deferral
+    state_file = tmp_path / "dev" / "state" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["deployment"]["deferred_since"] is not None and state["deployment"]["step"] == "switch"
+    # The device was off for two hours: the one-hour budget (the default) is spent, so the switch goes ahead
+    # without asking again (before, the budget restarted with the process and the app could defer forever).
+    state["deployment"]["deferred_since"] = (datetime.now(UTC) - timedelta(hours=2)).isoformat()
+    state_file.write_text(json.dumps(state))
+    asked: list[str] = []
+    again = make_agent(deferral_poll_seconds=0.05, defer_update=lambda a: asked.append(a.deployment_id) is None)
+    assert again.wait_idle(30)
+    assert last(again)["state"] == OK and asked == []
+    assert again.state.active() is not None and again.state.active().version == "1.0.0"  # type: ignore[union-attr]
