@@ -114,7 +114,12 @@ def test_three_profiles_in_parallel(mlp: DigitsExample, tmp_path: Path, signing_
     assert report.ok, {p: r.error for p, r in report.results.items()}
     qnn = report.results["qcom-qnn-npu"]
     assert qnn.recipe is not None and qnn.recipe.startswith(("u8-qdq", "a16w8"))
-    assert report.results["jetson-orin-nano"].recipe == "fp16"
+    jetson = report.results["jetson-orin-nano"]
+    if jetson.recipe != "fp16":
+        # fp16 runs emulated on this CPU: with the 2-core box busy (a full test suite) it can miss the profile's
+        # 10 ms budget, and the ladder then rightly moves on. Any other reason to skip fp16 is a bug.
+        fp16 = [a for a in jetson.attempts if a.recipe == "fp16"]
+        assert fp16 and all({g.name for g in a.gates if not g.ok} == {"latency"} for a in fp16), fp16
 
 
 def test_degraded_model_fails_and_override_ships_it_marked(
