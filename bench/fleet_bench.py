@@ -93,6 +93,9 @@ class Variant:
     phases: tuple[str, ...] = PHASES
     rate: float = 0.2  # inference requests per second per device
     report_retry_seconds: float | None = None  # None: AGENT's (the agent's default, 30 s)
+    # The failed-gate release: "slow" (BAD_SLOW_MATMULS, burns the simulator's CPU on every canary) or "nan" /
+    # "wrong" (cheap to run: at 1,000 devices 100 slow canaries on two cores never finished their trial).
+    bad_kind: str = "slow"
 
 
 def agent_settings(variant: Variant) -> dict[str, Any]:
@@ -338,7 +341,7 @@ def _wait_share(count: Any, total: int, timeout: float, stall: float = 90.0) -> 
     return t99, None, done
 
 
-def _releases(stack: Stack) -> tuple[BuiltRelease, BuiltRelease, BuiltRelease]:
+def _releases(stack: Stack, bad_kind: str = "slow") -> tuple[BuiltRelease, BuiltRelease, BuiltRelease]:
     from packager.examples.digits import build_digits_example
 
     out = []
@@ -356,8 +359,14 @@ def _releases(stack: Stack) -> tuple[BuiltRelease, BuiltRelease, BuiltRelease]:
                 version,
             )
         )
+    assert bad_kind in ("slow", "nan", "wrong")
     bad = make_bad_release(
-        out[0], stack.release_key, stack.workdir / "bundles" / "bad", "1.2.0", slow_matmuls=BAD_SLOW_MATMULS
+        out[0],
+        stack.release_key,
+        stack.workdir / "bundles" / "bad",
+        "1.2.0",
+        kind=bad_kind,  # type: ignore[arg-type]
+        slow_matmuls=BAD_SLOW_MATMULS,
     )
     return out[0], out[1], bad
 
@@ -476,7 +485,7 @@ def bench_size(devices: int, save: Any = None, variant: Variant | None = None) -
     }
     fleet_dir = workdir / "fleet"
     with local_stack(workdir, "mosquitto") as stack, ServerApi(stack.server_url, stack.admin_token, 120) as api:
-        v1, v2, bad = _releases(stack)
+        v1, v2, bad = _releases(stack, variant.bad_kind)
         ids = [api.upload_bundle(r.bundles[PROFILE])["release_id"] for r in (v1, v2, bad)]
         out["bundle_bytes"] = {r.version: r.bundles[PROFILE].stat().st_size for r in (v1, v2, bad)}
         wire = WireCounter(stack.broker.host, stack.broker.port)
@@ -646,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll", type=float, default=0, help="devices poll for commands every SECONDS (no push)")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"subset of {','.join(PHASES)}")
     parser.add_argument("--report-retry", type=float, default=0, help="agents re-send unacked reports every SECONDS")
+    parser.add_argument(
+        "--bad-kind", choices=("slow", "nan", "wrong"), default="slow", help="the failed-gate release's fault"
+    )
     parser.add_argument("--append", action="store_true", help="add to bench/results/fleet.json instead of replacing")
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",") if x] or ([100] if args.quick else [1000])
@@ -661,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         poll_seconds=args.poll or None,
         phases=phases,
         report_retry_seconds=args.report_retry or None,
+        bad_kind=args.bad_kind,
     )
     results = run_sizes(Path(__file__).resolve().parent / "results", sizes, variant, append=args.append)
     print(json.dumps(results["sizes"][-len(sizes) :], indent=2))
