@@ -56,6 +56,14 @@ def server() -> Iterator[BundleServer]:
     srv.stop()
 
 
+@pytest.fixture
+def open_server() -> Iterator[BundleServer]:
+    """A bundle/metadata server that asks for no token (the TUF repository is public)."""
+    srv = BundleServer(token=None).start()
+    yield srv
+    srv.stop()
+
+
 @dataclass
 class BundleRef:
     path: Path

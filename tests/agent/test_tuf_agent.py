@@ -24,13 +24,6 @@ HAPPY = ["downloading", "downloaded", "verifying", "installing", "trial", "commi
 
 
 @pytest.fixture
-def open_server() -> Iterator[BundleServer]:
-    srv = BundleServer(token=None).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
 def site(tmp_path: Path, open_server: BundleServer) -> TufSite:
     return make_site(tmp_path, open_server, root_keys=1, threshold=1)
 

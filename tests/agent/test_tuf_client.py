@@ -4,7 +4,6 @@ rollback, mix-and-match, thresholds, key rotation and revocation), plus target m
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,6 @@ from tests.agent.http_server import BundleServer
 
 SHA = "ab" * 32
 SIZE = 12_345
-
-
-@pytest.fixture
-def open_server() -> Iterator[BundleServer]:
-    srv = BundleServer(token=None).start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture
