@@ -96,6 +96,7 @@ class Variant:
     # The failed-gate release: "slow" (BAD_SLOW_MATMULS, burns the simulator's CPU on every canary) or "nan" /
     # "wrong" (cheap to run: at 1,000 devices 100 slow canaries on two cores never finished their trial).
     bad_kind: str = "slow"
+    canary_count: int = 0  # the failed gate's first stage: this many devices (0: 10% of the fleet)
 
 
 def agent_settings(variant: Variant) -> dict[str, Any]:
@@ -545,9 +546,12 @@ def bench_size(devices: int, save: Any = None, variant: Variant | None = None) -
                 checkpoint()
 
             if "failed_gate" in variant.phases:
-                final, seconds = _rollout(
-                    api, ids[2], [StagePlan(percent=10, soak_seconds=5), StagePlan(percent=100)], timeout
+                canary = (
+                    StagePlan(count=variant.canary_count, soak_seconds=5)
+                    if variant.canary_count
+                    else StagePlan(percent=10, soak_seconds=5)
                 )
+                final, seconds = _rollout(api, ids[2], [canary, StagePlan(percent=100)], timeout)
                 back = None
                 if final["state"] in ("rolled_back", "paused", "aborted"):  # the gate halted it: measure the way back
                     _, back, _ = _wait_share(lambda: devices - fleet.serving(bad.version), devices, timeout)
@@ -658,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bad-kind", choices=("slow", "nan", "wrong"), default="slow", help="the failed-gate release's fault"
     )
+    parser.add_argument("--canary-count", type=int, default=0, help="failed gate: canary stage of N devices (not 10%%)")
     parser.add_argument("--append", action="store_true", help="add to bench/results/fleet.json instead of replacing")
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",") if x] or ([100] if args.quick else [1000])
@@ -674,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         phases=phases,
         report_retry_seconds=args.report_retry or None,
         bad_kind=args.bad_kind,
+        canary_count=args.canary_count,
     )
     results = run_sizes(Path(__file__).resolve().parent / "results", sizes, variant, append=args.append)
     print(json.dumps(results["sizes"][-len(sizes) :], indent=2))

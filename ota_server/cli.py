@@ -260,6 +260,7 @@ def rollout_create(
     on_failure: str = typer.Option("rollback", "--on-failure"),
     max_concurrent: int | None = typer.Option(None, "--max-concurrent", help="cap on deployments in flight"),
     max_error_rate: float | None = typer.Option(None, "--max-error-rate", help="telemetry gate"),
+    max_nan_rate: float | None = typer.Option(None, "--max-nan-rate", help="telemetry gate: NaN/inf per request"),
     max_p95_ratio: float | None = typer.Option(None, "--max-p95-ratio", help="telemetry gate vs previous release"),
     max_psi: float | None = typer.Option(None, "--max-drift-psi", help="telemetry gate vs reference stats"),
     start_at: str | None = typer.Option(None, "--start-at", help="ISO time of a scheduled start"),
@@ -293,6 +294,7 @@ def rollout_create(
     optional = {
         "max_concurrent": max_concurrent,
         "max_error_rate": max_error_rate,
+        "max_nan_output_rate": max_nan_rate,
         "max_p95_latency_ratio": max_p95_ratio,
         "max_drift_psi": max_psi,
     }

@@ -63,6 +63,9 @@ class GatesBody(_Body):
     min_count_for_failure_rate: int = Field(default=1, ge=1, le=10_000_000)
     device_timeout_seconds: float = Field(default=900.0, gt=0, le=30 * 86400)
     max_error_rate: float | None = Field(default=None, ge=0, le=1)
+    max_nan_output_rate: float | None = Field(
+        default=None, ge=0, le=1_000_000, description="non-finite output values per successful request; 0: any"
+    )
     max_p95_latency_ratio: float | None = Field(default=None, gt=0, le=1000)
     max_drift_psi: float | None = Field(default=None, ge=0, le=100)
     min_telemetry_requests: int = Field(default=100, ge=1, le=10**12)

@@ -36,6 +36,8 @@ class Gates:
     device_timeout_seconds: float = 900.0
     # Telemetry gates (None = off), judged once the new bundle has served min_telemetry_requests.
     max_error_rate: float | None = None
+    max_nan_output_rate: float | None = None
+    """Non-finite output values (NaN, inf) per successful request of the new release; 0: any fails."""
     max_p95_latency_ratio: float | None = None
     """p95 latency of the new release over the p95 of what the same devices ran before."""
     max_drift_psi: float | None = None

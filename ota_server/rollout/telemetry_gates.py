@@ -36,6 +36,7 @@ class TelemetryTotals:
     shadow_compared: int = 0
     shadow_agree: int = 0
     outputs: dict[str, list[int]] = field(default_factory=dict)
+    nan_outputs: int = 0  # non-finite output values, all outputs
     windows: int = 0
     dropped_by_device: dict[str, int] = field(default_factory=dict)
 
@@ -48,6 +49,7 @@ class TelemetryTotals:
         """Add every count of ``other`` into this one (histograms with other bucket counts are skipped)."""
         self.requests += other.requests
         self.errors += other.errors
+        self.nan_outputs += other.nan_outputs
         self.windows += other.windows
         self.latency_counts = merge_counts(self.latency_counts, other.latency_counts)
         _merge_into(self.features, other.features)
@@ -78,6 +80,7 @@ class TelemetryTotals:
             str(o.get("output")): list(o["class_counts"]) for o in window.get("outputs", []) if o.get("class_counts")
         }
         _merge_into(self.outputs, outputs)
+        self.nan_outputs += sum(int(o.get("nan_count", 0)) for o in window.get("outputs", []))
         dropped = int(window.get("spool_dropped", 0))
         self.dropped_by_device[device_id] = max(dropped, self.dropped_by_device.get(device_id, 0))
 
@@ -131,6 +134,14 @@ def telemetry_gate_failure(
         rate = new.errors / new.requests
         if rate > gates.max_error_rate:
             return f"error rate {rate:.3f} over {gates.max_error_rate:.3f} after {new.requests} requests"
+    if gates.max_nan_output_rate is not None and new.nan_outputs:
+        served = max(1, new.requests - new.errors)
+        rate = new.nan_outputs / served
+        if rate > gates.max_nan_output_rate:
+            return (
+                f"{new.nan_outputs} non-finite output values in {served} requests"
+                f" ({rate:.3f} per request, over {gates.max_nan_output_rate:g})"
+            )
     if gates.max_p95_latency_ratio is not None and baseline is not None and baseline.requests > 0:
         new_p95, old_p95 = new.p95_ms, baseline.p95_ms
         if new_p95 is not None and old_p95 is not None and old_p95 > 0:

@@ -78,18 +78,28 @@ def rollout_telemetry_failure(session: Session, store: ArtifactStore, rollout: R
     shadow gates need the histograms in the payloads, and only they read them.
     """
     gates = Plan.from_json(rollout.plan).gates
-    wanted = (gates.max_error_rate, gates.max_p95_latency_ratio, gates.max_drift_psi, gates.min_shadow_agreement)
+    wanted = (
+        gates.max_error_rate,
+        gates.max_nan_output_rate,
+        gates.max_p95_latency_ratio,
+        gates.max_drift_psi,
+        gates.min_shadow_agreement,
+    )
     if all(g is None for g in wanted):
         return None
     devices = select(Deployment.device_id).where(Deployment.rollout_id == rollout.id, Deployment.mode == "install")
     new_shas = set(session.scalars(select(Bundle.sha256).where(Bundle.release_id == rollout.release_id)))
     failure: str | None = None
-    if gates.max_error_rate is not None or gates.max_p95_latency_ratio is not None or gates.max_drift_psi is not None:
+    payload_gates = (gates.max_nan_output_rate, gates.max_p95_latency_ratio, gates.max_drift_psi)
+    if gates.max_error_rate is not None or any(g is not None for g in payload_gates):
         counted = _counted(session, new_shas, devices)
         failure = telemetry_gate_failure(
-            replace(gates, max_p95_latency_ratio=None, max_drift_psi=None), counted, None, None
+            replace(gates, max_nan_output_rate=None, max_p95_latency_ratio=None, max_drift_psi=None),
+            counted,
+            None,
+            None,
         )
-        histograms = gates.max_p95_latency_ratio is not None or gates.max_drift_psi is not None
+        histograms = any(g is not None for g in payload_gates)
         if failure is None and histograms and counted.requests >= max(1, gates.min_telemetry_requests):
             failure = _histogram_failure(session, store, rollout.id, gates, new_shas, devices)
     if failure is None and gates.min_shadow_agreement is not None:
@@ -106,7 +116,7 @@ def _histogram_failure(
     new_shas: set[str],
     devices: Select[str],
 ) -> str | None:
-    """The latency and drift gates, on the merged histograms of the window payloads."""
+    """The non-finite-output, latency and drift gates, on the merged window payloads."""
     new_parts = _totals(session, new_shas, devices)
     baseline = None
     if gates.max_p95_latency_ratio is not None:

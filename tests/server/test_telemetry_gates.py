@@ -7,7 +7,13 @@ from datetime import UTC, datetime
 from fastapi.testclient import TestClient
 
 from edgeota_contract.messages import Assignment, TelemetryWindow
-from edgeota_contract.telemetry import LATENCY_EDGES_MS, FeatureReference, FeatureSummary, ReferenceStats
+from edgeota_contract.telemetry import (
+    LATENCY_EDGES_MS,
+    FeatureReference,
+    FeatureSummary,
+    OutputSummary,
+    ReferenceStats,
+)
 from edgeota_contract.topics import Channel, device_topic
 from ota_server.context import ServerContext
 from ota_server.engine import tick
@@ -29,7 +35,12 @@ def latency(bucket: int, n: int) -> list[int]:
 
 
 def window(
-    a: Assignment, requests: int, errors: int, lat_bucket: int = 5, features: list[FeatureSummary] | None = None
+    a: Assignment,
+    requests: int,
+    errors: int,
+    lat_bucket: int = 5,
+    features: list[FeatureSummary] | None = None,
+    nan_values: int = 0,
 ) -> TelemetryWindow:
     return TelemetryWindow(
         boot_id=BOOT,
@@ -43,6 +54,7 @@ def window(
         error_count=errors,
         latency_counts=latency(lat_bucket, requests),
         features=features or [],
+        outputs=[OutputSummary(output="y", nan_count=nan_values)] if nan_values else [],
     )
 
 
@@ -86,6 +98,18 @@ def test_p95_latency_gate_compares_with_previous_release() -> None:
     assert telemetry_gate_failure(gates, totals(window(_a(), 100, 0, lat_bucket=8)), None, None) is None
 
 
+def test_nan_output_gate_counts_values_per_successful_request() -> None:
+    gates = Gates(max_nan_output_rate=0.0, min_telemetry_requests=100)
+    assert telemetry_gate_failure(gates, totals(window(_a(), 50, 0, nan_values=5)), None, None) is None  # too few
+    assert telemetry_gate_failure(gates, totals(window(_a(), 200, 0)), None, None) is None
+    failing = totals(window(_a(), 200, 0), window(_a(), 100, 50, nan_values=1))
+    assert failing.nan_outputs == 1
+    assert "1 non-finite output values in 250 requests" in (telemetry_gate_failure(gates, failing, None, None) or "")
+    lenient = Gates(max_nan_output_rate=0.01, min_telemetry_requests=100)
+    assert telemetry_gate_failure(lenient, failing, None, None) is None  # 0.004 per request
+    assert telemetry_gate_failure(Gates(min_telemetry_requests=1), failing, None, None) is None  # gate off
+
+
 def test_drift_psi_against_reference() -> None:
     ref = [{"input": "x", "feature": 0, "edges": [0.5], "counts": [50, 50]}]
     same = {("x", 0): [500, 500]}
@@ -111,9 +135,11 @@ def test_rollout_halts_on_error_rate_and_drift(
         upload(client, make_bundle(v, "x86", reference=ref.model_dump_json().encode())).json()["release_id"]
         for v in ("1.0.0", "1.1.0")
     ]
+    releases.append(upload(client, make_bundle("1.2.0", "x86")).json()["release_id"])
     gates = [
         {"max_error_rate": 0.1, "min_telemetry_requests": 50},
         {"max_drift_psi": 0.25, "min_telemetry_requests": 50},
+        {"max_nan_output_rate": 0, "min_telemetry_requests": 50},
     ]
     for release, gate in zip(releases, gates, strict=True):
         body = {
@@ -135,6 +161,13 @@ def test_rollout_halts_on_error_rate_and_drift(
             assert client.get(f"/api/v1/rollouts/{rid}", headers=AUTH).json()["state"] == "running"
             _send(ctx, "t1", window(a, 100, 40))
             expected = "error rate"
+        elif "max_nan_output_rate" in gate:
+            _send(ctx, "t1", window(a, 100, 0))
+            tick(ctx)
+            assert client.get(f"/api/v1/rollouts/{rid}", headers=AUTH).json()["state"] == "running"
+            # a model that returns NaN on a share of live inputs passes the device's short trial: the fleet sees it
+            _send(ctx, "t1", window(a, 100, 0, nan_values=30))
+            expected = "non-finite output"
         else:
             drifted = FeatureSummary(input="x", feature=0, edges=[0.5], counts=[95, 5])
             _send(ctx, "t1", window(a, 100, 0, features=[drifted]))
