@@ -373,7 +373,12 @@ def _releases(stack: Stack, bad_kind: str = "slow") -> tuple[BuiltRelease, Built
 
 
 def _rollout(
-    api: ServerApi, release_id: str, stages: list[StagePlan], timeout: float, max_failure_rate: float = 0.2
+    api: ServerApi,
+    release_id: str,
+    stages: list[StagePlan],
+    timeout: float,
+    max_failure_rate: float = 0.2,
+    telemetry_gates: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], float]:
     plan = RolloutPlan(
         stages=stages,
@@ -381,6 +386,7 @@ def _rollout(
         device_timeout_seconds=timeout,
         max_failure_rate=max_failure_rate,
         min_count_for_failure_rate=5,
+        telemetry_gates=telemetry_gates or {},
     )
     rollout = api.create_rollout(release_id, plan)
     started = time.monotonic()
@@ -546,12 +552,18 @@ def bench_size(devices: int, save: Any = None, variant: Variant | None = None) -
                 checkpoint()
 
             if "failed_gate" in variant.phases:
+                # A NaN-on-a-share release passes the devices' 5 s trials (run 10): only the fleet's telemetry shows
+                # it, so that phase soaks the canaries past one telemetry window with the NaN gate on.
+                nan = variant.bad_kind == "nan"
+                gates = {"max_nan_output_rate": 0, "min_telemetry_requests": 50} if nan else None
+                soak = AGENT["telemetry_window_seconds"] * 1.5 if nan else 5
                 canary = (
-                    StagePlan(count=variant.canary_count, soak_seconds=5)
+                    StagePlan(count=variant.canary_count, soak_seconds=soak)
                     if variant.canary_count
-                    else StagePlan(percent=10, soak_seconds=5)
+                    else StagePlan(percent=10, soak_seconds=soak)
                 )
-                final, seconds = _rollout(api, ids[2], [canary, StagePlan(percent=100)], timeout)
+                final, seconds = _rollout(api, ids[2], [canary, StagePlan(percent=100)], timeout, telemetry_gates=gates)
+                out["failed_gate_plan"] = {"canary": canary.to_json(), "telemetry_gates": gates}
                 back = None
                 if final["state"] in ("rolled_back", "paused", "aborted"):  # the gate halted it: measure the way back
                     _, back, _ = _wait_share(lambda: devices - fleet.serving(bad.version), devices, timeout)
