@@ -97,6 +97,7 @@ class Variant:
     # "wrong" (cheap to run: at 1,000 devices 100 slow canaries on two cores never finished their trial).
     bad_kind: str = "slow"
     canary_count: int = 0  # the failed gate's first stage: this many devices (0: 10% of the fleet)
+    max_concurrent: int = 0  # healthy rollouts: at most this many deployments in flight (0: no cap)
 
 
 def agent_settings(variant: Variant) -> dict[str, Any]:
@@ -529,7 +530,12 @@ def bench_size(devices: int, save: Any = None, variant: Variant | None = None) -
                 if phase not in variant.phases:
                     continue
                 last, seconds = _rollout(
-                    api, release_id, [StagePlan(percent=100)], timeout, max_failure_rate=HEALTHY_MAX_FAILURE_RATE
+                    api,
+                    release_id,
+                    [StagePlan(percent=100)],
+                    timeout,
+                    max_failure_rate=HEALTHY_MAX_FAILURE_RATE,
+                    telemetry_gates={"max_concurrent": variant.max_concurrent} if variant.max_concurrent else None,
                 )
                 out[key] = _phase_result(last, seconds, fleet_dir)
                 if variant.poll_seconds:
@@ -674,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bad-kind", choices=("slow", "nan", "wrong"), default="slow", help="the failed-gate release's fault"
     )
+    parser.add_argument("--max-concurrent", type=int, default=0, help="healthy rollouts: cap on deployments in flight")
     parser.add_argument("--canary-count", type=int, default=0, help="failed gate: canary stage of N devices (not 10%%)")
     parser.add_argument("--append", action="store_true", help="add to bench/results/fleet.json instead of replacing")
     args = parser.parse_args(argv)
@@ -692,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         report_retry_seconds=args.report_retry or None,
         bad_kind=args.bad_kind,
         canary_count=args.canary_count,
+        max_concurrent=args.max_concurrent,
     )
     results = run_sizes(Path(__file__).resolve().parent / "results", sizes, variant, append=args.append)
     print(json.dumps(results["sizes"][-len(sizes) :], indent=2))
