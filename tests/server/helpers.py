@@ -39,15 +39,11 @@ def next_seq() -> int:
     return next(_seq)
 
 
-def report(
-    ctx: ServerContext,
-    a: Assignment,
-    state: DeploymentState,
-    reason: ReasonCode = ReasonCode.OK,
-    device_id: str | None = None,
-    msg_id: str | None = None,
-) -> tuple[str, StatusReport]:
-    msg = StatusReport(
+def status_report(
+    a: Assignment, state: DeploymentState, reason: ReasonCode = ReasonCode.OK, msg_id: str | None = None
+) -> StatusReport:
+    """The device's report of ``a`` reaching ``state``, with the next seq of this test boot."""
+    return StatusReport(
         boot_id=BOOT,
         seq=next(_seq),
         deployment_id=a.deployment_id,
@@ -59,6 +55,17 @@ def report(
         bundle_sha256=a.bundle_sha256,
         **({"msg_id": msg_id} if msg_id else {}),
     )
+
+
+def report(
+    ctx: ServerContext,
+    a: Assignment,
+    state: DeploymentState,
+    reason: ReasonCode = ReasonCode.OK,
+    device_id: str | None = None,
+    msg_id: str | None = None,
+) -> tuple[str, StatusReport]:
+    msg = status_report(a, state, reason, msg_id)
     outcome = process_message(
         ctx, device_topic(device_id or a.device_id, Channel.STATUS), msg.model_dump_json().encode()
     )

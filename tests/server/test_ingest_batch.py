@@ -21,9 +21,7 @@ from ota_server.models import Deployment, DeviceMessage, StatusEvent, TelemetryR
 from ota_server.services import ingest
 
 from .conftest import AUTH, BundleFactory, upload
-from .helpers import BOOT, acked, assignments, commands
-
-_seq = iter(range(1, 1_000_000))
+from .helpers import BOOT, acked, assignments, commands, status_report
 
 
 def fleet(client: TestClient, ctx: ServerContext, make_bundle: BundleFactory, n: int) -> dict[str, Assignment]:
@@ -39,17 +37,7 @@ def fleet(client: TestClient, ctx: ServerContext, make_bundle: BundleFactory, n:
 
 
 def status(a: Assignment, state: DeploymentState, msg_id: str | None = None) -> Incoming:
-    msg = StatusReport(
-        boot_id=BOOT,
-        seq=next(_seq),
-        deployment_id=a.deployment_id,
-        assignment_id=a.assignment_id,
-        state=state,
-        model_name=a.model_name,
-        version=a.version,
-        bundle_sha256=a.bundle_sha256,
-        **({"msg_id": msg_id} if msg_id else {}),
-    )
+    msg = status_report(a, state, msg_id=msg_id)
     return Incoming(
         device_topic(a.device_id, Channel.STATUS), a.device_id, Channel.STATUS, msg.model_dump_json().encode()
     )
