@@ -90,7 +90,8 @@ def test_mosquitto_rejects_oversized_payload(tmp_path: Path) -> None:
         try:
             pub.publish("big/too", b"x" * (MAX_MESSAGE_BYTES + 1), qos=1)
             pub.publish("big/ok", b"x" * MAX_MESSAGE_BYTES, qos=1).wait_for_publish(10)
-            for _ in range(400):  # the oversized one is dropped by the broker; wait for the one that fits (20 s: busy CI)
+            # the oversized one is dropped by the broker; wait up to 20 s (a busy CI box) for the one that fits
+            for _ in range(400):
                 if got:
                     break
                 time.sleep(0.05)
