@@ -379,7 +379,7 @@ def _rollout(
     stages: list[StagePlan],
     timeout: float,
     max_failure_rate: float = 0.2,
-    telemetry_gates: dict[str, Any] | None = None,
+    extra_gates: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], float]:
     plan = RolloutPlan(
         stages=stages,
@@ -387,7 +387,7 @@ def _rollout(
         device_timeout_seconds=timeout,
         max_failure_rate=max_failure_rate,
         min_count_for_failure_rate=5,
-        telemetry_gates=telemetry_gates or {},
+        extra_gates=extra_gates or {},
     )
     rollout = api.create_rollout(release_id, plan)
     started = time.monotonic()
@@ -535,7 +535,7 @@ def bench_size(devices: int, save: Any = None, variant: Variant | None = None) -
                     [StagePlan(percent=100)],
                     timeout,
                     max_failure_rate=HEALTHY_MAX_FAILURE_RATE,
-                    telemetry_gates={"max_concurrent": variant.max_concurrent} if variant.max_concurrent else None,
+                    extra_gates={"max_concurrent": variant.max_concurrent} if variant.max_concurrent else None,
                 )
                 out[key] = _phase_result(last, seconds, fleet_dir)
                 if variant.poll_seconds:
@@ -568,7 +568,7 @@ def bench_size(devices: int, save: Any = None, variant: Variant | None = None) -
                     if variant.canary_count
                     else StagePlan(percent=10, soak_seconds=soak)
                 )
-                final, seconds = _rollout(api, ids[2], [canary, StagePlan(percent=100)], timeout, telemetry_gates=gates)
+                final, seconds = _rollout(api, ids[2], [canary, StagePlan(percent=100)], timeout, extra_gates=gates)
                 out["failed_gate_plan"] = {"canary": canary.to_json(), "telemetry_gates": gates}
                 back = None
                 if final["state"] in ("rolled_back", "paused", "aborted"):  # the gate halted it: measure the way back

@@ -48,7 +48,7 @@ class RolloutPlan:
     device_timeout_seconds: float = 120.0
     on_failure: str = "rollback"
     labels: dict[str, str] = field(default_factory=dict)
-    telemetry_gates: dict[str, Any] = field(default_factory=dict)  # e.g. {"max_nan_output_rate": 0}
+    extra_gates: dict[str, Any] = field(default_factory=dict)  # any other gate fields: max_concurrent, telemetry gates
 
     def body(self, release_id: str) -> dict[str, Any]:
         return {
@@ -59,7 +59,7 @@ class RolloutPlan:
                 "max_failure_rate": self.max_failure_rate,
                 "min_count_for_failure_rate": self.min_count_for_failure_rate,
                 "device_timeout_seconds": self.device_timeout_seconds,
-                **self.telemetry_gates,
+                **self.extra_gates,
             },
             "on_failure": self.on_failure,
         }
