@@ -88,3 +88,37 @@ def test_predict_errors(loaded: Callable[[int, SessionCache], LoadedModel]) -> N
         runtime.predict({"x": np.zeros((2, 3), dtype=np.float32)})
     runtime.predict({"x": sample_inputs()})
     assert seen == [True, True, False]
+
+
+def test_run_matches_the_public_session_api(loaded: Callable[[int, SessionCache], LoadedModel]) -> None:
+    """The request path calls ORT's native run (past InferenceSession.run's per-call checks): same outputs as
+    the public API, extra input keys ignored, bad dtypes and wrong input names still refused as ModelError."""
+    model = loaded(0, SessionCache())
+    x = sample_inputs(5, seed=3)
+    [public] = model.session.run(None, {"x": x})
+    got = model.run({"x": x})
+    assert list(got) == model.output_names and np.array_equal(got["y"], public)
+    assert np.allclose(got["y"], reference_model(x, seed=0), atol=1e-5)
+    assert np.array_equal(model.run({"x": x, "unused": np.zeros(1)})["y"], public)
+    with pytest.raises(ModelError, match="inference failed"):
+        model.run({"x": x.astype(np.float64)})
+    with pytest.raises(ModelError, match="missing inputs: x"):
+        model.run({"y": x, "z": x})
+    with pytest.raises(ModelError, match="missing inputs: x"):
+        model.run({})
+
+
+def test_run_falls_back_to_the_public_api_without_a_native_session(
+    loaded: Callable[[int, SessionCache], LoadedModel],
+) -> None:
+    real = loaded(0, SessionCache())
+    calls: list[list[str]] = []
+
+    class Wrapped:  # not an ORT session: only the public run(output_names, feeds, run_options)
+        def run(self, names: list[str], feeds: dict[str, np.ndarray], options: object = None) -> list[np.ndarray]:
+            calls.append(list(names))
+            return list(real.session.run(names, feeds))
+
+    model = LoadedModel(real.manifest, real.bundle_sha256, real.slot, real.folder, Wrapped())
+    assert np.array_equal(model.run({"x": sample_inputs()})["y"], real.run({"x": sample_inputs()})["y"])
+    assert calls == [["y"]]
