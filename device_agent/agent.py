@@ -99,8 +99,11 @@ class Agent:
         self.boot_id = new_id()
         self.cache = session_cache or SessionCache()
         self.runtime = ModelRuntime()
-        self.telemetry = TelemetryRecorder(background=self.settings.telemetry_background)
-        self.runtime.add_listener(self.telemetry)
+        self.telemetry = TelemetryRecorder(
+            background=self.settings.telemetry_background,
+            feature_sample_rate=self.settings.telemetry_feature_sample_rate,
+        )
+        self.runtime.add_listener(self.telemetry.record)
         self.sampler = InputSampler(
             self.settings.state_dir / "samples", self.settings.sample_rate, self.settings.sample_max_files
         )

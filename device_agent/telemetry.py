@@ -1,13 +1,22 @@
 """Telemetry windows: additive per-model-version summaries of live requests, summarised in batches.
 
-The request path (:meth:`TelemetryRecorder.__call__`, a :class:`~device_agent.runtime.ModelRuntime`
+The request path (:attr:`TelemetryRecorder.record`, a :class:`~device_agent.runtime.ModelRuntime`
 listener) does as little as Python allows: for the usual model (one input with reference
-statistics, one output, fixed row shapes) it copies the input and output bytes (``tobytes``: the
-application may reuse its buffers after ``predict`` returns) and appends them with the integer
-latency to a flat list, one atomic ``list.extend`` of four items. Everything numpy does happens in
-batches (:mod:`device_agent.telemetry_summaries`): on the process's background summariser thread
-(:mod:`device_agent.telemetry_worker`) when the buffer holds ``limit`` requests, and synchronously
-on :meth:`TelemetryRecorder.roll` (and so on stop).
+statistics, one output, fixed row shapes) it copies the output bytes and, for a uniform random
+sample of requests (``feature_sample_rate``), the input bytes (``tobytes``: the application may
+reuse its buffers after ``predict`` returns), and appends them with the integer latency to a flat
+list, one atomic ``list.extend`` of four items.
+
+Why sample the inputs: the per-feature summaries (64 features on the digits CNN: histograms on the
+reference edges plus moments) were the largest share of the batch work (~0.3 us a request warm,
+beside a ~25 us inference). Drift (PSI) compares proportions, which a uniform sample estimates
+without bias; a 1/16 sample of a 60 s window at 100 requests/s still holds ~375 rows per feature.
+Request and error counts, latency and output summaries (the health gates) always cover every
+request. Everything numpy does happens in batches (:mod:`device_agent.telemetry_summaries`): on
+the request that finds ``limit`` requests buffered (or, with ``background=True``, on the process's
+summariser thread, :mod:`device_agent.telemetry_worker`), and synchronously on
+:meth:`TelemetryRecorder.roll` (and so on stop); sampled input rows wait until
+``FEATURE_BATCH_ROWS`` of them are summarised together.
 
 Why bytes in a list rather than rows written into a preallocated numpy ring: ``a.tobytes()`` costs
 about 70 ns, an ndarray slice assignment 250-300 ns; a list append holds no lock and needs no
@@ -18,28 +27,28 @@ views them as one ``[rows, features]`` matrix.
 
 from __future__ import annotations
 
-import logging
-import math
+import contextlib
+import random
 import threading
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from device_agent._lazy import lazy_module
-from device_agent.runtime import LoadedModel
-from device_agent.telemetry_summaries import FeatureBlock, OutputStats, WholeInput, _counts, row_confidences
-from device_agent.telemetry_worker import SHARED, Summariser
-from edgeota_contract.logs import log_event
-from edgeota_contract.manifest import REFERENCE_STATS_FILE
-from edgeota_contract.telemetry import (
-    LATENCY_EDGES_MS,
-    FeatureSummary,
-    OutputReference,
-    OutputSummary,
-    ReferenceStats,
+from device_agent.runtime import Listener, LoadedModel
+from device_agent.telemetry_summaries import row_confidences
+from device_agent.telemetry_windows import (
+    FEATURE_BATCH_ROWS,
+    Template,
+    Window,
+    WindowSummary,
+    copies,
+    load_reference,
+    template_for,
 )
+from device_agent.telemetry_worker import SHARED, Summariser
 
 __all__ = [
+    "FEATURE_BATCH_ROWS",
     "MAX_BUFFERED_BYTES",
     "MAX_BUFFERED_REQUESTS",
     "TelemetryRecorder",
@@ -53,104 +62,31 @@ if TYPE_CHECKING:
 else:
     np = lazy_module("numpy")
 
-log = logging.getLogger("device_agent.telemetry")
-
 MAX_BUFFERED_REQUESTS = 1024
 """At most this many requests wait in the buffer before they are summarised (fewer for large inputs).
 
-Why not fewer: a batch has a fixed numpy cost (about 0.15 ms for 64 features), so smaller batches cost
-more per request, on the summariser thread and on the request thread alike (``telemetry_batch_sweep``
-in the agent bench: per-request cost falls steadily from 64 to 1024 rows)."""
+Why not fewer: a batch has a fixed numpy cost, so smaller batches cost more per request, on the
+summariser thread and on the request thread alike (an earlier session's batch-size sweep: the
+per-request cost fell steadily from 64 to 1024 rows; 2048 was no better)."""
 MAX_BUFFERED_BYTES = 4 << 20
 """The buffer limit adapts so that buffered inputs and outputs stay near this many bytes."""
-
-
-@dataclass
-class WindowSummary:
-    """One closed window of one model version, ready to become a ``TelemetryWindow``."""
-
-    model_name: str
-    version: str
-    bundle_sha256: str
-    window_start: datetime
-    window_end: datetime
-    request_count: int
-    error_count: int
-    latency_counts: list[int]
-    features: list[FeatureSummary]
-    outputs: list[OutputSummary]
-
-
-def load_reference(model: LoadedModel) -> ReferenceStats | None:
-    """The bundle's reference statistics, or None when they cannot be read (telemetry then skips features)."""
-    try:
-        return ReferenceStats.model_validate_json((model.folder / REFERENCE_STATS_FILE).read_bytes())
-    except (OSError, ValueError) as exc:
-        log_event(log, "reference_stats_unreadable", level=logging.WARNING, detail=str(exc)[:200])
-        return None
-
-
-@dataclass(frozen=True)
-class _Template:
-    """What to copy for one bundle, and how rows of the usual (fast) shape are rebuilt."""
-
-    refs: ReferenceStats | None
-    inputs: tuple[str, ...]  # inputs with reference statistics (copied), manifest order
-    outputs: tuple[str, ...]  # non-string outputs (copied), manifest order
-    fast: tuple[str, str] | None  # (input, output) when both have fixed row shapes; else None
-    in_dtype: Any = None
-    in_width: int = 0  # features per row of the fast input
-    out_dtype: Any = None
-    out_row: tuple[int, ...] = ()
-
-
-def _fixed_row(session_args: Any, name: str) -> tuple[int, ...] | None:
-    """The row shape (all axes after the first) when the model itself fixes it, else None."""
-    for arg in session_args:
-        if arg.name == name:
-            shape = list(arg.shape)
-            if len(shape) >= 2 and all(isinstance(d, int) and d > 0 for d in shape[1:]):
-                return tuple(shape[1:])
-    return None
-
-
-def _template(model: LoadedModel) -> _Template:
-    refs = load_reference(model)
-    names = {r.input for r in refs.features} if refs else set()
-    m = model.manifest
-    inputs = tuple(s.name for s in m.inputs if s.name in names and s.dtype != "string")
-    outputs = tuple(s.name for s in m.outputs if s.dtype != "string")
-    if len(inputs) != 1 or len(outputs) != 1:
-        return _Template(refs, inputs, outputs, None)
-    try:  # the session enforces its input dims, so a request that succeeded has rows of exactly this shape
-        in_row = _fixed_row(model.session.get_inputs(), inputs[0])
-        out_row = _fixed_row(model.session.get_outputs(), outputs[0])
-        in_spec = next(s for s in m.inputs if s.name == inputs[0])
-        out_spec = next(s for s in m.outputs if s.name == outputs[0])
-        in_dtype, out_dtype = np.dtype(_dtype(in_spec.dtype)), np.dtype(_dtype(out_spec.dtype))
-    except Exception:  # a session without shape information, an unknown dtype: the general path
-        return _Template(refs, inputs, outputs, None)
-    if in_row is None or out_row is None:
-        return _Template(refs, inputs, outputs, None)
-    return _Template(refs, inputs, outputs, (inputs[0], outputs[0]), in_dtype, math.prod(in_row), out_dtype, out_row)
-
-
-def _dtype(name: str) -> str:
-    return {"float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32"}.get(name, name)
+DEFAULT_FEATURE_SAMPLE_RATE = 1.0
+"""The recorder's own default: every request's inputs (the agent's setting defaults to 1/16)."""
 
 
 class _Plan:
     """One model's buffering in the current window: the hot path reads only these slots."""
 
-    __slots__ = ("digest", "fast", "input", "model", "output", "slow", "started", "template")
+    __slots__ = ("digest", "fast", "fast_model", "input", "model", "output", "slow", "started", "template")
 
-    def __init__(self, model: LoadedModel | None, template: _Template | None, started: datetime) -> None:
+    def __init__(self, model: LoadedModel | None, template: Template | None, started: datetime) -> None:
         self.model = model
         self.digest = model.bundle_sha256 if model is not None else ""
         self.template = template
         self.started = started
         fast = template.fast if template is not None else None
         self.fast = fast is not None
+        self.fast_model = model if fast is not None else None  # the hot path's one identity check
         self.input, self.output = fast if fast is not None else ("", "")
         self.slow = _Slow(self)
 
@@ -164,105 +100,6 @@ class _Slow:
         self.plan = plan
 
 
-_Copy = tuple[bytes, tuple[int, ...], Any]  # an array's row-major bytes, shape and dtype
-
-
-def _copies(values: dict[str, Any], names: tuple[str, ...]) -> list[_Copy]:
-    arrays = [np.asarray(values.get(n, np.nan)) for n in names]  # a missing one: 0-d, never a feature
-    return [(a.tobytes(), a.shape, a.dtype) for a in arrays]
-
-
-class _Window:
-    """The open window of one bundle: counts and the summaries of its inputs and outputs."""
-
-    def __init__(self, model: LoadedModel, template: _Template, started: datetime) -> None:
-        self.model = model
-        self.started = started
-        self.requests = 0
-        self.errors = 0
-        self.latency = np.zeros(len(LATENCY_EDGES_MS) + 1, dtype=np.int64)
-        refs = template.refs.features if template.refs else []
-        self.inputs: list[tuple[FeatureBlock, WholeInput]] = []
-        for name in template.inputs:
-            mine = [r for r in refs if r.input == name]
-            self.inputs.append(
-                (
-                    FeatureBlock([r for r in mine if r.feature is not None]),
-                    WholeInput([r for r in mine if r.feature is None]),
-                )
-            )
-        self.outputs = [OutputStats(s.name, _classes(s.name, template.refs)) for s in model.manifest.outputs]
-        self.copied = [o for o in self.outputs if o.name in template.outputs]
-
-    def _count(self, latencies: list[int], failed: int) -> None:
-        self.requests += len(latencies)
-        self.errors += failed
-        ns = np.fromiter(latencies, dtype=np.int64, count=len(latencies))
-        self.latency += _counts(np.asarray(LATENCY_EDGES_MS), ns / 1e6)  # as bisect_right(edges, ns / 1e6)
-
-    def add_fast(self, t: _Template, ins: list[Any], outs: list[Any], latencies: list[int]) -> int:
-        """Requests buffered as bare row bytes (None for a failed one), in recording order; returns their bytes."""
-        failed = ins.count(None)
-        self._count(latencies, failed)
-        if failed == len(ins):
-            return 0
-        if failed:
-            ins = [a for a in ins if a is not None]
-            outs = [b for b in outs if b is not None]
-        data = b"".join(ins)
-        view = np.frombuffer(data, dtype=t.in_dtype).reshape(-1, t.in_width)
-        block, whole = self.inputs[0]
-        if block.applies(t.in_width):
-            block.add(view)
-        if whole.refs:
-            whole.add([view])
-        out_data = b"".join(outs)
-        if len(out_data) % (t.out_dtype.itemsize * math.prod(t.out_row)) == 0:
-            self.copied[0].add(np.frombuffer(out_data, dtype=t.out_dtype).reshape(-1, *t.out_row))
-        else:  # the model returned another shape than it declares: do not guess its rows
-            log_event(log, "telemetry_output_shape_unexpected", level=logging.WARNING, output=self.copied[0].name)
-        return len(data) + len(out_data)
-
-    def add_general(self, ins: list[Any], outs: list[Any], latencies: list[int]) -> int:
-        """Requests buffered with shapes (lists of copies per input/output), in recording order."""
-        failed = ins.count(None)
-        self._count(latencies, failed)
-        ok = [(a, b) for a, b in zip(ins, outs, strict=True) if a is not None]
-        nbytes = 0
-        for k, (block, whole) in enumerate(self.inputs):
-            arrays = [np.frombuffer(a[k][0], dtype=a[k][2]).reshape(a[k][1]) for a, _ in ok]
-            nbytes += sum(x.nbytes for x in arrays)
-            whole.add(arrays)
-            rows = [x.reshape(len(x), -1) for x in arrays if x.ndim and x.size]
-            start = 0
-            for i in range(1, len(rows) + 1):  # consecutive requests of one width, in order
-                if i == len(rows) or rows[i].shape[1] != rows[start].shape[1]:
-                    if block.applies(rows[start].shape[1]):
-                        block.add(rows[start] if i - start == 1 else np.concatenate(rows[start:i]))
-                    start = i
-        for k, out in enumerate(self.copied):
-            arrays = [np.frombuffer(b[k][0], dtype=b[k][2]).reshape(b[k][1]) for _, b in ok]
-            nbytes += sum(x.nbytes for x in arrays)
-            if arrays:
-                out.add_batch(arrays)
-        return nbytes
-
-    def close(self, now: datetime) -> WindowSummary:
-        m = self.model.manifest
-        return WindowSummary(
-            model_name=m.model_name,
-            version=m.version,
-            bundle_sha256=self.model.bundle_sha256,
-            window_start=self.started,
-            window_end=now,
-            request_count=self.requests,
-            error_count=self.errors,
-            latency_counts=[int(c) for c in self.latency],
-            features=[f for block, whole in self.inputs for f in block.summaries() + whole.summaries()],
-            outputs=[o.summary() for o in self.outputs],
-        )
-
-
 class TelemetryRecorder:
     """Accumulates requests into the current window per model version (a :class:`ModelRuntime` listener).
 
@@ -270,40 +107,54 @@ class TelemetryRecorder:
     the summaries are exactly those of summarising each request on its own, in recording order
     (``tests/agent/test_telemetry_exact.py`` checks this against a plain per-value reference);
     inputs and outputs are copied, never referenced. Thread-safe: requests never take a lock on
-    the usual path. The request that finds ``limit`` requests buffered queues one job on the
-    background :class:`~device_agent.telemetry_worker.Summariser` and goes on; only when the
-    summariser falls ``4 * limit`` requests behind does a request summarise the buffer itself
-    (and wait for a batch that is running), so memory stays bounded. With ``background=False``
-    the request that finds ``limit`` buffered summarises them (as above, waiting only at
-    ``4 * limit``). :meth:`roll` summarises whatever is buffered synchronously, so a batch still
+    the usual path. The request that finds ``limit`` requests buffered summarises them (another
+    request that finds the lock held goes on; at ``4 * limit`` it waits). With ``background=True``
+    it queues one job on the background :class:`~device_agent.telemetry_worker.Summariser` instead
+    and goes on; only when the summariser falls ``4 * limit`` requests behind does a request
+    summarise the buffer itself (and wait for a batch that is running), so memory stays bounded. :meth:`roll` summarises whatever is buffered synchronously, so a batch still
     queued never moves a request into another window. The buffer holds about ``max_bytes`` of
     copies once the first batch showed the request size. Call :meth:`close` when done with it.
+
+    Sampling: each successful request's inputs are summarised with probability ``feature_sample_rate``
+    (``random.random()``, drawn before the inputs are looked at, so the sample is uniform and independent
+    of inputs and outputs); the window's ``feature_requests`` counts them. Everything else covers every
+    request. With the rate 1.0 (the default here) the feature summaries are exact as above.
     """
 
     def __init__(
         self,
         max_requests: int = MAX_BUFFERED_REQUESTS,
         max_bytes: int = MAX_BUFFERED_BYTES,
-        background: bool = True,
+        background: bool = False,
         summariser: Summariser | None = None,
+        feature_sample_rate: float = DEFAULT_FEATURE_SAMPLE_RATE,
     ) -> None:
         """``background``: full buffers go to ``summariser`` (default: the process-wide
-        :data:`~device_agent.telemetry_worker.SHARED`); False summarises on the request thread."""
+        :data:`~device_agent.telemetry_worker.SHARED`); False summarises on the request thread.
+
+        Raises:
+            ValueError: ``feature_sample_rate`` is not in (0, 1].
+        """
+        if not 0 < feature_sample_rate <= 1:
+            raise ValueError(f"feature_sample_rate must be in (0, 1], not {feature_sample_rate}")
+        self.feature_sample_rate = feature_sample_rate
+        self._every = feature_sample_rate >= 1  # the request path skips the draw
         self._lock = threading.Lock()  # windows and summarising; never taken on the request path
         self._meta = threading.Lock()  # plans, templates, queueing a batch
         self._worker = (summariser or SHARED) if background else None
         self._queued = False  # a batch job of this recorder waits in the summariser's queue
         self._attached = False  # counted in the summariser's users (until close)
         self._buf: list[Any] = []  # (marker, input copy, output copy, latency ns) per request, flat
-        self._extend = self._buf.extend
         self._max_requests = max(1, max_requests)
         self._max_bytes = max(1, max_bytes)
         self._set_limit(min(64, self._max_requests))
         self._plan = _Plan(None, None, datetime.now(UTC))  # the last model seen (see __call__)
         self._plans: dict[str, _Plan] = {}  # this window's plans by bundle digest
-        self._templates: dict[str, _Template] = {}
-        self._windows: dict[str, _Window] = {}
+        self._templates: dict[str, Template] = {}
+        self._windows: dict[str, Window] = {}
         self._rolled_at = datetime.now(UTC)
+        self.record: Listener = self._request_path()
+        """The listener to give :meth:`ModelRuntime.add_listener` (the same object on every read)."""
 
     def _set_limit(self, limit: int) -> None:
         self.limit = limit
@@ -314,16 +165,53 @@ class TelemetryRecorder:
     def __call__(
         self, model: LoadedModel, inputs: dict[str, Any], outputs: dict[str, np.ndarray] | None, latency_ns: int
     ) -> None:
-        plan = self._plan  # one read: a concurrent swap cannot mix two models' plans
+        """Record one request (as :attr:`record`, which is the cheaper listener)."""
+        self.record(model, inputs, outputs, latency_ns)
+
+    def _request_path(self) -> Listener:
+        """The per-request listener: a closure, since its cell reads cost less than attribute reads, and a
+        plain function is a cheaper call than an instance's ``__call__`` (both measurable beside a 17 us
+        inference)."""
+        rec, buf = self, self._buf  # the buffer list is never replaced, only emptied
+        extend, draw, every, rate = buf.extend, random.random, self._every, self.feature_sample_rate
+
+        def record(
+            model: LoadedModel, inputs: dict[str, Any], outputs: dict[str, np.ndarray] | None, latency_ns: int
+        ) -> None:
+            take = every or draw() < rate  # one draw per request, first: the sample never depends on the data
+            plan = rec._plan  # one read: a concurrent swap cannot mix two models' plans
+            if plan.fast_model is not model:  # another model than the last one, or not the usual shape
+                rec._off_path(model, inputs, outputs, latency_ns, take)
+                return
+            try:
+                extend(
+                    (plan, inputs[plan.input].tobytes() if take else b"", outputs[plan.output].tobytes(), latency_ns)  # type: ignore[index]
+                )
+            except (AttributeError, KeyError, TypeError):  # failed (no outputs), or not ndarrays (a list, say)
+                extend(rec._entry(plan, inputs, outputs, latency_ns, take))
+            if len(buf) >= rec._check:
+                rec._full()
+
+        return record
+
+    def _off_path(
+        self, model: LoadedModel, inputs: dict[str, Any], outputs: dict[str, Any] | None, latency_ns: int, take: bool
+    ) -> None:
+        """A request that is not the fast path's: the first of a model in this window, or of a model whose
+        rows are not of one fixed shape. ``take``: its inputs are in the sample."""
+        plan = self._plan
         if plan.model is not model:
             plan = self._first_seen(model)
-        if plan.fast and outputs is not None:
-            try:
-                self._extend((plan, inputs[plan.input].tobytes(), outputs[plan.output].tobytes(), latency_ns))
-            except (AttributeError, KeyError):  # not ndarrays (a list, say): the general path
-                self._extend(self._entry(plan, inputs, outputs, latency_ns))
-        else:
-            self._extend(self._entry(plan, inputs, outputs, latency_ns))
+        entry = None
+        if plan.fast_model is model and outputs is not None:
+            with contextlib.suppress(AttributeError, KeyError, TypeError):  # not ndarrays: the general path
+                entry = (
+                    plan,
+                    inputs[plan.input].tobytes() if take else b"",
+                    outputs[plan.output].tobytes(),
+                    latency_ns,
+                )
+        self._buf.extend(entry or self._entry(plan, inputs, outputs, latency_ns, take))
         if len(self._buf) >= self._check:
             self._full()
 
@@ -352,14 +240,15 @@ class TelemetryRecorder:
             self._summarise_locked()
 
     def _entry(
-        self, plan: _Plan, inputs: dict[str, Any], outputs: dict[str, Any] | None, latency_ns: int
+        self, plan: _Plan, inputs: dict[str, Any], outputs: dict[str, Any] | None, latency_ns: int, take: bool
     ) -> tuple[Any, ...]:
-        """A request off the usual path: a failed one (no copies), or copies with their shapes."""
+        """A request off the usual path: a failed one (no copies), or copies with their shapes (the inputs'
+        only when ``take``: in the sample)."""
         if outputs is None:
             return (plan, None, None, latency_ns)
         t = plan.template
         assert t is not None
-        return (plan.slow, _copies(inputs, t.inputs), _copies(outputs, t.outputs), latency_ns)
+        return (plan.slow, copies(inputs, t.inputs) if take else [], copies(outputs, t.outputs), latency_ns)
 
     def _first_seen(self, model: LoadedModel) -> _Plan:
         """The plan of a model in this window (on its first request after a swap or a roll)."""
@@ -369,17 +258,17 @@ class TelemetryRecorder:
             if plan is None or plan.model is not model:
                 template = self._templates.get(digest)
                 if template is None:
-                    template = self._templates[digest] = _template(model)
+                    template = self._templates[digest] = template_for(model)
                 plan = self._plans[digest] = _Plan(model, template, datetime.now(UTC))
             self._plan = plan
             return plan
 
-    def _window_for(self, plan: _Plan) -> _Window:
+    def _window_for(self, plan: _Plan) -> Window:
         window = self._windows.get(plan.digest)
         if window is None:
             assert plan.model is not None and plan.template is not None
             # a request that read its plan just before a roll lands in the next window: start no earlier
-            window = _Window(plan.model, plan.template, max(plan.started, self._rolled_at))
+            window = Window(plan.model, plan.template, max(plan.started, self._rolled_at))
             self._windows[plan.digest] = window
         return window
 
@@ -460,10 +349,3 @@ class TelemetryRecorder:
         with self._lock:  # a batch of this recorder running on the summariser finishes first
             self._queued = False
             self._check = self._limit4
-
-
-def _classes(output: str, ref: ReferenceStats | None) -> int | None:
-    for item in ref.outputs if ref else []:
-        if isinstance(item, OutputReference) and item.output == output and item.kind == "classes":
-            return len(item.class_counts) if item.class_counts else None
-    return None

@@ -17,7 +17,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from edgeota_contract.errors import AssignmentError, ContractError
 from edgeota_contract.manifest import NAME_PATTERN, SEMVER_PATTERN, SHA256_PATTERN
@@ -217,9 +217,22 @@ class TelemetryWindow(_DeviceMsg):
     error_count: int = Field(ge=0)
     latency_counts: list[int] = Field(description="counts on LATENCY_EDGES_MS (len(edges)+1)")
     features: list[FeatureSummary] = Field(default_factory=list, max_length=1024)
+    feature_requests: int | None = Field(
+        default=None,
+        ge=0,
+        description="successful requests whose inputs the feature summaries cover: a uniform random sample of"
+        " them, independent of the inputs and outputs (the agent's telemetry_feature_sample_rate); None: every"
+        " successful request. Counts, latency and output summaries always cover every request.",
+    )
     outputs: list[OutputSummary] = Field(default_factory=list, max_length=64)
     shadow: ShadowSummary | None = None
     spool_dropped: int = Field(default=0, ge=0, description="windows dropped by a full spool so far")
+
+    @model_validator(mode="after")
+    def _sample_within_requests(self) -> TelemetryWindow:
+        if self.feature_requests is not None and self.feature_requests > self.request_count - self.error_count:
+            raise ValueError("feature_requests exceeds the window's successful requests")
+        return self
 
 
 class Presence(BaseModel):

@@ -35,6 +35,8 @@ def test_agent_table_parsed_into_typed_settings(tmp_path: Path, keys: Keys) -> N
         ({"heartbeat_seconds": -1}, "heartbeat_seconds"),
         ({"no_such_key": 1}, "no_such_key"),
         ({"trial_requests": 0, "trial_seconds": 0}, "both be 0"),
+        ({"telemetry_feature_sample_rate": 0}, "telemetry_feature_sample_rate"),
+        ({"telemetry_feature_sample_rate": 1.5}, "telemetry_feature_sample_rate"),
     ],
 )
 def test_bad_agent_settings_rejected(tmp_path: Path, keys: Keys, agent: dict[str, object], needle: str) -> None:

@@ -69,7 +69,7 @@ def _reference(model: LoadedModel, calls: list[tuple[dict[str, Any], dict[str, A
 
 def test_roll_racing_concurrent_requests_counts_each_request_once_in_its_window(model: LoadedModel) -> None:
     worker = Summariser(linger_seconds=5.0)
-    recorder = TelemetryRecorder(max_requests=8, summariser=worker)
+    recorder = TelemetryRecorder(max_requests=8, background=True, summariser=worker)
     clients, per_client = 3, 200
     calls = {
         c: [(*_request(model, 1 + c * per_client + i), 1000 + 7919 * i) for i in range(per_client)]
@@ -140,7 +140,7 @@ class _Gated(Summariser):
 
 def test_a_slow_summariser_makes_the_request_path_summarise_and_memory_stays_bounded(model: LoadedModel) -> None:
     worker = _Gated()
-    recorder = TelemetryRecorder(max_requests=8, summariser=worker)
+    recorder = TelemetryRecorder(max_requests=8, background=True, summariser=worker)
     calls = [(*_request(model, i + 1), 5000 + i) for i in range(150)]
     most = 0
     drops = 0
@@ -161,7 +161,7 @@ def test_a_slow_summariser_makes_the_request_path_summarise_and_memory_stays_bou
 
 def test_no_summariser_thread_is_left_after_close_and_an_idle_one_does_not_wake(model: LoadedModel) -> None:
     worker = Summariser(linger_seconds=60.0)
-    recorder = TelemetryRecorder(max_requests=4, summariser=worker)
+    recorder = TelemetryRecorder(max_requests=4, background=True, summariser=worker)
     assert worker.thread is None  # nothing recorded: no thread
     requests = [_request(model, i + 1) for i in range(20)]
     for inputs, outputs in requests:
@@ -179,7 +179,7 @@ def test_no_summariser_thread_is_left_after_close_and_an_idle_one_does_not_wake(
 
     # a thread with no close exits by itself once it lingered with nothing to do
     short = Summariser(linger_seconds=0.05)
-    other = TelemetryRecorder(max_requests=4, summariser=short)
+    other = TelemetryRecorder(max_requests=4, background=True, summariser=short)
     for inputs, outputs in requests:
         other(model, inputs, outputs, 1000)
     thread = short.thread

@@ -11,6 +11,7 @@ path) and a bundle whose references cover a subset of features plus the whole in
 from __future__ import annotations
 
 import math
+import random
 from bisect import bisect_right
 from pathlib import Path
 from typing import Any
@@ -109,10 +110,13 @@ class _RefWindow:
                 confidence = float(row_confidences(row[None, :])[0])
                 self.confidence[bisect_right(CONFIDENCE_EDGES, confidence)] += 1
 
-    def check(self, got: WindowSummary) -> None:
+    def check(self, got: WindowSummary, features_from: _RefWindow | None = None) -> None:
+        """``features_from``: the reference of the requests whose inputs were sampled (default: this one)."""
+        sampled = features_from or self
         assert (got.request_count, got.error_count) == (self.requests, self.errors)
         assert got.latency_counts == self.latency
-        assert got.features == [f.summary() for f in self.per_feature + self.whole]
+        assert got.features == [f.summary() for f in sampled.per_feature + sampled.whole]
+        assert got.feature_requests == (sampled.requests - sampled.errors if got.features else None)
         seen = any(self.classes)
         assert got.outputs == [
             OutputSummary(
@@ -231,3 +235,58 @@ def test_inputs_reused_by_the_caller_are_copied(tmp_path: Path, keys: Keys) -> N
         outputs["y"][:] = -1.0  # the caller scribbles on its outputs and reuses its input buffer
     [window] = recorder.roll()
     reference.check(window)
+
+
+@pytest.mark.parametrize("refs", [None, SUBSET], ids=["all-features", "subset-and-whole"])
+@pytest.mark.parametrize(("rate", "max_requests"), [(0.25, 7), (0.5, 2048)])
+def test_sampled_features_equal_the_reference_of_the_sampled_requests(
+    tmp_path: Path, keys: Keys, refs: ReferenceStats | None, rate: float, max_requests: int
+) -> None:
+    """With a sample rate, counts, latency and outputs still cover every request, and the feature summaries
+    are exactly those of the requests whose draw (one ``random.random()`` per request, in order) fell under
+    the rate: replaying the draws from the same seed names them."""
+    model = _bundle(tmp_path, keys, refs)
+    stats = ReferenceStats.model_validate_json((model.folder / "reference_stats.json").read_bytes())
+    recorder = TelemetryRecorder(max_requests=max_requests, background=False, feature_sample_rate=rate)
+    requests = _requests(model, 300, seed=5)
+    random.seed(20261202)
+    for inputs, outputs, latency in requests:
+        recorder.record(model, inputs, outputs, latency)
+    [window] = recorder.roll()
+    random.seed(20261202)
+    taken = [random.random() < rate for _ in requests]
+    everything, sampled = _RefWindow(stats), _RefWindow(stats)
+    for (inputs, outputs, latency), take in zip(requests, taken, strict=True):
+        everything.add(inputs, outputs, latency)
+        if take:
+            sampled.add(inputs, outputs, latency)
+    everything.check(window, features_from=sampled)
+    assert window.feature_requests is not None
+    assert 0 < window.feature_requests < window.request_count - window.error_count
+
+
+def test_the_sample_does_not_depend_on_the_inputs_or_outputs(tmp_path: Path, keys: Keys) -> None:
+    """Two kinds of requests, alternating (dark and bright inputs, so different outputs too): a uniform
+    sample takes each kind at the same rate. 2,000 of each at 1/4: 500 expected, 19 standard deviations
+    of binomial noise would be 3.5 times the bound below."""
+    model = _bundle(tmp_path, keys, None)
+    dark = {"x": np.full((1, FEATURES), 0.05, dtype=np.float32)}
+    bright = {"x": np.full((1, FEATURES), 0.95, dtype=np.float32)}
+    answers = [(dark, model.run(dark)), (bright, model.run(bright))]
+    recorder = TelemetryRecorder(background=False, feature_sample_rate=0.25)
+    for i in range(4000):
+        inputs, outputs = answers[i % 2]
+        recorder.record(model, inputs, outputs, 10_000)
+    [window] = recorder.roll()
+    assert window.request_count == 4000 and window.outputs[0].class_counts is not None
+    assert sum(window.outputs[0].class_counts) == 4000  # outputs: every request
+    feature = window.features[0]
+    low, high = feature.counts[0], feature.counts[-1]  # 0.05 and 0.95 fall in the first and last buckets
+    assert low + high == sum(feature.counts) == window.feature_requests
+    assert 430 <= low <= 570 and 430 <= high <= 570, (low, high)
+
+
+@pytest.mark.parametrize("rate", [0.0, -0.5, 1.01, math.nan])
+def test_bad_sample_rate_refused(rate: float) -> None:
+    with pytest.raises(ValueError, match="feature_sample_rate"):
+        TelemetryRecorder(feature_sample_rate=rate)

@@ -157,6 +157,33 @@ def test_device_messages_parse_on_their_channel() -> None:
     assert parse_device_message(Channel.PRESENCE, presence.model_dump_json().encode()) == presence
 
 
+def _window(**fields: object) -> TelemetryWindow:
+    base: dict[str, object] = {
+        "boot_id": "b",
+        "seq": 1,
+        "model_name": "digits",
+        "version": "1.2.0",
+        "bundle_sha256": "b" * 64,
+        "window_start": NOW,
+        "window_end": NOW + timedelta(seconds=10),
+        "request_count": 5,
+        "error_count": 1,
+        "latency_counts": [0] * (len(LATENCY_EDGES_MS) + 1),
+    }
+    return TelemetryWindow.model_validate(base | fields)
+
+
+def test_sampled_feature_requests_roundtrip_and_bound() -> None:
+    assert _window().feature_requests is None  # absent: every successful request (older agents)
+    for sampled in (0, 4):
+        window = _window(feature_requests=sampled)
+        assert parse_device_message(Channel.TELEMETRY, window.model_dump_json().encode()) == window
+    payload = _window(feature_requests=4).model_dump_json().replace('"feature_requests":4', '"feature_requests":5')
+    with pytest.raises(ContractError, match="feature_requests") as err:  # more than the 4 successful requests
+        parse_device_message(Channel.TELEMETRY, payload.encode())
+    assert err.value.reason == ReasonCode.MALFORMED_MESSAGE
+
+
 @pytest.mark.parametrize(
     ("channel", "payload"),
     [

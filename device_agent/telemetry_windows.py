@@ -1,0 +1,247 @@
+"""The windows behind :mod:`device_agent.telemetry`: what a bundle's requests are copied as, and the open
+window of one bundle that counts them and feeds its summaries (:mod:`device_agent.telemetry_summaries`).
+
+Split from the recorder so that module holds only the request path and the buffering; nothing here runs
+on a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from device_agent._lazy import lazy_module
+from device_agent.runtime import LoadedModel
+from device_agent.telemetry_summaries import FeatureBlock, OutputStats, WholeInput, _counts
+from edgeota_contract.logs import log_event
+from edgeota_contract.manifest import REFERENCE_STATS_FILE
+from edgeota_contract.telemetry import (
+    LATENCY_EDGES_MS,
+    FeatureSummary,
+    OutputReference,
+    OutputSummary,
+    ReferenceStats,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")
+
+__all__ = ["FEATURE_BATCH_ROWS", "Template", "Window", "WindowSummary", "copies", "load_reference", "template_for"]
+
+log = logging.getLogger("device_agent.telemetry")
+
+FEATURE_BATCH_ROWS = 1024
+"""Sampled input rows summarised together (the fast path): past this, a feature batch costs ~0.3 us a row."""
+
+
+@dataclass
+class WindowSummary:
+    """One closed window of one model version, ready to become a ``TelemetryWindow``."""
+
+    model_name: str
+    version: str
+    bundle_sha256: str
+    window_start: datetime
+    window_end: datetime
+    request_count: int
+    error_count: int
+    latency_counts: list[int]
+    features: list[FeatureSummary]
+    feature_requests: int | None  # successful requests the features cover; None: all of them
+    outputs: list[OutputSummary]
+
+
+def load_reference(model: LoadedModel) -> ReferenceStats | None:
+    """The bundle's reference statistics, or None when they cannot be read (telemetry then skips features)."""
+    try:
+        return ReferenceStats.model_validate_json((model.folder / REFERENCE_STATS_FILE).read_bytes())
+    except (OSError, ValueError) as exc:
+        log_event(log, "reference_stats_unreadable", level=logging.WARNING, detail=str(exc)[:200])
+        return None
+
+
+@dataclass(frozen=True)
+class Template:
+    """What to copy for one bundle, and how rows of the usual (fast) shape are rebuilt."""
+
+    refs: ReferenceStats | None
+    inputs: tuple[str, ...]  # inputs with reference statistics (copied), manifest order
+    outputs: tuple[str, ...]  # non-string outputs (copied), manifest order
+    fast: tuple[str, str] | None  # (input, output) when both have fixed row shapes; else None
+    in_dtype: Any = None
+    in_width: int = 0  # features per row of the fast input
+    out_dtype: Any = None
+    out_row: tuple[int, ...] = ()
+
+
+def _fixed_row(session_args: Any, name: str) -> tuple[int, ...] | None:
+    """The row shape (all axes after the first) when the model itself fixes it, else None."""
+    for arg in session_args:
+        if arg.name == name:
+            shape = list(arg.shape)
+            if len(shape) >= 2 and all(isinstance(d, int) and d > 0 for d in shape[1:]):
+                return tuple(shape[1:])
+    return None
+
+
+def template_for(model: LoadedModel) -> Template:
+    refs = load_reference(model)
+    names = {r.input for r in refs.features} if refs else set()
+    m = model.manifest
+    inputs = tuple(s.name for s in m.inputs if s.name in names and s.dtype != "string")
+    outputs = tuple(s.name for s in m.outputs if s.dtype != "string")
+    if len(inputs) != 1 or len(outputs) != 1:
+        return Template(refs, inputs, outputs, None)
+    try:  # the session enforces its input dims, so a request that succeeded has rows of exactly this shape
+        in_row = _fixed_row(model.session.get_inputs(), inputs[0])
+        out_row = _fixed_row(model.session.get_outputs(), outputs[0])
+        in_spec = next(s for s in m.inputs if s.name == inputs[0])
+        out_spec = next(s for s in m.outputs if s.name == outputs[0])
+        in_dtype, out_dtype = np.dtype(_dtype(in_spec.dtype)), np.dtype(_dtype(out_spec.dtype))
+    except Exception:  # a session without shape information, an unknown dtype: the general path
+        return Template(refs, inputs, outputs, None)
+    if in_row is None or out_row is None:
+        return Template(refs, inputs, outputs, None)
+    return Template(refs, inputs, outputs, (inputs[0], outputs[0]), in_dtype, math.prod(in_row), out_dtype, out_row)
+
+
+def _dtype(name: str) -> str:
+    return {"float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32"}.get(name, name)
+
+
+Copy = tuple[bytes, tuple[int, ...], Any]  # an array's row-major bytes, shape and dtype
+
+
+def copies(values: dict[str, Any], names: tuple[str, ...]) -> list[Copy]:
+    arrays = [np.asarray(values.get(n, np.nan)) for n in names]  # a missing one: 0-d, never a feature
+    return [(a.tobytes(), a.shape, a.dtype) for a in arrays]
+
+
+class Window:
+    """The open window of one bundle: counts and the summaries of its inputs and outputs."""
+
+    def __init__(self, model: LoadedModel, template: Template, started: datetime) -> None:
+        self.model = model
+        self.template = template
+        self.started = started
+        self.requests = 0
+        self.errors = 0
+        self.sampled = 0  # successful requests whose inputs were copied and summarised
+        self.latency = np.zeros(len(LATENCY_EDGES_MS) + 1, dtype=np.int64)
+        # Sampled rows of the fast path wait here (recording order) until FEATURE_BATCH_ROWS of them can be
+        # summarised together: a feature batch costs ~0.1 ms whatever its size, and a 1/16 sample of a
+        # request batch is only ~64 rows.
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        refs = template.refs.features if template.refs else []
+        self.inputs: list[tuple[FeatureBlock, WholeInput]] = []
+        for name in template.inputs:
+            mine = [r for r in refs if r.input == name]
+            self.inputs.append(
+                (
+                    FeatureBlock([r for r in mine if r.feature is not None]),
+                    WholeInput([r for r in mine if r.feature is None]),
+                )
+            )
+        self.outputs = [OutputStats(s.name, _classes(s.name, template.refs)) for s in model.manifest.outputs]
+        self.copied = [o for o in self.outputs if o.name in template.outputs]
+
+    def _count(self, latencies: list[int], failed: int) -> None:
+        self.requests += len(latencies)
+        self.errors += failed
+        ns = np.fromiter(latencies, dtype=np.int64, count=len(latencies))
+        self.latency += _counts(np.asarray(LATENCY_EDGES_MS), ns / 1e6)  # as bisect_right(edges, ns / 1e6)
+
+    def add_fast(self, t: Template, ins: list[Any], outs: list[Any], latencies: list[int]) -> int:
+        """Requests buffered as bare row bytes (None for a failed one), in recording order; returns their bytes."""
+        failed = ins.count(None)
+        self._count(latencies, failed)
+        if failed == len(ins):
+            return 0
+        if failed:
+            ins = [a for a in ins if a is not None]
+            outs = [b for b in outs if b is not None]
+        self.sampled += len(ins) - ins.count(b"")  # an unsampled request's input is b""
+        data = b"".join(ins)
+        if data:
+            self.pending.append(data)
+            self.pending_bytes += len(data)
+            if self.pending_bytes >= FEATURE_BATCH_ROWS * t.in_width * t.in_dtype.itemsize:
+                self.flush_features()
+        out_data = b"".join(outs)
+        if len(out_data) % (t.out_dtype.itemsize * math.prod(t.out_row)) == 0:
+            self.copied[0].add(np.frombuffer(out_data, dtype=t.out_dtype).reshape(-1, *t.out_row))
+        else:  # the model returned another shape than it declares: do not guess its rows
+            log_event(log, "telemetry_output_shape_unexpected", level=logging.WARNING, output=self.copied[0].name)
+        return len(data) + len(out_data)
+
+    def flush_features(self) -> None:
+        """Summarise the sampled rows waiting in :attr:`pending` (the fast path's), in recording order."""
+        if not self.pending:
+            return
+        t = self.template
+        data = b"".join(self.pending)
+        self.pending, self.pending_bytes = [], 0
+        view = np.frombuffer(data, dtype=t.in_dtype).reshape(-1, t.in_width)
+        block, whole = self.inputs[0]
+        if block.applies(t.in_width):
+            block.add(view)
+        if whole.refs:
+            whole.add([view])
+
+    def add_general(self, ins: list[Any], outs: list[Any], latencies: list[int]) -> int:
+        """Requests buffered with shapes (lists of copies per input/output), in recording order."""
+        failed = ins.count(None)
+        self._count(latencies, failed)
+        self.flush_features()  # rows the fast path left waiting come first (recording order)
+        ok = [(a, b) for a, b in zip(ins, outs, strict=True) if a is not None]
+        sampled = [a for a, _ in ok if a]  # an unsampled request's inputs are []
+        self.sampled += len(sampled)
+        nbytes = 0
+        for k, (block, whole) in enumerate(self.inputs):
+            arrays = [np.frombuffer(a[k][0], dtype=a[k][2]).reshape(a[k][1]) for a in sampled]
+            nbytes += sum(x.nbytes for x in arrays)
+            whole.add(arrays)
+            rows = [x.reshape(len(x), -1) for x in arrays if x.ndim and x.size]
+            start = 0
+            for i in range(1, len(rows) + 1):  # consecutive requests of one width, in order
+                if i == len(rows) or rows[i].shape[1] != rows[start].shape[1]:
+                    if block.applies(rows[start].shape[1]):
+                        block.add(rows[start] if i - start == 1 else np.concatenate(rows[start:i]))
+                    start = i
+        for k, out in enumerate(self.copied):
+            arrays = [np.frombuffer(b[k][0], dtype=b[k][2]).reshape(b[k][1]) for _, b in ok]
+            nbytes += sum(x.nbytes for x in arrays)
+            if arrays:
+                out.add_batch(arrays)
+        return nbytes
+
+    def close(self, now: datetime) -> WindowSummary:
+        self.flush_features()
+        m = self.model.manifest
+        features = [f for block, whole in self.inputs for f in block.summaries() + whole.summaries()]
+        return WindowSummary(
+            model_name=m.model_name,
+            version=m.version,
+            bundle_sha256=self.model.bundle_sha256,
+            window_start=self.started,
+            window_end=now,
+            request_count=self.requests,
+            error_count=self.errors,
+            latency_counts=[int(c) for c in self.latency],
+            features=features,
+            feature_requests=self.sampled if features else None,
+            outputs=[o.summary() for o in self.outputs],
+        )
+
+
+def _classes(output: str, ref: ReferenceStats | None) -> int | None:
+    for item in ref.outputs if ref else []:
+        if isinstance(item, OutputReference) and item.output == output and item.kind == "classes":
+            return len(item.class_counts) if item.class_counts else None
+    return None
