@@ -93,7 +93,11 @@ def _group_json(
             "reference": bool(reference),
             "max_psi": worst,
             "label": drift_label(worst) if worst is not None else None,
-            "features": [{"input": k[0], "feature": k[1], "psi": v, "label": drift_label(v)} for k, v in psis],
+            # values: how many finite values the PSI rests on (devices may summarise a sample of their requests)
+            "features": [
+                {"input": k[0], "feature": k[1], "psi": v, "label": drift_label(v), "values": sum(t.features[k])}
+                for k, v in psis
+            ],
         },
         "outputs": outputs,
         "shadow": shadow,

@@ -145,6 +145,7 @@ def test_summary_matches_numpy_reference(client: TestClient, fleet: tuple[Fleet,
         assert psis[j]["psi"] == pytest.approx(expected, rel=1e-9)
         assert (psis[j]["psi"] > 0.25) == (j == SHIFTED)
         assert psis[j]["label"] == ("act" if j == SHIFTED else "stable")
+        assert psis[j]["values"] == int(np.isfinite(x[:, j]).sum())
         if j != SHIFTED:
             assert psis[j]["psi"] < 0.02  # reference-like data
     assert g["drift"]["features"][0]["feature"] == SHIFTED and g["drift"]["label"] == "act"
