@@ -8,12 +8,14 @@ data; drift is measured with the contract's PSI exactly as the server computes i
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from device_agent.runtime import ModelRuntime, SessionCache, load_model
+from device_agent.settings import AgentSettings
 from device_agent.telemetry import TelemetryRecorder
 from edgeota_contract.bundle import verify_bundle
 from edgeota_contract.signing import SigningKey, TrustedKeys
@@ -44,11 +46,11 @@ def cnn_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Si
     return Path(result.bundle_path), example.calibration_path, key
 
 
-def _window(bundle: Path, key: SigningKey, slot: Path, batches: list[dict[str, np.ndarray]]):  # type: ignore[no-untyped-def]
+def _window(bundle: Path, key: SigningKey, slot: Path, batches: list[dict[str, np.ndarray]], rate: float = 1.0):  # type: ignore[no-untyped-def]
     verified = verify_bundle(bundle, TrustedKeys([key.public_key]), extract_to=slot)
     runtime = ModelRuntime()
-    recorder = TelemetryRecorder()
-    runtime.add_listener(recorder)
+    recorder = TelemetryRecorder(feature_sample_rate=rate)
+    runtime.add_listener(recorder.record)
     runtime.install(load_model(slot, verified.manifest, verified.archive_sha256, "a", SessionCache()))
     for batch in batches:
         runtime.predict(batch)
@@ -95,4 +97,29 @@ def test_reference_data_shows_no_drift_and_shifted_data_does(
         tmp_path / "shifted",
         [{name: np.flip(x[i : i + 16], axis=3).copy() * 0.5 + 4} for i in range(0, len(x), 16)],
     )
+    assert np.mean(_psis(shifted, ref)) > 0.25
+
+
+def test_drift_is_seen_through_the_agents_default_feature_sample(
+    tmp_path: Path, cnn_bundle: tuple[Path, Path, SigningKey]
+) -> None:
+    """With the agent's default sample (1/16 of requests), enough traffic (here 16 single-image passes over the
+    calibration set, so about one pass is sampled) still tells reference data from shifted data, while counts
+    and outputs cover every request."""
+    bundle, calibration, key = cnn_bundle
+    data = np.load(calibration)
+    name = next(k for k in data.files if k != "labels")
+    x = data[name].astype(np.float32)
+    rate = AgentSettings().telemetry_feature_sample_rate
+    assert rate < 1
+    passes = [{name: x[i : i + 1]} for _ in range(16) for i in range(len(x))]
+    random.seed(6)  # the sample is random: a fixed seed keeps the test from ever drawing a freak sample
+    same, ref = _window(bundle, key, tmp_path / "same", passes, rate)
+    assert same.request_count == len(passes) and same.feature_requests is not None
+    assert 0.5 * len(x) < same.feature_requests < 1.5 * len(x)
+    assert all(sum(f.counts) == same.feature_requests for f in same.features)
+    assert same.outputs[0].class_counts is not None and sum(same.outputs[0].class_counts) == len(passes)
+    assert max(_psis(same, ref)) < 0.1
+    shifted_passes = [{name: np.flip(b[name], axis=3).copy() * 0.5 + 4} for b in passes]
+    shifted, _ = _window(bundle, key, tmp_path / "shifted", shifted_passes, rate)
     assert np.mean(_psis(shifted, ref)) > 0.25
