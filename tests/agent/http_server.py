@@ -3,7 +3,8 @@
 Modes per path: ``ok``; ``endless`` (keeps sending bytes past the end, no Content-Length);
 ``trickle`` (one byte every ``trickle_delay`` seconds); ``drop`` (closes the connection after
 ``drop_after`` bytes, once per path, then serves normally); ``chunked`` (4 KiB pieces with short
-pauses); ``stall`` (half the body, then ``trickle_delay`` seconds of silence); ``lie_range`` (answers a resume once with a Content-Range for another offset). Records every request's headers.
+pauses); ``stall`` (half the body, then ``trickle_delay`` seconds of silence); ``lie_range`` (answers a resume once with a Content-Range for another offset). ``redirect(path, location, status)`` answers a path with a
+redirect (an empty location: none). Records every request's headers.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class BundleServer:
     files: dict[str, Served] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
     uploads: list[tuple[str, bytes]] = field(default_factory=list)
+    redirects: dict[str, tuple[int, str]] = field(default_factory=dict)
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -46,6 +48,10 @@ class BundleServer:
 
     def add(self, path: str, data: bytes, **kwargs: Any) -> str:
         self.files[path] = Served(data, **kwargs)
+        return path
+
+    def redirect(self, path: str, location: str, status: int = 302) -> str:
+        self.redirects[path] = (status, location)
         return path
 
     def start(self) -> BundleServer:
@@ -72,6 +78,14 @@ class BundleServer:
                 served = owner.files.get(self.path)
                 if owner.token and self.headers.get("Authorization") != f"Bearer {owner.token}":
                     self.send_error(401)
+                    return
+                if self.path in owner.redirects:
+                    status, location = owner.redirects[self.path]
+                    self.send_response(status)
+                    if location:
+                        self.send_header("Location", location)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 if served is None:
                     self.send_error(404)

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.update.download import DownloadError, DownloadPolicy, backoff_delay, download, resolve_url
+from device_agent.update.download import (
+    DownloadError,
+    DownloadPolicy,
+    backoff_delay,
+    download,
+    follow_redirect,
+    resolve_url,
+)
 from edgeota_contract.states import ReasonCode
 from tests.agent.http_server import BundleServer
 
@@ -109,3 +116,53 @@ def test_stalled_server_times_out_and_part_removed(tmp_path: Path, server: Bundl
     assert not part.exists()
     assert len(server.requests) == 2  # retried once, resuming from what the first attempt got
     assert server.requests[1]["range"] == f"bytes={len(DATA) // 2}-"
+
+
+def test_redirect_on_the_same_origin_keeps_the_token_and_the_range(tmp_path: Path, server: BundleServer) -> None:
+    server.add("/real", DATA)
+    server.redirect("/b", "/hop", 301)
+    server.redirect("/hop", f"{server.url}/real", 307)
+    part = tmp_path / "b.part"
+    part.write_bytes(DATA[:1000])
+    download(f"{server.url}/b", part, len(DATA), token=server.token, policy=FAST)
+    assert part.read_bytes() == DATA
+    assert [r["path"] for r in server.requests] == ["/b", "/hop", "/real"]
+    assert all(r.get("authorization") == f"Bearer {server.token}" for r in server.requests)
+    assert {r.get("range") for r in server.requests} == {"bytes=1000-"}
+
+
+def test_redirect_to_another_origin_never_sends_the_token(
+    tmp_path: Path, server: BundleServer, open_server: BundleServer
+) -> None:
+    """The OTA server hands the download to a CDN or object store: the device token stays with the server."""
+    open_server.add("/cdn/b", DATA)
+    server.redirect("/b", f"{open_server.url}/cdn/b", 302)
+    download(f"{server.url}/b", tmp_path / "b.part", len(DATA), token=server.token, policy=FAST)
+    assert (tmp_path / "b.part").read_bytes() == DATA
+    assert server.requests[0].get("authorization") == f"Bearer {server.token}"
+    assert [r["path"] for r in open_server.requests] == ["/cdn/b"]
+    assert "authorization" not in open_server.requests[0]
+
+
+@pytest.mark.parametrize(
+    ("location", "needle"),
+    [("/b", "more than 5 redirects"), ("", "without a Location"), ("ftp://example.org/b", "unsupported URL")],
+    ids=["loop", "no-location", "ftp"],
+)
+def test_bad_redirects_refused_and_not_retried(
+    tmp_path: Path, server: BundleServer, location: str, needle: str
+) -> None:
+    server.redirect("/b", location)
+    part = tmp_path / "b.part"
+    with pytest.raises(DownloadError, match=needle) as err:
+        download(f"{server.url}/b", part, len(DATA), token=server.token, policy=FAST)
+    assert err.value.reason == ReasonCode.DOWNLOAD_FAILED
+    assert len(server.requests) == (6 if location == "/b" else 1)  # a decided failure: no retry
+    assert not part.exists()
+
+
+def test_follow_redirect_refuses_a_downgrade_to_http() -> None:
+    assert follow_redirect("https://srv/a/b", "c") == "https://srv/a/c"
+    assert follow_redirect("http://srv/a", "https://cdn/x") == "https://cdn/x"
+    with pytest.raises(DownloadError, match="https to http"):
+        follow_redirect("https://srv/a", "http://cdn/x")
