@@ -148,7 +148,7 @@ class TelemetryRecorder:
         self._max_requests = max(1, max_requests)
         self._max_bytes = max(1, max_bytes)
         self._set_limit(min(64, self._max_requests))
-        self._plan = _Plan(None, None, datetime.now(UTC))  # the last model seen (see __call__)
+        self._plan = _Plan(None, None, datetime.now(UTC))  # the last model seen (see record)
         self._plans: dict[str, _Plan] = {}  # this window's plans by bundle digest
         self._templates: dict[str, Template] = {}
         self._windows: dict[str, Window] = {}
