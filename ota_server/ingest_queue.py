@@ -192,7 +192,7 @@ def _apply_all(
 ) -> list[_Applied]:
     """One transaction for the whole batch; returns once it is committed (raises if it is not)."""
     with sessions() as session, session.begin():
-        known = ingest.prefetch(session, [(item.device_id, msg) for _, item, msg in parsed])
+        known = ingest.prefetch(session, [(item.device_id, msg) for _, item, msg in parsed], lookups=not careful)
         return [_apply_one(session, item, msg, known, careful) for _, item, msg in parsed]
 
 

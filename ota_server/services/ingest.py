@@ -8,9 +8,11 @@ publishes only after the commit. Status reports are deduplicated by msg id and b
 A batch of messages applied in one transaction (``ota_server.ingest_queue``) first calls
 :func:`prefetch`: one query loads the batch's devices and one each finds the status msg ids and
 telemetry keys already stored, so the handlers need no lookup per message for them (and sets
-``last_seen`` once per device). The caller adds each message it applied without error to the
-returned :class:`Known` (:meth:`Known.remember`), so a second copy later in the same batch is a
-duplicate too.
+``last_seen`` once per device). With ``lookups`` (the batch's fast pass) it also loads the
+devices' model rows and the check-in devices' deployments, so a heartbeat check-in costs no query
+of its own (two each before: 2.2 ms of a 2.9 ms idle message pair, measured). The caller adds each
+message it applied without error to the returned :class:`Known` (:meth:`Known.remember`), so a
+second copy later in the same batch is a duplicate too.
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ class Known:
     windows: set[tuple[str, str, int]] = field(default_factory=set)
     rows: list[object] = field(default_factory=list)
     """Rows loaded for the batch: held here because the session's identity map keeps only weak references."""
+    model_devices: set[str] = field(default_factory=set)
+    """Devices whose every ``DeviceModel`` row is in :attr:`models` (absent there: the device has no such row)."""
+    models: dict[tuple[str, str], DeviceModel] = field(default_factory=dict)
+    deployments: dict[str, list[Deployment]] = field(default_factory=dict)
+    """Per check-in device of the batch, every deployment of that device (dropped when the batch adds one)."""
 
     def remember(self, device_id: str, message: DeviceMessageT) -> None:
         """Record ``message`` as stored in this transaction (call once it applied without error)."""
@@ -79,11 +86,14 @@ def _msg_key(device_id: str, msg_id: str) -> str:
     return f"{device_id}/{msg_id}"
 
 
-def prefetch(session: Session, batch: list[tuple[str, DeviceMessageT]]) -> Known:
+def prefetch(session: Session, batch: list[tuple[str, DeviceMessageT]], lookups: bool = True) -> Known:
     """Load the batch's devices into the session and find which of its reports are stored already.
 
-    At most four queries whatever the batch size (devices, their reported deployments, status msg
-    ids, telemetry keys); the devices and deployments stay in the session for the handlers' lookups.
+    At most six queries whatever the batch size (devices, their reported deployments, status msg
+    ids, telemetry keys and, with ``lookups``, the devices' model rows and the check-in devices'
+    deployments); the rows stay in the session for the handlers' lookups. Without ``lookups`` the
+    handlers query model rows and deployments themselves (the careful pass: a savepoint rolled back
+    must not leave a row in :class:`Known` that the session no longer holds).
     """
     known = Known()
     device_ids = {device_id for device_id, _ in batch}
@@ -92,6 +102,17 @@ def prefetch(session: Session, batch: list[tuple[str, DeviceMessageT]]) -> Known
         for device in session.scalars(select(Device).where(Device.id.in_(device_ids))):
             device.last_seen = now  # once per batch, not one UPDATE per message
             known.rows.append(device)
+    # Only check-ins and status reports record what a device runs; telemetry and presence need neither lookup.
+    reporting = {device_id for device_id, m in batch if isinstance(m, CheckIn | StatusReport)}
+    if lookups and reporting:
+        known.model_devices = reporting
+        for row in session.scalars(select(DeviceModel).where(DeviceModel.device_id.in_(reporting))):
+            known.models[(row.device_id, row.model_name)] = row
+        checkins = {device_id for device_id, m in batch if isinstance(m, CheckIn)}
+        if checkins:
+            known.deployments = {device_id: [] for device_id in checkins}
+            for dep in session.scalars(select(Deployment).where(Deployment.device_id.in_(checkins))):
+                known.deployments[dep.device_id].append(dep)
     deployment_ids = {m.deployment_id for _, m in batch if isinstance(m, StatusReport)}
     if deployment_ids:
         known.rows.extend(session.scalars(select(Deployment).where(Deployment.id.in_(deployment_ids))))
@@ -187,8 +208,8 @@ def handle_status(session: Session, device_id: str, report: StatusReport, known:
         result.ignored = "stale"
         if report.state == DeploymentState.COMMITTED and _late_commit(dep):
             # The device finished an install the server had already cancelled or timed out.
-            _set_running(session, device_id, dep.bundle_sha256)
-            result.send = _revert_late(session, dep)
+            _set_running(session, device_id, dep.bundle_sha256, known)
+            result.send = _revert_late(session, dep, known)
         return result
     now = utcnow()
     dep.state = new.value
@@ -196,31 +217,37 @@ def handle_status(session: Session, device_id: str, report: StatusReport, known:
     dep.detail = report.detail
     dep.updated_at = now
     if new == DeploymentState.COMMITTED and dep.mode != "shadow":
-        _set_running(session, device_id, dep.bundle_sha256)
+        _set_running(session, device_id, dep.bundle_sha256, known)
     return result
 
 
-def _set_running(session: Session, device_id: str, sha256: str) -> None:
+def _set_running(session: Session, device_id: str, sha256: str, known: Known | None = None) -> None:
     bundle = session.get(Bundle, sha256)
     if bundle is None:
         return
-    _record_model(session, device_id, bundle.model_name, bundle.version, bundle.sha256, bundle.release_counter)
+    _record_model(session, device_id, bundle.model_name, bundle.version, bundle.sha256, bundle.release_counter, known)
 
 
-def _record_model(session: Session, device_id: str, model: str, version: str, sha: str, counter: int) -> None:
-    row = session.get(DeviceModel, (device_id, model))
+def _record_model(
+    session: Session, device_id: str, model: str, version: str, sha: str, counter: int, known: Known | None = None
+) -> None:
+    prefetched = known is not None and device_id in known.model_devices
+    row = known.models.get((device_id, model)) if known is not None and prefetched else None
+    if not prefetched:
+        row = session.get(DeviceModel, (device_id, model))
     now = utcnow()
     if row is None:
-        session.add(
-            DeviceModel(
-                device_id=device_id,
-                model_name=model,
-                version=version,
-                bundle_sha256=sha,
-                release_counter=counter,
-                updated_at=now,
-            )
+        row = DeviceModel(
+            device_id=device_id,
+            model_name=model,
+            version=version,
+            bundle_sha256=sha,
+            release_counter=counter,
+            updated_at=now,
         )
+        session.add(row)
+        if known is not None and prefetched:
+            known.models[(device_id, model)] = row  # a second message of this device in the batch finds it
         return
     if row.bundle_sha256 != sha:
         row.previous_version, row.previous_bundle_sha256 = row.version, row.bundle_sha256
@@ -255,9 +282,12 @@ def handle_checkin(session: Session, device_id: str, checkin: CheckIn, known: Kn
         )
     running = {m.model_name: m for m in checkin.models}
     for m in checkin.models:
-        _record_model(session, device_id, m.model_name, m.version, m.bundle_sha256, m.release_counter)
+        _record_model(session, device_id, m.model_name, m.version, m.bundle_sha256, m.release_counter, known)
     open_deps: list[Deployment] = []
-    for dep in session.scalars(select(Deployment).where(Deployment.device_id == device_id)):
+    deployments = known.deployments.get(device_id) if known is not None else None
+    if deployments is None:
+        deployments = list(session.scalars(select(Deployment).where(Deployment.device_id == device_id)))
+    for dep in deployments:
         state = DeploymentState(dep.state)
         model = running.get(dep.model_name)
         if dep.mode == "shadow":
@@ -266,7 +296,7 @@ def handle_checkin(session: Session, device_id: str, checkin: CheckIn, known: Kn
             runs_it = model is not None and model.bundle_sha256 == dep.bundle_sha256 and model.state == "serving"
         is_active = checkin.active_deployment_id == dep.id
         if state.terminal and runs_it and _late_commit(dep):
-            result.send.extend(_revert_late(session, dep))
+            result.send.extend(_revert_late(session, dep, known))
             continue
         if state.terminal:
             # A committed install the device no longer runs (it rolled back by itself): record that.
@@ -306,7 +336,7 @@ def _late_commit(dep: Deployment) -> bool:
     )
 
 
-def _revert_late(session: Session, dep: Deployment) -> list[str]:
+def _revert_late(session: Session, dep: Deployment, known: Known | None = None) -> list[str]:
     """Revert a device that installed a bundle after its rollout was rolled back (or aborted with revert)."""
     if dep.rollout_id is None:
         return []
@@ -316,6 +346,8 @@ def _revert_late(session: Session, dep: Deployment) -> list[str]:
     if rollout.state == RolloutState.ABORTED.value and "revert" not in rollout.detail:
         return []
     new_ids = revert_devices(session, rollout, (dep.device_id,), "ingest", utcnow())
+    if known is not None:
+        known.deployments.pop(dep.device_id, None)  # it has one more now: a later check-in queries them again
     pending = [d for d in (session.get(Deployment, i) for i in new_ids) if d is not None]
     return prepare_sends(session, pending)
 

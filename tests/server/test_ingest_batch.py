@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +18,7 @@ from edgeota_contract.topics import Channel, device_topic
 from ota_server.context import ServerContext
 from ota_server.engine import tick
 from ota_server.ingest_queue import Incoming, IngestQueue, IngestWriters, apply_batch, writer_sessions
-from ota_server.models import Deployment, DeviceMessage, StatusEvent, TelemetryRecord
+from ota_server.models import Deployment, DeviceMessage, DeviceModel, StatusEvent, TelemetryRecord
 from ota_server.services import ingest
 
 from .conftest import AUTH, BundleFactory, upload
@@ -131,7 +132,7 @@ def test_a_conflicting_insert_is_undone_alone_and_acked(
     try:
         assert apply_batch(ctx, sessions, [first]) == ["ok"]
         # Hide the stored copy from the batch's look-up, as if another process inserted it concurrently.
-        monkeypatch.setattr(ingest, "prefetch", lambda _s, _b: ingest.Known())
+        monkeypatch.setattr(ingest, "prefetch", lambda _s, _b, **_k: ingest.Known())
         copy = window("dev0", 5, msg_id="copy-of-five")
         outcomes = apply_batch(ctx, sessions, [window("dev0", 4), copy, window("dev0", 6)])
     finally:
@@ -307,3 +308,97 @@ def test_generated_broker_config_raises_the_per_client_queue_limits(settings: An
     lines = conf.read_text().splitlines()
     assert "max_queued_messages 200000" in lines and "max_inflight_messages 1000" in lines
     assert f"message_size_limit {BROKER_LIMITS['message_size_limit']}" in lines
+
+
+def checkin_item(a: Assignment, runs: bool, seq: int | None = None, active: str | None = None) -> Incoming:
+    """A check-in of ``a``'s device, running ``a``'s bundle when ``runs`` (nothing otherwise)."""
+    from edgeota_contract.messages import CheckIn, RunningModel
+
+    from .helpers import next_seq
+
+    models = [
+        RunningModel(
+            model_name=a.model_name,
+            version=a.version,
+            bundle_sha256=a.bundle_sha256,
+            release_counter=a.release_counter,
+            slot="a",
+        )
+    ]
+    msg = CheckIn(
+        boot_id=BOOT,
+        seq=next_seq() if seq is None else seq,
+        hardware_profile="x86",
+        agent_version="t",
+        models=models if runs else [],
+        active_deployment_id=active,
+    )
+    return Incoming(
+        device_topic(a.device_id, Channel.CHECKIN), a.device_id, Channel.CHECKIN, msg.model_dump_json().encode()
+    )
+
+
+def test_a_batch_of_heartbeats_costs_a_fixed_number_of_queries(
+    client: TestClient, ctx: ServerContext, make_bundle: BundleFactory
+) -> None:
+    """Check-ins find their model rows and deployments in the batch's look-ups, not two queries each."""
+    a = fleet(client, ctx, make_bundle, 12)
+    sessions, own_engine = writer_sessions(ctx)
+    engine = own_engine or ctx.engine
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    try:
+        for dep in a.values():  # every device commits its release: a deployment and a model row each
+            for state in (DeploymentState.DOWNLOADING, DeploymentState.TRIAL, DeploymentState.COMMITTED):
+                assert apply_batch(ctx, sessions, [status(dep, state)]) == ["ok"]
+        batch = [checkin_item(dep, runs=True) for dep in a.values()]
+        event.listen(engine, "before_cursor_execute", seen)
+        assert apply_batch(ctx, sessions, batch) == ["ok"] * 12
+    finally:
+        if event.contains(engine, "before_cursor_execute", seen):
+            event.remove(engine, "before_cursor_execute", seen)
+        if own_engine is not None:
+            own_engine.dispose()
+    selects = [re.findall(r"\bFROM\s+(\w+)", s)[0] for s in statements if s.lstrip().upper().startswith("SELECT")]
+    # One look-up each of devices, their model rows and their deployments for all 12 (24 more before).
+    assert sorted(selects) == ["deployments", "device_models", "devices"], selects
+    with ctx.sessions() as session:
+        rows = session.scalars(select(DeviceModel)).all()
+        assert len(rows) == 12 and {r.bundle_sha256 for r in rows} == {a["dev0"].bundle_sha256}
+        assert {d.state for d in session.scalars(select(Deployment))} == {DeploymentState.COMMITTED.value}
+
+
+def test_check_ins_and_reports_of_one_device_in_one_batch_see_each_others_rows(
+    client: TestClient, ctx: ServerContext, make_bundle: BundleFactory
+) -> None:
+    """A model row added by an earlier message of the batch is updated, not inserted twice; a check-in that
+    shows the release running, after the device's commit in the same batch, leaves it committed."""
+    a = fleet(client, ctx, make_bundle, 2)
+    sessions, engine = writer_sessions(ctx)
+    dev0, dev1 = a["dev0"], a["dev1"]
+    try:
+        outcomes = apply_batch(
+            ctx,
+            sessions,
+            [
+                status(dev0, DeploymentState.DOWNLOADING),
+                status(dev0, DeploymentState.TRIAL),
+                status(dev0, DeploymentState.COMMITTED),  # adds dev0's model row
+                checkin_item(dev0, runs=True),  # finds that row in the batch
+                checkin_item(dev1, runs=False),  # dev1 runs nothing yet: its open deployment is re-sent
+                checkin_item(dev1, runs=False),
+            ],
+        )
+    finally:
+        if engine is not None:
+            engine.dispose()
+    assert outcomes == ["ok"] * 6
+    with ctx.sessions() as session:
+        rows = session.scalars(select(DeviceModel)).all()
+        assert [(r.device_id, r.bundle_sha256) for r in rows] == [("dev0", dev0.bundle_sha256)]
+        states = {d.device_id: d.state for d in session.scalars(select(Deployment))}
+    assert states == {"dev0": DeploymentState.COMMITTED.value, "dev1": DeploymentState.NOTIFIED.value}
+    assert len(assignments(ctx, "dev1")) == 3  # the rollout's, then one fresh assignment per check-in
