@@ -2,10 +2,17 @@
 
 :class:`InputSampler` draws batches shaped like a model's inputs. Its pool, best first:
 
+0. with ``source="digits"``, scikit-learn's digits data set (1,797 images, scaled as the digits
+   example model was trained: pixel / 16), reshaped to the input's shape when it holds 64 values per
+   row: the varied, natural inputs a deployed digits model sees, so a release that is wrong or NaN on
+   a share of real inputs shows in the fleet's telemetry (the bundle's few test vectors may all miss
+   that share);
 1. the bundle's own test vectors (``test_vectors.npz``: ``in.<input name>`` arrays), resampled row by
    row, so inputs look like what the model was built for;
 2. the bundle's reference histograms (``reference_stats.json``), sampled bucket by bucket;
 3. uniform noise in [0, 1) when neither is available.
+
+Pools are read once per bundle and data set per process and shared (read-only) by every sampler.
 
 A :class:`Drift` moves every feature by ``shift`` standard deviations of the pool (and scales its
 spread by ``scale``): what a sensor knocked out of calibration does to a model's inputs.
@@ -13,10 +20,11 @@ spread by ``scale``): what a sensor knocked out of calibration does to a model's
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +33,39 @@ from edgeota_contract.manifest import TensorSpec
 from edgeota_contract.telemetry import ReferenceStats
 
 Array = npt.NDArray[Any]
+InputSource = Literal["test_vectors", "digits"]
+INPUT_SOURCES: tuple[str, ...] = ("test_vectors", "digits")
+_CACHE_LOCK = threading.Lock()
+_BUNDLE_CACHE: dict[tuple[str, tuple[str, ...]], tuple[dict[str, Array], ReferenceStats | None]] = {}
+_DIGITS: list[Array] = []
+
+
+def digits_pool() -> Array:
+    """scikit-learn's digits images as float32 rows of 64 pixels in [0, 1] (pixel / 16, as the example model
+    was trained); loaded once per process, read-only."""
+    with _CACHE_LOCK:
+        if not _DIGITS:
+            from sklearn.datasets import load_digits
+
+            data = (load_digits().data / 16.0).astype(np.float32)
+            data.setflags(write=False)
+            _DIGITS.append(data)
+        return _DIGITS[0]
+
+
+def natural_pools(inputs: Sequence[TensorSpec], source: InputSource) -> dict[str, Array]:
+    """Per input name, the ``source`` pool reshaped to the input's row shape; inputs it does not fit (not 64
+    floating values per row) are left out, so they fall back to the bundle's own pool."""
+    if source != "digits":
+        return {}
+    out: dict[str, Array] = {}
+    for spec in inputs:
+        row = _concrete_shape(spec, 1)[1:]
+        if not np.issubdtype(np.dtype(spec.dtype if spec.dtype != "float" else "float32"), np.floating):
+            continue
+        if int(np.prod(row)) == 64:
+            out[spec.name] = digits_pool().reshape(-1, *row)
+    return out
 
 
 @dataclass(frozen=True)
@@ -35,6 +76,34 @@ class Drift:
     @property
     def active(self) -> bool:
         return self.shift != 0.0 or self.scale != 1.0
+
+
+def _bundle_pools(
+    bundle_dir: Path, inputs: Sequence[TensorSpec], cache_key: str | None
+) -> tuple[dict[str, Array], ReferenceStats | None]:
+    key = (cache_key, tuple(spec.name for spec in inputs)) if cache_key else None
+    if key is not None:
+        with _CACHE_LOCK:
+            cached = _BUNDLE_CACHE.get(key)
+        if cached is not None:
+            return cached
+    pools: dict[str, Array] = {}
+    vectors = bundle_dir / "test_vectors.npz"
+    if vectors.is_file():
+        with np.load(vectors) as data:
+            for spec in inputs:
+                name = f"in.{spec.name}"
+                if name in data.files and data[name].ndim >= 1 and len(data[name]) > 0:
+                    pools[spec.name] = np.asarray(data[name])
+                    pools[spec.name].setflags(write=False)
+    reference = None
+    stats = bundle_dir / "reference_stats.json"
+    if stats.is_file():
+        reference = ReferenceStats.model_validate_json(stats.read_bytes())
+    if key is not None:
+        with _CACHE_LOCK:
+            _BUNDLE_CACHE[key] = (pools, reference)
+    return pools, reference
 
 
 def _concrete_shape(spec: TensorSpec, batch: int) -> list[int]:
@@ -60,21 +129,22 @@ class InputSampler:
         self._rng = np.random.default_rng(seed)
 
     @classmethod
-    def from_bundle_dir(cls, bundle_dir: Path, inputs: Sequence[TensorSpec], seed: int = 0) -> InputSampler:
-        """Use the test vectors and reference statistics unpacked in ``bundle_dir`` (either may be missing)."""
-        pools: dict[str, Array] = {}
-        vectors = bundle_dir / "test_vectors.npz"
-        if vectors.is_file():
-            with np.load(vectors) as data:
-                for spec in inputs:
-                    key = f"in.{spec.name}"
-                    if key in data.files and data[key].ndim >= 1 and len(data[key]) > 0:
-                        pools[spec.name] = np.asarray(data[key])
-        reference = None
-        stats = bundle_dir / "reference_stats.json"
-        if stats.is_file():
-            reference = ReferenceStats.model_validate_json(stats.read_bytes())
-        return cls(inputs, pools, reference, seed)
+    def from_bundle_dir(
+        cls,
+        bundle_dir: Path,
+        inputs: Sequence[TensorSpec],
+        seed: int = 0,
+        source: InputSource = "test_vectors",
+        cache_key: str | None = None,
+    ) -> InputSampler:
+        """Use the test vectors and reference statistics unpacked in ``bundle_dir`` (either may be missing),
+        or, with ``source="digits"``, the digits data set for the inputs it fits.
+
+        ``cache_key`` (e.g. the bundle's digest): read the folder once per process for that key and share the
+        arrays with every later sampler of the same key (thousands of simulated devices run the same bundle).
+        """
+        pools, reference = _bundle_pools(bundle_dir, inputs, cache_key)
+        return cls(inputs, {**pools, **natural_pools(inputs, source)}, reference, seed)
 
     def sample(self, batch: int = 1, drift: Drift | None = None) -> dict[str, Array]:
         """One batch per input, named as the model expects; drifted when ``drift`` is active."""

@@ -27,15 +27,19 @@ def load_config(path: Path) -> tuple[Any, Path]:
     Raises:
         EdgeotaError: unreadable file, or fields FleetConfig does not take.
     """
+    from edgeota.fleet.load import INPUT_SOURCES
     from edgeota.fleet.simulator import FleetConfig
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         status_file = Path(data.pop("status_file"))
         data["workdir"] = Path(data["workdir"])
-        return FleetConfig(**data), status_file
+        config = FleetConfig(**data)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EdgeotaError(f"bad shard configuration {path}: {exc}") from None
+    if config.input_source not in INPUT_SOURCES:
+        raise EdgeotaError(f"bad shard configuration {path}: unknown input_source {config.input_source!r}")
+    return config, status_file
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -64,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
             sim.provision()
             sim.start()
             while True:
-                write_json(status_file, {"phase": "running", **sim.status()})
+                started = time.perf_counter()
+                status = sim.status()
+                # What watching costs this process (it walks every agent), so a big fleet's overhead is on record.
+                status["status_ms"] = round((time.perf_counter() - started) * 1000, 2)
+                write_json(status_file, {"phase": "running", **status})
                 time.sleep(1.0)
         except (KeyboardInterrupt, Terminated):
             pass

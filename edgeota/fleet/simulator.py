@@ -12,7 +12,7 @@ HTTP polls (:mod:`edgeota.fleet.poll`), the pull-based baseline. ``stop()`` (or 
 block) stops the load, the poller, the agents, the network loop and the proxies, in that order.
 
 Errors: ``ProvisioningError`` from :meth:`FleetSimulator.provision`; ``FaultSpecError`` when a fault
-names an unknown device.
+names an unknown device; :class:`FleetConfigError` for an unknown input source.
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ from typing import Any
 
 from edgeota.fleet.agents import RealAgent, SimAgent, build_agent, new_session_cache
 from edgeota.fleet.faults import Fault, FaultKind, assign_faults
-from edgeota.fleet.load import Drift, InputSampler
+from edgeota.fleet.load import INPUT_SOURCES, Drift, InputSampler, InputSource
 from edgeota.fleet.netcut import CuttableProxy, ProxyHub
 from edgeota.fleet.poll import CommandPoller, PollTarget
 from edgeota.fleet.provision import DevicePlan, plan_devices, provision_device, write_device_folder
+from edgeota_contract.errors import EdgeotaError
 from edgeota_contract.logs import log_event
+from edgeota_contract.states import ReasonCode
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,12 @@ SWITCH_INTERVAL_SECONDS = 0.0005
 SWITCH_INTERVAL_MAX_DEVICES = 100
 
 
+class FleetConfigError(EdgeotaError):
+    """A fleet configuration the simulator cannot run."""
+
+    default_reason = ReasonCode.INTERNAL_ERROR
+
+
 @dataclass
 class FleetConfig:
     devices: int
@@ -83,6 +91,9 @@ class FleetConfig:
     mqtt_loop_workers: int = 4
     poll_seconds: float | None = None  # set: assignments come only from HTTP polls every this many seconds
     poll_threads: int = 2
+    # Where inference inputs come from: the bundle's test vectors (a handful of rows) or the digits data set
+    # (natural inputs: exercises output-based gates such as a NaN rate; see edgeota.fleet.load).
+    input_source: InputSource = "test_vectors"
 
 
 @dataclass
@@ -126,6 +137,13 @@ class FleetSimulator:
     """N real agents in this process. A context manager; see the module docstring."""
 
     def __init__(self, config: FleetConfig) -> None:
+        """Check ``config`` (nothing starts until :meth:`provision` / :meth:`start`).
+
+        Raises:
+            FleetConfigError: an unknown ``input_source``.
+        """
+        if config.input_source not in INPUT_SOURCES:
+            raise FleetConfigError(f"unknown input source {config.input_source!r}; choose from {INPUT_SOURCES}")
         self.config = config
         self.devices: list[SimDevice] = []
         self._hub: ProxyHub | None = None
@@ -291,7 +309,13 @@ class FleetSimulator:
             return
         if device.sampler is None or device.sampler_digest != serving.bundle_sha256:
             device_seed = zlib.crc32(f"{seed}:{device.device_id}".encode())
-            device.sampler = InputSampler.from_bundle_dir(serving.folder, serving.inputs, seed=device_seed)
+            device.sampler = InputSampler.from_bundle_dir(
+                serving.folder,
+                serving.inputs,
+                seed=device_seed,
+                source=self.config.input_source,
+                cache_key=serving.bundle_sha256,  # one read of the pools per bundle and process, not per device
+            )
             device.sampler_digest = serving.bundle_sha256
         inputs = device.sampler.sample(1, device.drift)
         device.stats.requests += 1
