@@ -23,6 +23,14 @@ default each process runs all its agents' MQTT connections on one shared epoll l
 ``EDGEOTA_BENCH_FLEET_SIZES`` (comma-separated). ``python -m bench.fleet_bench --sizes 250 [--append]``
 runs one variant from the command line (``--append`` adds it to the existing JSON instead of replacing
 it). Goals are reported, never asserted.
+
+For large fleets: healthy rollouts cap deployments in flight (:func:`default_max_concurrent`: none up to
+1,000 devices, 250 above; ``--max-concurrent``); ``--timeout`` bounds every wait; ``--idle SECONDS``
+measures the idle fleet's CPU per role before the first rollout; ``--profile SECONDS`` records
+``py-spy --gil`` of the server and one shard from the first rollout's start; ``--inputs digits`` feeds the
+simulated requests from the digits data set (natural inputs, so output-based faults show); every entry
+records the CPU seconds per role, peak threads per role, the machine's lowest available memory and highest
+load average, and the rollout's progress every ~10 s.
 """
 
 from __future__ import annotations
@@ -34,9 +42,11 @@ import logging
 import math
 import os
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +57,7 @@ from edgeota.fleet.api import RolloutPlan, ServerApi, ServerApiError, StagePlan
 from edgeota.fleet.releases import BuiltRelease, make_bad_release, package_release
 from edgeota.fleet.stack import Stack, local_stack, prepare_workdir
 from edgeota.procs import Supervisor
-from edgeota_contract.states import RolloutState
+from edgeota_contract.states import DeploymentState, RolloutState
 
 WORK = Path(__file__).resolve().parent / ".work"
 PROFILE = "imx8mp-npu"  # the largest latency budget (100 ms): hundreds of agents share two cores here
@@ -97,7 +107,21 @@ class Variant:
     # "wrong" (cheap to run: at 1,000 devices 100 slow canaries on two cores never finished their trial).
     bad_kind: str = "slow"
     canary_count: int = 0  # the failed gate's first stage: this many devices (0: 10% of the fleet)
-    max_concurrent: int = 0  # healthy rollouts: at most this many deployments in flight (0: no cap)
+    # Healthy rollouts: at most this many deployments in flight (0: no cap; -1: default_max_concurrent(devices)).
+    max_concurrent: int = -1
+    timeout_seconds: float = 0.0  # each wait (all online, each rollout phase) gives up after this (0: by fleet size)
+    profile_seconds: float = 0.0  # py-spy the server and one simulator for this long from the first rollout's start
+    idle_seconds: float = 0.0  # once all are online: measure the idle fleet's CPU per role for this long first
+    inputs: str = "test_vectors"  # the simulated requests' inputs: the bundle's test vectors, or "digits" (natural)
+    note: str = ""  # free text kept with the entry (e.g. which server code a before/after run used)
+
+
+def default_max_concurrent(devices: int) -> int:
+    """The healthy rollouts' cap on deployments in flight when none is given: none up to 1,000 devices (uncapped
+    first installs completed there, runs 10-12), else 250. Without a cap 2,000 devices downloading at once from
+    one server process stalled (run 13); 250 carried the same fleet (run 14). The cap tracks what one server
+    process and two cores finish at once, not the fleet's size, which is why it does not grow with the fleet."""
+    return 0 if devices <= 1000 else 250
 
 
 def agent_settings(variant: Variant) -> dict[str, Any]:
@@ -109,33 +133,106 @@ def agent_settings(variant: Variant) -> dict[str, Any]:
 
 
 class Peaks:
-    """Samples every half second: RSS (a name may stand for several processes: their sum, in MiB), and
-    the largest thread count and open-descriptor count of any single process of the group."""
+    """Samples every ``interval`` seconds: RSS (a name may stand for several processes: their sum, in MiB), the
+    largest thread count and open-descriptor count of any single process of the group, the group's threads in
+    total, its CPU seconds (user + system, last reading of each process), and the machine's lowest available
+    memory and highest 1-minute load average."""
 
-    def __init__(self, groups: dict[str, list[int]]) -> None:
+    def __init__(self, groups: dict[str, list[int]], interval: float = 0.5) -> None:
         self.groups = {name: [psutil.Process(pid) for pid in pids] for name, pids in groups.items()}
         self.peaks = dict.fromkeys(groups, 0.0)
         self.threads = dict.fromkeys(groups, 0)
+        self.threads_total = dict.fromkeys(groups, 0)
         self.fds = dict.fromkeys(groups, 0)
+        self._cpu: dict[int, float] = {}
+        self.min_available_mib = psutil.virtual_memory().available / 2**20
+        self.max_load_1min = 0.0
+        self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(self.interval):
             for name, procs in self.groups.items():
                 total = 0.0
+                threads = 0
                 for proc in procs:
                     with contextlib.suppress(psutil.Error), proc.oneshot():
                         total += proc.memory_info().rss / 2**20
-                        self.threads[name] = max(self.threads[name], proc.num_threads())
+                        n = proc.num_threads()
+                        threads += n
+                        self.threads[name] = max(self.threads[name], n)
                         self.fds[name] = max(self.fds[name], proc.num_fds())
+                        cpu = proc.cpu_times()
+                        self._cpu[proc.pid] = cpu.user + cpu.system
                 self.peaks[name] = max(self.peaks[name], total)
+                self.threads_total[name] = max(self.threads_total[name], threads)
+            self.min_available_mib = min(self.min_available_mib, psutil.virtual_memory().available / 2**20)
+            self.max_load_1min = max(self.max_load_1min, os.getloadavg()[0])
+
+    def cpu_seconds(self) -> dict[str, float]:
+        return {
+            name: round(sum(self._cpu.get(proc.pid, 0.0) for proc in procs), 1) for name, procs in self.groups.items()
+        }
 
     def stop(self) -> dict[str, float]:
         self._stop.set()
         self._thread.join(5)
         return {k: round(v, 1) for k, v in self.peaks.items()}
+
+
+class Profiler:
+    """``py-spy record --gil`` of a few processes for ``seconds`` (collapsed stacks in ``out_dir``), summarised
+    as the functions holding the GIL most often, by their own samples and with their callees."""
+
+    def __init__(self, targets: dict[str, int], seconds: float, out_dir: Path, rate: int = 10) -> None:
+        self.seconds = seconds
+        self.files = {name: out_dir / f"profile-{name}.txt" for name in targets}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        spy = Path(sys.executable).parent / "py-spy"
+        self.procs: dict[str, Any] = {}
+        for name, pid in targets.items():
+            argv = [str(spy), "record", "--gil", "--nonblocking", "-r", str(rate), "-d", str(int(seconds))]
+            argv += ["-f", "raw", "-o", str(self.files[name]), "--pid", str(pid)]
+            with contextlib.suppress(OSError):
+                self.procs[name] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def finish(self, top: int = 15) -> dict[str, Any]:
+        """Wait for py-spy (it lags behind with hundreds of threads; killed after a minute more) and summarise."""
+        out: dict[str, Any] = {"seconds": self.seconds, "mode": "py-spy --gil, 10 Hz"}
+        deadline = time.monotonic() + self.seconds + 60
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            out[name] = summarise_profile(self.files[name], top) if self.files[name].exists() else None
+        return out
+
+
+def summarise_profile(path: Path, top: int = 15) -> dict[str, Any]:
+    """``py-spy -f raw`` output (``frame;frame;... count`` lines) -> sample count, top own and inclusive shares."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
+        total += int(count)
+        if frames:
+            own[frames[-1]] = own.get(frames[-1], 0) + int(count)
+            for frame in set(frames):
+                incl[frame] = incl.get(frame, 0) + int(count)
+
+    def best(table: dict[str, int]) -> list[tuple[str, float]]:
+        ranked = sorted(table.items(), key=lambda kv: -kv[1])[:top]
+        return [(frame[:160], round(n / max(total, 1), 3)) for frame, n in ranked]
+
+    return {"samples": total, "own": best(own), "inclusive": best(incl)}
 
 
 class ShardedFleet:
@@ -170,6 +267,7 @@ class ShardedFleet:
                 "agent_overrides": agent_settings(variant),
                 "shared_mqtt_loop": variant.shared_loop,
                 "poll_seconds": variant.poll_seconds,
+                "input_source": variant.inputs,
                 "status_file": str(status),
             }
             config_path = workdir / f"shard-{i}.config.json"
@@ -206,7 +304,13 @@ class ShardedFleet:
         return int(self.status()["versions"].get(version, 0))
 
     def stop(self) -> None:
-        self.supervisor.stop_all()
+        """Stop every shard at once (each stops its agents cleanly): one after the other, 20 shards of 500
+        would take 20 times one shard's stop."""
+        children = list(self.supervisor.children)
+        if children:
+            with ThreadPoolExecutor(max_workers=len(children)) as pool:
+                list(pool.map(self.supervisor.stop, children))
+        self.supervisor.stop_all()  # anything a failed stop left
 
 
 class WireCounter:
@@ -380,6 +484,7 @@ def _rollout(
     timeout: float,
     max_failure_rate: float = 0.2,
     extra_gates: dict[str, Any] | None = None,
+    on_started: Any = None,
 ) -> tuple[dict[str, Any], float]:
     plan = RolloutPlan(
         stages=stages,
@@ -392,22 +497,41 @@ def _rollout(
     rollout = api.create_rollout(release_id, plan)
     started = time.monotonic()
     api.start_rollout(rollout["rollout_id"])
+    if on_started is not None:
+        on_started()
     errors: list[str] = []
     final: dict[str, Any] = {}
+    progress: list[tuple[float, int, int]] = []  # (seconds, committed, in flight) every ~10 s
+    timed_out = False
     while True:
         try:
-            final = api.rollout(rollout["rollout_id"])
+            # Counts only: the full answer holds every deployment (10,000 rows at 10,000 devices), and polling it
+            # every second cost the server a share of its CPU in session 3's runs.
+            final = api.rollout(rollout["rollout_id"], deployments=False)
         except ServerApiError as exc:  # a busy server may fail one poll: note it and keep watching
             errors.append(str(exc)[:200])
+        elapsed = time.monotonic() - started
+        if final and (not progress or elapsed - progress[-1][0] >= 10):
+            counts = final.get("counts", {})
+            in_flight = sum(int(counts.get(st.value, 0)) for st in DeploymentState if not st.terminal and st.rank > 0)
+            progress.append((round(elapsed, 1), int(counts.get("committed", 0)), in_flight))
         if final and RolloutState(final["state"]).terminal:
             break
-        if time.monotonic() - started > timeout:  # not terminal in time: report where it stood
-            final = {**(final or {"state": "unknown", "counts": {}}), "timed_out_after_seconds": timeout}
+        if elapsed > timeout:  # not terminal in time: report where it stood
+            timed_out = True
             break
         time.sleep(1.0)
+    seconds = time.monotonic() - started
+    with contextlib.suppress(ServerApiError):  # once, for the per-device reasons and the stuck evidence
+        final = api.rollout(rollout["rollout_id"])
+    if not final:
+        final = {"state": "unknown", "counts": {}}
+    if timed_out:
+        final = {**final, "timed_out_after_seconds": timeout}
+    final = {**final, "progress_seconds_committed_in_flight": progress}
     if errors:
         final = {**final, "api_errors_while_watching": errors[:5], "api_error_count": len(errors)}
-    return final, time.monotonic() - started
+    return final, seconds
 
 
 def _deployment_counts(api: ServerApi, rollout_id: str) -> dict[str, int]:
@@ -467,6 +591,7 @@ def _phase_result(last: dict[str, Any], seconds: float, fleet_dir: Path) -> dict
     if last.get("api_error_count"):
         result["api_errors_while_watching"] = last["api_errors_while_watching"]
         result["api_error_count"] = last["api_error_count"]
+    result["progress_seconds_committed_in_flight"] = last.get("progress_seconds_committed_in_flight", [])
     return result
 
 
@@ -500,29 +625,61 @@ def bench_size(devices: int, save: Any = None, variant: Variant | None = None) -
         t = time.monotonic()
         fleet = ShardedFleet(stack, devices, fleet_dir, variant)
         peaks = Peaks(
-            {"server": [stack.supervisor.children[0].pid], "broker": [stack.broker.pid], "simulator": fleet.pids}
+            {"server": [stack.supervisor.children[0].pid], "broker": [stack.broker.pid], "simulator": fleet.pids},
+            interval=0.5 if devices <= 1000 else 2.0,  # counting 20 shards' descriptors costs the box CPU
         )
         out["simulator_processes"] = len(fleet.pids)
         db = workdir / "server" / "edgeota.db"
         ingest = IngestSampler(wire, db)
         try:
+            online_progress: list[tuple[float, int]] = []
+
+            def all_online() -> bool:
+                # The listing of every device grows with the fleet: at 10,000 it is polled every 10 s, not 2 s.
+                with contextlib.suppress(ServerApiError):
+                    online_progress.append(
+                        (round(time.monotonic() - t, 1), len(api.devices("fleet=bench", devices + 10, online=True)))
+                    )
+                return bool(online_progress) and online_progress[-1][1] >= devices
+
             online = _wait(
-                lambda: len(api.devices("fleet=bench", devices + 10, online=True)) >= devices,
-                timeout=max(180, devices * 0.5),
-                interval=2,
+                all_online, timeout=variant.timeout_seconds or max(180, devices * 0.5), interval=max(2, devices / 1000)
             )
             out["start_to_all_online_seconds"] = round(time.monotonic() - t, 2) if online is not None else None
+            out["online_progress_seconds_count"] = online_progress[:: max(1, len(online_progress) // 20)]
             if online is None:
-                out["online_at_timeout"] = len(api.devices("fleet=bench", devices + 10, online=True))
+                out["online_at_timeout"] = online_progress[-1][1] if online_progress else None
             out["shards_after_start"] = [
-                s.get("process", {}) | {"mqtt_loop": s.get("mqtt_loop")} for s in fleet.shard_status()
+                s.get("process", {}) | {"mqtt_loop": s.get("mqtt_loop"), "status_ms": s.get("status_ms")}
+                for s in fleet.shard_status()
             ]
             checkpoint()
+            if variant.idle_seconds:
+                # What the fleet costs doing nothing but its steady traffic (inference, heartbeats, windows, acks):
+                # the share of the two cores a rollout has left.
+                before, t_idle = peaks.cpu_seconds(), time.monotonic()
+                time.sleep(variant.idle_seconds)
+                after, span = peaks.cpu_seconds(), time.monotonic() - t_idle
+                out["idle_cores_per_role"] = {
+                    "seconds": round(span, 1),
+                    **{k: round((after[k] - before[k]) / span, 3) for k in after},
+                    "load_average_1min": round(os.getloadavg()[0], 1),
+                }
+                checkpoint()
 
-            timeout = 180.0 if devices <= 100 else max(300.0, devices * 0.4)
+            timeout = variant.timeout_seconds or (180.0 if devices <= 100 else max(300.0, devices * 0.4))
             if variant.poll_seconds:
                 timeout += variant.poll_seconds * 1.5
             last: dict[str, Any] = {}
+            cap = variant.max_concurrent if variant.max_concurrent >= 0 else default_max_concurrent(devices)
+            out["healthy_rollouts_max_concurrent"] = cap or None
+            profiler: list[Profiler] = []
+
+            def start_profile() -> None:
+                if variant.profile_seconds and not profiler:
+                    targets = {"server": stack.supervisor.children[0].pid, "simulator_shard0": fleet.pids[0]}
+                    profiler.append(Profiler(targets, variant.profile_seconds, workdir / "profiles"))
+
             for key, release_id, phase in (
                 ("rollout_first_install", ids[0], "install"),
                 ("rollout_update", ids[1], "update"),
@@ -535,9 +692,12 @@ def bench_size(devices: int, save: Any = None, variant: Variant | None = None) -
                     [StagePlan(percent=100)],
                     timeout,
                     max_failure_rate=HEALTHY_MAX_FAILURE_RATE,
-                    extra_gates={"max_concurrent": variant.max_concurrent} if variant.max_concurrent else None,
+                    extra_gates={"max_concurrent": cap} if cap else None,
+                    on_started=start_profile,
                 )
                 out[key] = _phase_result(last, seconds, fleet_dir)
+                if profiler and "py_spy" not in out:
+                    out["py_spy"] = {"phase": phase, **profiler[0].finish()}
                 if variant.poll_seconds:
                     out[key]["delivery"] = f"HTTP poll every {variant.poll_seconds:g} s per device, random phase"
                 checkpoint()
@@ -595,7 +755,8 @@ def bench_size(devices: int, save: Any = None, variant: Variant | None = None) -
                 checkpoint()
 
             out["shards_before_stop"] = [
-                s.get("process", {}) | {"mqtt_loop": s.get("mqtt_loop"), "polls": s.get("polls")}
+                s.get("process", {})
+                | {"mqtt_loop": s.get("mqtt_loop"), "polls": s.get("polls"), "status_ms": s.get("status_ms")}
                 for s in fleet.shard_status()
             ]
             stop_started = time.monotonic()
@@ -624,7 +785,14 @@ def bench_size(devices: int, save: Any = None, variant: Variant | None = None) -
             wire.close()
             out["peak_rss_mib"] = peaks.stop()
             out["peak_threads_per_process"] = dict(peaks.threads)
+            out["peak_threads_per_role"] = dict(peaks.threads_total)
             out["peak_fds_per_process"] = dict(peaks.fds)
+            out["cpu_seconds_per_role"] = peaks.cpu_seconds()
+            out["machine"] = {
+                "min_available_mib": round(peaks.min_available_mib),
+                "max_load_average_1min": round(peaks.max_load_1min, 1),
+                "wall_seconds_fleet_start_to_end": round(time.monotonic() - t, 1),
+            }
     install = out.get("rollout_update", out.get("rollout_first_install", {})).get("seconds")
     if variant.poll_seconds:
         out["http_polling_baseline"] = {"measured_in_this_run": True, "poll_seconds": variant.poll_seconds}
@@ -680,7 +848,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bad-kind", choices=("slow", "nan", "wrong"), default="slow", help="the failed-gate release's fault"
     )
-    parser.add_argument("--max-concurrent", type=int, default=0, help="healthy rollouts: cap on deployments in flight")
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=-1,
+        help="healthy rollouts: cap on deployments in flight (0: none; default: none up to 1,000 devices, else 250)",
+    )
+    parser.add_argument("--timeout", type=float, default=0, help="give up each wait after SECONDS (default by size)")
+    parser.add_argument("--profile", type=float, default=0, help="py-spy server and one shard for SECONDS")
+    parser.add_argument("--idle", type=float, default=0, help="measure the idle fleet's CPU for SECONDS first")
+    parser.add_argument("--note", default="", help="free text recorded with the entry")
+    parser.add_argument(
+        "--inputs", choices=("test_vectors", "digits"), default="test_vectors", help="simulated requests' inputs"
+    )
     parser.add_argument("--canary-count", type=int, default=0, help="failed gate: canary stage of N devices (not 10%%)")
     parser.add_argument("--append", action="store_true", help="add to bench/results/fleet.json instead of replacing")
     args = parser.parse_args(argv)
@@ -699,7 +879,12 @@ def main(argv: list[str] | None = None) -> int:
         report_retry_seconds=args.report_retry or None,
         bad_kind=args.bad_kind,
         canary_count=args.canary_count,
-        max_concurrent=args.max_concurrent,
+        max_concurrent=max(-1, args.max_concurrent),
+        timeout_seconds=args.timeout,
+        profile_seconds=args.profile,
+        idle_seconds=args.idle,
+        inputs=args.inputs,
+        note=args.note,
     )
     results = run_sizes(Path(__file__).resolve().parent / "results", sizes, variant, append=args.append)
     print(json.dumps(results["sizes"][-len(sizes) :], indent=2))

@@ -118,8 +118,11 @@ class ServerApi:
         result: dict[str, Any] = self._call("POST", f"/api/v1/rollouts/{rollout_id}/{command}", json={"reason": reason})
         return result
 
-    def rollout(self, rollout_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("GET", f"/api/v1/rollouts/{rollout_id}")
+    def rollout(self, rollout_id: str, deployments: bool = True) -> dict[str, Any]:
+        """``GET /api/v1/rollouts/{id}``; ``deployments=False`` leaves out the per-device rows (state and counts
+        only: what a watcher of a large fleet should poll, since the full answer grows with the fleet)."""
+        params = None if deployments else {"deployments": "false"}
+        result: dict[str, Any] = self._call("GET", f"/api/v1/rollouts/{rollout_id}", params=params)
         return result
 
     def device(self, device_id: str) -> dict[str, Any]:
