@@ -11,6 +11,7 @@ from edgeota_contract.states import DeploymentState as S
 from edgeota_contract.states import RolloutState, deployment_transition_allowed
 from edgeota_contract.telemetry import (
     FeatureReference,
+    FeatureSummary,
     bucket_index,
     histogram_quantile,
     merge_counts,
@@ -70,3 +71,19 @@ def test_quantile_and_merge() -> None:
 def test_bad_histograms_rejected(edges: list[float], counts: list[int]) -> None:
     with pytest.raises(ValueError):
         FeatureReference(input="x", edges=edges, counts=counts)
+
+
+@pytest.mark.parametrize(
+    ("edges", "counts", "needle"),
+    [
+        ([0.1, 0.2], [1, 2], "len\\(edges\\)\\+1"),
+        ([0.2, 0.1], [1, 2, 3], "strictly ascending"),
+        ([0.1, 0.1], [1, 2, 3], "strictly ascending"),
+        ([0.1, float("nan"), 0.3], [1, 2, 3, 4], "strictly ascending"),
+        ([0.1], [1, -1], "non-negative"),
+    ],
+)
+def test_bad_histograms_refused(edges: list[float], counts: list[int], needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        FeatureSummary(input="x", feature=0, edges=edges, counts=counts)
+    assert FeatureSummary(input="x", feature=0, edges=[0.1, 0.2, float("inf")], counts=[1, 0, 2, 3]).counts[-1] == 3
