@@ -28,14 +28,13 @@ class Recorder:
         )
         self.client.on_message = self._on_message
         self._ready = threading.Event()
-        self.client.on_connect = lambda c, u, f, r, p: (
-            c.subscribe(f"edgeota/v1/devices/{device_id}/#", qos=1),
-            self._ready.set(),
-        )
+        self.client.on_connect = lambda c, u, f, r, p: c.subscribe(f"edgeota/v1/devices/{device_id}/#", qos=1)
+        # ready once the broker acknowledged the subscription (a slow broker, amqtt on a loaded box, may take
+        # longer than any fixed pause after the connect)
+        self.client.on_subscribe = lambda c, u, mid, codes, p: self._ready.set()
         self.client.connect(host, port)
         self.client.loop_start()
-        assert self._ready.wait(10)
-        time.sleep(0.2)
+        assert self._ready.wait(20)
 
     def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         channel = msg.topic.rsplit("/", 1)[1]
