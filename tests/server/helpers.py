@@ -72,16 +72,15 @@ def report(
     return outcome, msg
 
 
-def checkin(
-    ctx: ServerContext,
-    device_id: str,
+def checkin_message(
     profile: str,
     models: list[Assignment] = (),  # type: ignore[assignment]
     active: str | None = None,
     seq: int | None = None,
     boot_id: str = BOOT,
     sent_at: datetime | None = None,
-) -> str:
+) -> CheckIn:
+    """A check-in running ``models``' bundles (the next seq unless given)."""
     running = [
         RunningModel(
             model_name=a.model_name,
@@ -92,7 +91,7 @@ def checkin(
         )
         for a in models
     ]
-    msg = CheckIn(
+    return CheckIn(
         boot_id=boot_id,
         seq=next(_seq) if seq is None else seq,
         hardware_profile=profile,
@@ -101,6 +100,19 @@ def checkin(
         active_deployment_id=active,
         **({"sent_at": sent_at} if sent_at is not None else {}),
     )
+
+
+def checkin(
+    ctx: ServerContext,
+    device_id: str,
+    profile: str,
+    models: list[Assignment] = (),  # type: ignore[assignment]
+    active: str | None = None,
+    seq: int | None = None,
+    boot_id: str = BOOT,
+    sent_at: datetime | None = None,
+) -> str:
+    msg = checkin_message(profile, models, active, seq, boot_id, sent_at)
     return process_message(ctx, device_topic(device_id, Channel.CHECKIN), msg.model_dump_json().encode())
 
 

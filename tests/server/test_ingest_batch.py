@@ -312,27 +312,9 @@ def test_generated_broker_config_raises_the_per_client_queue_limits(settings: An
 
 def checkin_item(a: Assignment, runs: bool, seq: int | None = None, active: str | None = None) -> Incoming:
     """A check-in of ``a``'s device, running ``a``'s bundle when ``runs`` (nothing otherwise)."""
-    from edgeota_contract.messages import CheckIn, RunningModel
+    from .helpers import checkin_message
 
-    from .helpers import next_seq
-
-    models = [
-        RunningModel(
-            model_name=a.model_name,
-            version=a.version,
-            bundle_sha256=a.bundle_sha256,
-            release_counter=a.release_counter,
-            slot="a",
-        )
-    ]
-    msg = CheckIn(
-        boot_id=BOOT,
-        seq=next_seq() if seq is None else seq,
-        hardware_profile="x86",
-        agent_version="t",
-        models=models if runs else [],
-        active_deployment_id=active,
-    )
+    msg = checkin_message("x86", [a] if runs else [], active=active, seq=seq, boot_id=BOOT)
     return Incoming(
         device_topic(a.device_id, Channel.CHECKIN), a.device_id, Channel.CHECKIN, msg.model_dump_json().encode()
     )
