@@ -151,15 +151,13 @@ class LoadedModel:
     # (that, a feed dict, np.asarray per output and ORT's Python-side checks cost ~3 us of a ~17 us
     # digits-CNN inference on the development box).
     _inputs: tuple[str, ...] = field(init=False, repr=False, compare=False)
-    _outputs: tuple[str, ...] = field(init=False, repr=False, compare=False)
-    _output_list: list[str] = field(init=False, repr=False, compare=False)
+    _outputs: list[str] = field(init=False, repr=False, compare=False)  # a list: ORT's native run takes no tuple
     _input_set: frozenset[str] = field(init=False, repr=False, compare=False)
     _run: Callable[[list[str], dict[str, Any], Any], list[Any]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_inputs", tuple(s.name for s in self.manifest.inputs))
-        object.__setattr__(self, "_outputs", tuple(s.name for s in self.manifest.outputs))
-        object.__setattr__(self, "_output_list", list(self._outputs))
+        object.__setattr__(self, "_outputs", [s.name for s in self.manifest.outputs])
         object.__setattr__(self, "_input_set", frozenset(self._inputs))
         object.__setattr__(self, "_run", _direct_run(self.session))
 
@@ -177,7 +175,7 @@ class LoadedModel:
         # The usual request names exactly the model's inputs: hand it to ORT as it is.
         feeds = inputs if inputs.keys() == self._input_set else self._feeds(inputs)
         try:
-            outs = self._run(self._output_list, feeds, None)
+            outs = self._run(self._outputs, feeds, None)
         except Exception as exc:  # ORT raises its own exception types
             raise ModelError(f"inference failed: {str(exc)[:300]}", ReasonCode.HEALTH_FAILED) from exc
         return dict(zip(self._outputs, outs, strict=True))

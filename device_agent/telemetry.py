@@ -77,7 +77,7 @@ DEFAULT_FEATURE_SAMPLE_RATE = 1.0
 class _Plan:
     """One model's buffering in the current window: the hot path reads only these slots."""
 
-    __slots__ = ("digest", "fast", "fast_model", "input", "model", "output", "slow", "started", "template")
+    __slots__ = ("digest", "fast_model", "input", "model", "output", "slow", "started", "template")
 
     def __init__(self, model: LoadedModel | None, template: Template | None, started: datetime) -> None:
         self.model = model
@@ -85,8 +85,7 @@ class _Plan:
         self.template = template
         self.started = started
         fast = template.fast if template is not None else None
-        self.fast = fast is not None
-        self.fast_model = model if fast is not None else None  # the hot path's one identity check
+        self.fast_model = model if fast is not None else None  # set: the usual shape (the hot path's one check)
         self.input, self.output = fast if fast is not None else ("", "")
         self.slow = _Slow(self)
 
@@ -305,7 +304,7 @@ class TelemetryRecorder:
             )
             if isinstance(marker, _Slow):
                 nbytes += self._window_for(marker.plan).add_general(ins, outs, lats)
-            elif marker.fast:
+            elif marker.fast_model is not None:
                 assert marker.template is not None
                 nbytes += self._window_for(marker).add_fast(marker.template, ins, outs, lats)
             else:  # only failed requests of a model off the fast path

@@ -50,11 +50,9 @@ class DownloadPolicy:
 def resolve_url(server_url: str, bundle_url: str) -> tuple[str, bool]:
     """The absolute URL and whether the device token may be sent to it (same origin as the server only)."""
     url = urljoin(server_url.rstrip("/") + "/", bundle_url.lstrip("/")) if bundle_url.startswith("/") else bundle_url
-    server, target = urlsplit(server_url), urlsplit(url)
-    if target.scheme not in ("http", "https"):
+    if urlsplit(url).scheme not in ("http", "https"):
         raise DownloadError(f"unsupported bundle URL {bundle_url!r}", ReasonCode.ASSIGNMENT_INVALID)
-    same_origin = (server.scheme, server.hostname, server.port) == (target.scheme, target.hostname, target.port)
-    return url, same_origin
+    return url, _origin(server_url) == _origin(url)
 
 
 def _origin(url: str) -> tuple[str, str | None, int | None]:

@@ -231,10 +231,9 @@ def _set_running(session: Session, device_id: str, sha256: str, known: Known | N
 def _record_model(
     session: Session, device_id: str, model: str, version: str, sha: str, counter: int, known: Known | None = None
 ) -> None:
-    prefetched = known is not None and device_id in known.model_devices
-    row = known.models.get((device_id, model)) if known is not None and prefetched else None
-    if not prefetched:
-        row = session.get(DeviceModel, (device_id, model))
+    # the batch's look-up holds every model row of this device (absent: it has none), else ask the session
+    cached = known.models if known is not None and device_id in known.model_devices else None
+    row = cached.get((device_id, model)) if cached is not None else session.get(DeviceModel, (device_id, model))
     now = utcnow()
     if row is None:
         row = DeviceModel(
@@ -246,8 +245,8 @@ def _record_model(
             updated_at=now,
         )
         session.add(row)
-        if known is not None and prefetched:
-            known.models[(device_id, model)] = row  # a second message of this device in the batch finds it
+        if cached is not None:
+            cached[(device_id, model)] = row  # a second message of this device in the batch finds it
         return
     if row.bundle_sha256 != sha:
         row.previous_version, row.previous_bundle_sha256 = row.version, row.bundle_sha256
