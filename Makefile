@@ -9,7 +9,7 @@ STAMP := $(VENV)/.edgeota-installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py device_agent/_telemetry_native.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# The CPU build of torch first: then the [torch] range installs nothing more (no CUDA wheels).

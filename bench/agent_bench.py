@@ -6,7 +6,8 @@ Measures, on this machine:
   p99 latency with and without swaps, and whether telemetry counted every request;
 * telemetry overhead (:func:`telemetry_overhead`): the same model and inputs, batch 1, one ORT thread,
   200 interleaved rounds of 512-request blocks per arm: the agent's request path with no listener ("off",
-  the baseline), with the recorder as the agent's defaults build it ("on"), with every request's features
+  the baseline), with the recorder as the agent's defaults build it ("on": the C request path where it is
+  built), the same on the pure-Python request path ("on_python"), with every request's features
   (rate 1: the earlier design), with the other summariser mode, with a listener that only copies the
   output (the floor of any Python hook), and ORT's public ``InferenceSession.run`` called directly. Each
   cost is the mean of (arm - same round's "off") with its standard error, for the whole process's CPU
@@ -22,9 +23,9 @@ smaller digits-sized CNN built here (16/32 channels, ~15 us: the measure of earl
 MatMul model (inference of a few us) are reported as harder cases. The box is shared
 (2 cores, other test runs): interleaving and medians keep the comparison fair, the figures are noisy.
 
-Run: ``.venv/bin/python -m bench.agent_bench [--quick]`` or ``make bench``; ``--telemetry-sweep [N]`` runs only
-the telemetry figures (digits CNN N times, the recorder batch-size sweep N repeats, the tiny model) and merges
-them into agent.json.
+Run: ``.venv/bin/python -m bench.agent_bench [--quick]`` or ``make bench``; ``--telemetry [N]`` runs only
+the telemetry figures (the digits CNN int8 N times and fp32 once, the smaller CNN N times, the tiny model) and
+merges them into agent.json.
 """
 
 from __future__ import annotations
@@ -368,7 +369,8 @@ def _telemetry_arms(model: LoadedModel) -> tuple[dict[str, Any], dict[str, Telem
     * ``ort_public_run``: ``InferenceSession.run`` called directly, what an application without the agent pays;
     * ``off``: the agent's ``ModelRuntime.predict`` with no listener (the baseline of every overhead);
     * ``on``: the recorder exactly as the agent builds it from ``AgentSettings()`` defaults (feature sample
-      rate, background summariser or not);
+      rate, background summariser or not, the C request path when it is built);
+    * ``on_python``: the same defaults on the pure-Python request path (an install without a C compiler);
     * ``on_every_request``: the same with ``feature_sample_rate`` 1 (every request's features, the design of
       earlier sessions, on today's request path);
     * ``on_other_mode``: the default rate with the other summariser mode (background <-> inline);
@@ -377,10 +379,12 @@ def _telemetry_arms(model: LoadedModel) -> tuple[dict[str, Any], dict[str, Telem
     """
     defaults = AgentSettings()
     rate, background = defaults.telemetry_feature_sample_rate, defaults.telemetry_background
+    native = None if defaults.telemetry_native else False
     recorders = {
-        "on": TelemetryRecorder(background=background, feature_sample_rate=rate),
-        "on_every_request": TelemetryRecorder(background=background, feature_sample_rate=1.0),
-        "on_other_mode": TelemetryRecorder(background=not background, feature_sample_rate=rate),
+        "on": TelemetryRecorder(background=background, feature_sample_rate=rate, native=native),
+        "on_python": TelemetryRecorder(background=background, feature_sample_rate=rate, native=False),
+        "on_every_request": TelemetryRecorder(background=background, feature_sample_rate=1.0, native=native),
+        "on_other_mode": TelemetryRecorder(background=not background, feature_sample_rate=rate, native=native),
     }
     sink: list[Any] = []
     append, output = sink.append, model.output_names[0]
@@ -485,7 +489,9 @@ def telemetry_overhead(model: LoadedModel, rounds: int = 200, requests: int = 51
         "agent_defaults": {
             "telemetry_feature_sample_rate": defaults.telemetry_feature_sample_rate,
             "telemetry_background": defaults.telemetry_background,
+            "telemetry_native": defaults.telemetry_native,
         },
+        "c_request_path_used": recorders["on"].native,
         "load_average_1min_start_end": [round(load, 2), round(os.getloadavg()[0], 2)],
         "rounds": rounds,
         "requests_per_block": requests,
@@ -512,6 +518,7 @@ def _brief(r: dict[str, Any]) -> dict[str, Any]:
         "on_process_percent": on["process_percent"],
         "on_request_thread_percent": on["request_thread_percent"],
         "on_process_us": f"{on['process_us']} +- {on['process_us_standard_error']}",
+        "python_path_process_percent": r["arms"]["on_python"]["process_percent"],
         "every_request_process_percent": every["process_percent"],
         "other_mode_process_percent": r["arms"]["on_other_mode"]["process_percent"],
         "copy_listener_process_percent": r["arms"]["copy_listener"]["process_percent"],

@@ -102,6 +102,7 @@ class Agent:
         self.telemetry = TelemetryRecorder(
             background=self.settings.telemetry_background,
             feature_sample_rate=self.settings.telemetry_feature_sample_rate,
+            native=None if self.settings.telemetry_native else False,
         )
         self.runtime.add_listener(self.telemetry.record)
         self.sampler = InputSampler(
@@ -184,7 +185,13 @@ class Agent:
         except BaseException:
             self._lock.release()
             raise
-        log_event(log, "agent_started", device=self.device_id, boot_id=self.boot_id)
+        log_event(
+            log,
+            "agent_started",
+            device=self.device_id,
+            boot_id=self.boot_id,
+            telemetry_path="c" if self.telemetry.native else "python",
+        )
         s = self.settings
         name = f"agent-{self.device_id}"
         self._worker = UpdateWorker(f"{name}-update", self._stop, self._update_pass)

@@ -41,6 +41,12 @@ class AgentSettings(BaseSettings):
         description="share of requests (uniform, random) whose inputs feed the feature summaries (drift); counts,"
         " latency and outputs always cover every request; 1 summarises every request's inputs",
     )
+    telemetry_native: bool = Field(
+        default=True,
+        description="summarise the usual request in C (device_agent._telemetry_native, built at install where a C"
+        " compiler is found); False, or an install without it: the same windows from pure Python, at about twice"
+        " the cost (bench/README.md)",
+    )
     report_retry_seconds: float = Field(default=30.0, gt=0, description="first re-send of an unacknowledged message")
     report_retry_max_seconds: float = Field(
         default=600.0, gt=0, description="re-sends back off (doubling, jittered) up to this interval"

@@ -1,5 +1,11 @@
 """Telemetry windows: additive per-model-version summaries of live requests, summarised in batches.
 
+Two request paths give the same windows. Where ``device_agent._telemetry_native`` is built (the default
+install, with a C compiler), the listener is its ``Accumulator.record``: the usual request of the model it
+is armed for is counted and summarised in C (outputs, latency, a copy of a sampled input) and everything
+else comes to :meth:`TelemetryRecorder._off_path` below; ``docs/agent.md`` says why and what it costs.
+Without it, the Python request path described next takes every request.
+
 The request path (:attr:`TelemetryRecorder.record`, a :class:`~device_agent.runtime.ModelRuntime`
 listener) does as little as Python allows: for the usual model (one input with reference
 statistics, one output, fixed row shapes) it copies the output bytes and, for a uniform random
@@ -28,6 +34,7 @@ views them as one ``[rows, features]`` matrix.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import threading
 from datetime import UTC, datetime
@@ -38,19 +45,28 @@ from device_agent.runtime import Listener, LoadedModel
 from device_agent.telemetry_summaries import row_confidences
 from device_agent.telemetry_windows import (
     FEATURE_BATCH_ROWS,
+    NativeState,
     Template,
     Window,
     WindowSummary,
     copies,
     load_reference,
+    native_arming,
     template_for,
 )
 from device_agent.telemetry_worker import SHARED, Summariser
+from edgeota_contract.telemetry import CONFIDENCE_EDGES, LATENCY_EDGES_MS
+
+try:  # the C request path (setup.py builds it where a compiler is found; optional)
+    from device_agent import _telemetry_native
+except ImportError:  # pragma: no cover - exercised on installs without a compiler
+    _telemetry_native = None  # type: ignore[assignment]
 
 __all__ = [
     "FEATURE_BATCH_ROWS",
     "MAX_BUFFERED_BYTES",
     "MAX_BUFFERED_REQUESTS",
+    "NATIVE_AVAILABLE",
     "TelemetryRecorder",
     "WindowSummary",
     "load_reference",
@@ -72,14 +88,18 @@ MAX_BUFFERED_BYTES = 4 << 20
 """The buffer limit adapts so that buffered inputs and outputs stay near this many bytes."""
 DEFAULT_FEATURE_SAMPLE_RATE = 1.0
 """The recorder's own default: every request's inputs (the agent's setting defaults to 1/16)."""
+NATIVE_AVAILABLE = _telemetry_native is not None
+"""Whether the C request path (``device_agent._telemetry_native``) was built with this install."""
+_plan_order = itertools.count()
 
 
 class _Plan:
     """One model's buffering in the current window: the hot path reads only these slots."""
 
-    __slots__ = ("digest", "fast_model", "input", "model", "output", "slow", "started", "template")
+    __slots__ = ("digest", "fast_model", "input", "model", "native", "order", "output", "slow", "started", "template")
 
     def __init__(self, model: LoadedModel | None, template: Template | None, started: datetime) -> None:
+        self.order = next(_plan_order)  # the C path is armed for newer plans only (no ping-pong during a swap)
         self.model = model
         self.digest = model.bundle_sha256 if model is not None else ""
         self.template = template
@@ -88,6 +108,8 @@ class _Plan:
         self.fast_model = model if fast is not None else None  # set: the usual shape (the hot path's one check)
         self.input, self.output = fast if fast is not None else ("", "")
         self.slow = _Slow(self)
+        # the C path's arm() arguments after (model, tag); None: this model's requests stay in Python
+        self.native = native_arming(template) if model is not None and template is not None else None
 
 
 class _Slow:
@@ -127,15 +149,19 @@ class TelemetryRecorder:
         background: bool = False,
         summariser: Summariser | None = None,
         feature_sample_rate: float = DEFAULT_FEATURE_SAMPLE_RATE,
+        native: bool | None = None,
     ) -> None:
         """``background``: full buffers go to ``summariser`` (default: the process-wide
         :data:`~device_agent.telemetry_worker.SHARED`); False summarises on the request thread.
+        ``native``: summarise the usual request in C (:data:`NATIVE_AVAILABLE`); None: when it is built.
 
         Raises:
-            ValueError: ``feature_sample_rate`` is not in (0, 1].
+            ValueError: ``feature_sample_rate`` is not in (0, 1], or ``native=True`` without the C path.
         """
         if not 0 < feature_sample_rate <= 1:
             raise ValueError(f"feature_sample_rate must be in (0, 1], not {feature_sample_rate}")
+        if native and _telemetry_native is None:
+            raise ValueError("native=True, but device_agent._telemetry_native was not built (no C compiler?)")
         self.feature_sample_rate = feature_sample_rate
         self._every = feature_sample_rate >= 1  # the request path skips the draw
         self._lock = threading.Lock()  # windows and summarising; never taken on the request path
@@ -146,20 +172,39 @@ class TelemetryRecorder:
         self._buf: list[Any] = []  # (marker, input copy, output copy, latency ns) per request, flat
         self._max_requests = max(1, max_requests)
         self._max_bytes = max(1, max_bytes)
+        self._native: Any = None
         self._set_limit(min(64, self._max_requests))
         self._plan = _Plan(None, None, datetime.now(UTC))  # the last model seen (see record)
         self._plans: dict[str, _Plan] = {}  # this window's plans by bundle digest
         self._templates: dict[str, Template] = {}
         self._windows: dict[str, Window] = {}
         self._rolled_at = datetime.now(UTC)
-        self.record: Listener = self._request_path()
+        if _telemetry_native is not None and native is not False:
+            self._native = _telemetry_native.Accumulator(
+                fallback=self._off_path,
+                on_full=self._native_full,
+                draw=random.random,
+                rate=feature_sample_rate,
+                latency_edges=LATENCY_EDGES_MS,
+                confidence_edges=CONFIDENCE_EDGES,
+            )
+            self._native.limit_bytes = self._max_bytes
+            self._set_limit(self.limit)
+        self.record: Listener = self._native.record if self._native is not None else self._request_path()
         """The listener to give :meth:`ModelRuntime.add_listener` (the same object on every read)."""
+
+    @property
+    def native(self) -> bool:
+        """Whether the usual request is summarised in C (else everything runs in Python)."""
+        return self._native is not None
 
     def _set_limit(self, limit: int) -> None:
         self.limit = limit
         self._limit4 = 4 * limit  # the buffer holds four items per request
         # the request path's one comparison: the limit, or while a batch job is queued, the fallback point
         self._check = 4 * self._limit4 if self._queued else self._limit4
+        if self._native is not None:  # the C path counts sampled rows, one per request
+            self._native.limit = 4 * limit if self._queued else limit
 
     def __call__(
         self, model: LoadedModel, inputs: dict[str, Any], outputs: dict[str, np.ndarray] | None, latency_ns: int
@@ -197,7 +242,8 @@ class TelemetryRecorder:
         self, model: LoadedModel, inputs: dict[str, Any], outputs: dict[str, Any] | None, latency_ns: int, take: bool
     ) -> None:
         """A request that is not the fast path's: the first of a model in this window, or of a model whose
-        rows are not of one fixed shape. ``take``: its inputs are in the sample."""
+        rows are not of one fixed shape (or, with the C path, any request it leaves to Python). ``take``: its
+        inputs are in the sample."""
         plan = self._plan
         if plan.model is not model:
             plan = self._first_seen(model)
@@ -210,9 +256,44 @@ class TelemetryRecorder:
                     outputs[plan.output].tobytes(),
                     latency_ns,
                 )
-        self._buf.extend(entry or self._entry(plan, inputs, outputs, latency_ns, take))
+        entry = entry or self._entry(plan, inputs, outputs, latency_ns, take)
+        native = self._native
+        if native is not None and take and outputs is not None and native.model is model:
+            # The C path holds earlier sampled rows of this model: they go first (sums keep recording order).
+            with self._lock:
+                self._summarise_locked(adapt=False)
+                self._buf.extend(entry)
+                self._summarise_locked(adapt=False)
+            return
+        self._buf.extend(entry)
+        if native is not None and plan.native is not None and native.model is not model:
+            tag = native.tag
+            if tag is None or tag.order < plan.order:
+                self._arm(plan)
+                return
         if len(self._buf) >= self._check:
             self._full()
+
+    def _arm(self, plan: _Plan) -> None:
+        """Hand ``plan``'s model to the C path (after what Python and C hold now is summarised, in order)."""
+        with self._lock:
+            native = self._native
+            taken = native.take(True)  # atomic: from here until arm() every request comes to Python
+            self._summarise_locked(taken, adapt=False)  # a partial batch says little about request sizes
+            with self._meta:
+                if self._plans.get(plan.digest) is not plan:  # a roll came first: the next request arms
+                    return
+            assert plan.native is not None
+            native.arm(plan.model, plan, *plan.native)
+
+    def _native_full(self) -> None:
+        """The C path holds ``limit`` sampled rows: summarise them here, or queue them for the summariser
+        (it called again at ``4 * limit`` while a job is queued: then wait and summarise here)."""
+        behind = self._queued
+        if self._worker is None or behind:
+            self._summarise(block=behind)
+            return
+        self._queue()
 
     def _full(self) -> None:
         """The buffer reached its limit: hand it to the summariser, or summarise here when there is
@@ -221,11 +302,15 @@ class TelemetryRecorder:
         if self._worker is None or behind:
             self._summarise(block=behind)
             return
+        self._queue()
+
+    def _queue(self) -> None:
+        assert self._worker is not None
         with self._meta:
             if self._queued:
                 return
             self._queued = True
-            self._check = 4 * self._limit4
+            self._set_limit(self.limit)
             if not self._attached:
                 self._attached = True
                 self._worker.attach()
@@ -234,7 +319,7 @@ class TelemetryRecorder:
     def _background(self) -> None:
         """The summariser's job: summarise what is buffered now (later requests may queue the next job)."""
         self._queued = False
-        self._check = self._limit4
+        self._set_limit(self.limit)
         with self._lock:
             self._summarise_locked()
 
@@ -279,11 +364,26 @@ class TelemetryRecorder:
         finally:
             self._lock.release()
 
-    def _summarise_locked(self) -> None:
+    def _summarise_locked(self, taken: NativeState | None = None, adapt: bool = True) -> None:
+        """Summarise the Python buffer, then what the C path holds (``taken``: what was already taken from
+        it). In that order: Python holds a model's requests from before the C path was armed for it."""
+        native = self._native
+        if taken is None and native is not None:
+            taken = native.take(False)
+        requests, nbytes = self._summarise_buffer()  # the adaptive limit: from the bytes requests needed
+        if taken is not None:
+            plan: _Plan = taken[0]
+            nbytes += self._window_for(plan).add_native(taken)
+            requests += taken[7]
+        if requests and adapt:
+            self._set_limit(max(1, min(self._max_requests, self._max_bytes * requests // max(nbytes, 1))))
+
+    def _summarise_buffer(self) -> tuple[int, int]:
+        """Summarise the Python buffer; returns (requests, their bytes)."""
         buf = self._buf
         n = len(buf)  # a multiple of 4: each request is one atomic extend
         if not n:
-            return
+            return 0, 0
         items = buf[:n]
         del buf[:n]  # later requests stay for the next batch
         markers = items[0::4]
@@ -309,12 +409,11 @@ class TelemetryRecorder:
                 nbytes += self._window_for(marker).add_fast(marker.template, ins, outs, lats)
             else:  # only failed requests of a model off the fast path
                 nbytes += self._window_for(marker).add_general(ins, outs, lats)
-        requests = n // 4
-        self._set_limit(max(1, min(self._max_requests, self._max_bytes * requests // max(nbytes, 1))))
+        return n // 4, nbytes
 
     def pending(self) -> int:
-        """Requests buffered and not yet summarised."""
-        return len(self._buf) // 4
+        """Requests buffered and not yet summarised (in Python, or counted in C but not yet in a window)."""
+        return len(self._buf) // 4 + (self._native.pending if self._native is not None else 0)
 
     def roll(self) -> list[WindowSummary]:
         """Close every open window that saw at least one request; the next request opens a new one."""
@@ -322,7 +421,8 @@ class TelemetryRecorder:
             with self._meta:
                 self._plans = {}
                 self._plan = _Plan(None, None, datetime.now(UTC))  # the next request notes its window's start
-            self._summarise_locked()
+            # the C path disarmed: the next request of any model comes to Python and notes its window's start
+            self._summarise_locked(self._native.take(True) if self._native is not None else None)
             now = datetime.now(UTC)
             self._rolled_at = now
             closed = [w.close(now) for w in self._windows.values() if w.requests]
@@ -347,4 +447,4 @@ class TelemetryRecorder:
             self._worker.detach(self._background)
         with self._lock:  # a batch of this recorder running on the summariser finishes first
             self._queued = False
-            self._check = self._limit4
+            self._set_limit(self.limit)

@@ -331,12 +331,20 @@ class OutputStats:
             rows = rows[np.isfinite(rows).all(axis=1)]
         if rows.size == 0:
             return
+        # argmax in the output's own dtype: converting to float64 is exact and keeps the order
+        self.add_counts(
+            np.bincount(rows.argmax(axis=1), minlength=self.classes),
+            _counts(np.asarray(CONFIDENCE_EDGES), row_confidences(rows)),
+        )
+
+    def add_counts(self, class_counts: Any, confidence_counts: Any) -> None:
+        """Add class counts and confidence-bucket counts summarised elsewhere (the C request path)."""
         if self.class_counts is None or self.confidence_counts is None:
+            assert self.classes is not None
             self.class_counts = np.zeros(self.classes, dtype=np.int64)
             self.confidence_counts = np.zeros(len(CONFIDENCE_EDGES) + 1, dtype=np.int64)
-        # argmax in the output's own dtype: converting to float64 is exact and keeps the order
-        self.class_counts += np.bincount(rows.argmax(axis=1), minlength=self.classes)
-        self.confidence_counts += _counts(np.asarray(CONFIDENCE_EDGES), row_confidences(rows))
+        self.class_counts += np.asarray(class_counts, dtype=np.int64)
+        self.confidence_counts += np.asarray(confidence_counts, dtype=np.int64)
 
     def add_batch(self, arrays: list[np.ndarray]) -> None:
         """Add several requests' outputs (rows of class outputs are summarised together)."""

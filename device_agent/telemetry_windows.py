@@ -31,12 +31,28 @@ if TYPE_CHECKING:
 else:
     np = lazy_module("numpy")
 
-__all__ = ["FEATURE_BATCH_ROWS", "Template", "Window", "WindowSummary", "copies", "load_reference", "template_for"]
+__all__ = [
+    "FEATURE_BATCH_ROWS",
+    "NativeState",
+    "Template",
+    "Window",
+    "WindowSummary",
+    "copies",
+    "load_reference",
+    "native_arming",
+    "template_for",
+]
 
 log = logging.getLogger("device_agent.telemetry")
 
 FEATURE_BATCH_ROWS = 1024
 """Sampled input rows summarised together (the fast path): past this, a feature batch costs ~0.3 us a row."""
+NATIVE_MAX_CLASSES = 32
+"""Class outputs up to this wide are summarised by the C path (as ``telemetry_summaries``' column loop)."""
+
+NativeState = tuple[Any, int, int, list[int], list[int] | None, list[int] | None, int, int, list[bytes]]
+"""What the C path's ``take()`` returns: (plan, requests, errors, latency counts, class counts, confidence
+counts, output NaN count, sampled requests, their input bytes in recording order)."""
 
 
 @dataclass
@@ -110,6 +126,21 @@ def template_for(model: LoadedModel) -> Template:
     return Template(refs, inputs, outputs, (inputs[0], outputs[0]), in_dtype, math.prod(in_row), out_dtype, out_row)
 
 
+def native_arming(t: Template) -> tuple[str, str, int, int, int, int, int] | None:
+    """The C path's ``arm()`` arguments after (model, tag) for a bundle of the usual shape with a float
+    output, or None when its requests stay in Python: (input, output, input dtype number, input row bytes,
+    output dtype number, output row items, classes or 0)."""
+    if t.fast is None or t.out_dtype not in (np.float32, np.float64):
+        return None
+    classes = _classes(t.fast[1], t.refs) or 0
+    if classes > NATIVE_MAX_CLASSES:
+        return None
+    if classes and t.out_row[-1] != classes:
+        classes = 0  # as OutputStats.add: only the NaN count when the last axis is not the class axis
+    in_row_bytes = t.in_width * t.in_dtype.itemsize
+    return (t.fast[0], t.fast[1], t.in_dtype.num, in_row_bytes, t.out_dtype.num, math.prod(t.out_row), classes)
+
+
 def _dtype(name: str) -> str:
     return {"float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32"}.get(name, name)
 
@@ -168,17 +199,38 @@ class Window:
             outs = [b for b in outs if b is not None]
         self.sampled += len(ins) - ins.count(b"")  # an unsampled request's input is b""
         data = b"".join(ins)
-        if data:
-            self.pending.append(data)
-            self.pending_bytes += len(data)
-            if self.pending_bytes >= FEATURE_BATCH_ROWS * t.in_width * t.in_dtype.itemsize:
-                self.flush_features()
+        self._add_rows(data)
         out_data = b"".join(outs)
         if len(out_data) % (t.out_dtype.itemsize * math.prod(t.out_row)) == 0:
             self.copied[0].add(np.frombuffer(out_data, dtype=t.out_dtype).reshape(-1, *t.out_row))
         else:  # the model returned another shape than it declares: do not guess its rows
             log_event(log, "telemetry_output_shape_unexpected", level=logging.WARNING, output=self.copied[0].name)
         return len(data) + len(out_data)
+
+    def add_native(self, taken: NativeState) -> int:
+        """What the C path summarised (counts and histograms) and copied (sampled rows); returns those bytes."""
+        _, requests, errors, latency, classes, confidence, nan, sampled, rows = taken
+        self.requests += requests
+        self.errors += errors
+        self.latency += np.asarray(latency, dtype=np.int64)
+        output = self.copied[0]
+        output.nan_count += nan
+        if classes is not None and confidence is not None:
+            output.add_counts(classes, confidence)
+        self.sampled += sampled
+        data = b"".join(rows)
+        self._add_rows(data)
+        return len(data)
+
+    def _add_rows(self, data: bytes) -> None:
+        """Sampled rows of the fast path's input (row bytes, recording order) wait for a feature batch."""
+        if not data:
+            return
+        t = self.template
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes >= FEATURE_BATCH_ROWS * t.in_width * t.in_dtype.itemsize:
+            self.flush_features()
 
     def flush_features(self) -> None:
         """Summarise the sampled rows waiting in :attr:`pending` (the fast path's), in recording order."""

@@ -49,6 +49,12 @@ def keys() -> Keys:
     return Keys(SigningKey.generate(), SigningKey.generate())
 
 
+@pytest.fixture(params=[True, False], ids=["c-path", "python-path"])
+def native(request: pytest.FixtureRequest) -> bool:
+    """Telemetry tests run on both request paths: the C one (built by ``make venv``) and pure Python."""
+    return bool(request.param)
+
+
 @pytest.fixture
 def server() -> Iterator[BundleServer]:
     srv = BundleServer(token=TOKEN).start()

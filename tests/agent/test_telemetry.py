@@ -223,10 +223,10 @@ def test_inputs_are_copied_when_the_caller_reuses_its_buffer(tmp_path: Path, key
     assert (features, classes, confidence) == _expected(doubled)
 
 
-def test_concurrent_requests_and_rolls_lose_nothing(tmp_path: Path, keys: Keys) -> None:
+def test_concurrent_requests_and_rolls_lose_nothing(tmp_path: Path, keys: Keys, native: bool) -> None:
     import threading
 
-    recorder = TelemetryRecorder(max_requests=16)
+    recorder = TelemetryRecorder(max_requests=16, native=native)
     runtime = _runtime(tmp_path, keys, recorder)
     threads, per_thread = 4, 150
     batches = {t: [sample_inputs(1 + i % 2, seed=1000 * t + i) for i in range(per_thread)] for t in range(threads)}

@@ -61,15 +61,18 @@ def _totals(windows: list[WindowSummary]) -> dict[str, Any]:
 
 
 def _reference(model: LoadedModel, calls: list[tuple[dict[str, Any], dict[str, Any], int]]) -> dict[str, Any]:
-    recorder = TelemetryRecorder(background=False)  # checked against the per-value reference elsewhere
+    # the pure-Python path, checked against the per-value reference elsewhere (so the C path is checked here too)
+    recorder = TelemetryRecorder(background=False, native=False)
     for inputs, outputs, latency in calls:
         recorder(model, inputs, outputs, latency)
     return _totals(recorder.roll())
 
 
-def test_roll_racing_concurrent_requests_counts_each_request_once_in_its_window(model: LoadedModel) -> None:
+def test_roll_racing_concurrent_requests_counts_each_request_once_in_its_window(
+    model: LoadedModel, native: bool
+) -> None:
     worker = Summariser(linger_seconds=5.0)
-    recorder = TelemetryRecorder(max_requests=8, background=True, summariser=worker)
+    recorder = TelemetryRecorder(max_requests=8, background=True, summariser=worker, native=native)
     clients, per_client = 3, 200
     calls = {
         c: [(*_request(model, 1 + c * per_client + i), 1000 + 7919 * i) for i in range(per_client)]
@@ -207,7 +210,7 @@ def test_agent_stop_releases_the_summariser_thread(
     try:
         runtime: ModelRuntime = agent.runtime
         runtime.install(model)
-        for i in range(300):
+        for i in range(3000):  # the default samples 1/16 of the inputs: ~190 rows, past the first batch of 64
             runtime.predict(_request(model, i + 1)[0])
         thread = worker.thread
         assert (thread is not None) == background  # telemetry_background=False: summarised on the requests

@@ -1,0 +1,149 @@
+"""The C request path of the telemetry recorder (``device_agent/_telemetry_native.c``).
+
+Its windows are checked value for value against the per-request reference in ``test_telemetry_exact.py``
+(every test there runs on both paths). Here: it is built and really takes the usual request, two models
+interleaved as during a hot swap give the same windows on both paths, and what it refuses.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import device_agent.telemetry as telemetry_module
+from device_agent.runtime import LoadedModel, ModelRuntime
+from device_agent.telemetry import NATIVE_AVAILABLE, TelemetryRecorder, WindowSummary
+from device_agent.telemetry_windows import Template, native_arming
+from edgeota_contract.telemetry import CONFIDENCE_EDGES, LATENCY_EDGES_MS, OutputReference, ReferenceStats
+from tests.agent.conftest import Keys
+from tests.agent.test_telemetry_exact import SUBSET, _bundle, _requests
+
+
+def test_the_c_path_is_built_and_used_by_default() -> None:
+    """``make venv`` compiles it (setup.py, optional=True): a missing compiler shows here, not as slow telemetry."""
+    assert NATIVE_AVAILABLE, "device_agent._telemetry_native was not built: is gcc installed? run `make venv`"
+    recorder = TelemetryRecorder()
+    assert recorder.native and not hasattr(recorder.record, "__code__")  # a C method, not a Python closure
+
+
+def test_the_usual_request_never_reaches_python(tmp_path: Path, keys: Keys) -> None:
+    model = _bundle(tmp_path, keys, SUBSET)
+    # 1/128 sampled: far fewer than the 64 sampled rows that would have a batch summarised on the way
+    recorder = TelemetryRecorder(native=True, feature_sample_rate=1 / 128)
+    runtime = ModelRuntime()
+    runtime.install(model)
+    runtime.add_listener(recorder.record)
+    x = {"x": np.full((1, 64), 0.5, dtype=np.float32)}
+    runtime.predict(x)  # the first request of a model in a window: Python notes the window and arms the C path
+    assert recorder._native.model is model
+    for _ in range(500):
+        runtime.predict(x)
+    assert recorder.pending() == 500 and recorder._buf == []  # counted in C (the first is in its window already)
+    [window] = recorder.roll()
+    assert window.request_count == 501 and window.outputs[0].class_counts is not None
+    assert sum(window.outputs[0].class_counts) == 501
+    assert recorder._native.model is None  # a roll disarms: the next request notes the new window's start
+
+
+def _interleaved(a: LoadedModel, b: LoadedModel, seed: int) -> list[tuple[LoadedModel, Any, Any, int]]:
+    """Requests of two models as a hot swap mixes them: runs of A, a stretch of both, then B, then a few A."""
+    ra, rb = _requests(a, 150, seed), _requests(b, 150, seed + 1)
+    pattern = [0] * 40 + [random.Random(seed).randint(0, 1) for _ in range(160)] + [1] * 90 + [0] * 10
+    calls, ia, ib = [], iter(ra), iter(rb)
+    for which in pattern:
+        model, it = (a, ia) if which == 0 else (b, ib)
+        request = next(it, None)
+        if request is not None:
+            calls.append((model, *request))
+    return calls
+
+
+def _by_model(windows: list[WindowSummary]) -> dict[str, list[WindowSummary]]:
+    out: dict[str, list[WindowSummary]] = {}
+    for w in windows:
+        out.setdefault(w.bundle_sha256, []).append(w)
+    return out
+
+
+def _strip_times(windows: list[WindowSummary]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in vars(w).items() if k not in ("window_start", "window_end")} for w in windows]
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_two_models_interleaved_give_the_same_windows_on_both_paths(tmp_path: Path, keys: Keys, rate: float) -> None:
+    """During a swap old and new model requests interleave: the C path follows the newer model only (no
+    ping-pong), leaves the other to Python, and every window equals the pure-Python recorder's."""
+    a = _bundle(tmp_path / "a", keys, SUBSET)
+    b = _bundle(tmp_path / "b", keys, None, version="1.0.1")
+    assert a.bundle_sha256 != b.bundle_sha256
+    calls = _interleaved(a, b, seed=3)
+    results = []
+    for native in (True, False):
+        recorder = TelemetryRecorder(max_requests=16, background=False, feature_sample_rate=rate, native=native)
+        random.seed(7)  # the same sample on both paths
+        windows = []
+        for i, (model, inputs, outputs, latency) in enumerate(calls):
+            if i in (120, 260):
+                windows += recorder.roll()
+            recorder.record(model, inputs, outputs, latency)
+        windows += recorder.roll()
+        results.append({k: _strip_times(v) for k, v in _by_model(windows).items()})
+    assert results[0] == results[1]
+    assert sum(w["request_count"] for ws in results[0].values() for w in ws) == len(calls)
+
+
+def test_wide_and_non_float_outputs_stay_in_python() -> None:
+    wide = ReferenceStats(
+        sample_count=1, features=[], outputs=[OutputReference(output="y", kind="classes", class_counts=[1] * 40)]
+    )
+    f32, f64 = np.dtype("float32"), np.dtype("float64")
+    usual = Template(None, ("x",), ("y",), ("x", "y"), f32, 64, f32, (10,))
+    assert native_arming(usual) == ("x", "y", f32.num, 256, f32.num, 10, 0)
+    assert native_arming(Template(wide, ("x",), ("y",), ("x", "y"), f32, 64, f64, (40,))) is None  # > 32 classes
+    assert native_arming(Template(None, ("x",), ("y",), ("x", "y"), f32, 64, np.dtype("int64"), (1,))) is None
+    assert native_arming(Template(None, ("x",), ("y",), None)) is None  # no fixed row shape
+    odd = ReferenceStats(
+        sample_count=1, features=[], outputs=[OutputReference(output="y", kind="classes", class_counts=[1] * 5)]
+    )  # the last axis is not the class axis: only NaN counts, as OutputStats does
+    assert native_arming(Template(odd, ("x",), ("y",), ("x", "y"), f32, 64, f32, (10,)))[-1] == 0  # type: ignore[index]
+
+
+def test_native_true_without_the_extension_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(telemetry_module, "_telemetry_native", None)
+    with pytest.raises(ValueError, match="not built"):
+        TelemetryRecorder(native=True)
+    assert not TelemetryRecorder().native  # the default falls back to Python
+
+
+def test_the_accumulator_refuses_bad_arguments() -> None:
+    from device_agent._telemetry_native import Accumulator
+
+    def nothing(*_: Any) -> None:
+        return None
+
+    for rate in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="rate"):
+            Accumulator(nothing, nothing, random.random, rate, LATENCY_EDGES_MS, CONFIDENCE_EDGES)
+    with pytest.raises(ValueError, match="edges"):
+        Accumulator(nothing, nothing, random.random, 1.0, [0.0] * 65, CONFIDENCE_EDGES)
+    acc = Accumulator(nothing, nothing, random.random, 1.0, LATENCY_EDGES_MS, CONFIDENCE_EDGES)
+    model = object()
+    f32, i64 = np.dtype("float32").num, np.dtype("int64").num
+    with pytest.raises(ValueError, match="float32 or float64"):
+        acc.arm(model, "tag", "x", "y", f32, 4, i64, 1, 0)
+    with pytest.raises(ValueError, match="shapes"):
+        acc.arm(model, "tag", "x", "y", f32, 4, f32, 10, 33)
+    with pytest.raises(TypeError):
+        acc.record(model, {}, None)  # type: ignore[call-arg]
+    acc.arm(model, "tag", "x", "y", f32, 4, f32, 2, 2)
+    acc.record(model, {"x": np.ones((1, 1), np.float32)}, {"y": np.array([[0.2, 0.8]], np.float32)}, 1000)
+    with pytest.raises(RuntimeError, match="take"):  # arming again would drop what it holds
+        acc.arm(model, "tag", "x", "y", f32, 4, f32, 2, 2)
+    taken = acc.take(True)
+    assert taken is not None and taken[1] == 1 and taken[4] == [0, 1]
+    with pytest.raises(ValueError, match="limit"):
+        acc.limit = 0
