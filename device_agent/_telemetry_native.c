@@ -382,26 +382,24 @@ static PyObject *Accumulator_get_limit(Accumulator *self, void *closure) {
     return PyLong_FromSsize_t(self->limit_rows);
 }
 
-static int Accumulator_set_limit(Accumulator *self, PyObject *value, void *closure) {
+/* *target = value when it is an int of at least 1 (a limit); else ValueError naming ``name`` */
+static int set_positive(PyObject *value, Py_ssize_t *target, const char *name) {
     Py_ssize_t v = value ? PyLong_AsSsize_t(value) : -1;
     if (v == -1 && PyErr_Occurred()) return -1;
     if (v < 1) {
-        PyErr_SetString(PyExc_ValueError, "limit must be at least 1");
+        PyErr_Format(PyExc_ValueError, "%s must be at least 1", name);
         return -1;
     }
-    self->limit_rows = v;
+    *target = v;
     return 0;
 }
 
+static int Accumulator_set_limit(Accumulator *self, PyObject *value, void *closure) {
+    return set_positive(value, &self->limit_rows, "limit");
+}
+
 static int Accumulator_set_limit_bytes(Accumulator *self, PyObject *value, void *closure) {
-    Py_ssize_t v = value ? PyLong_AsSsize_t(value) : -1;
-    if (v == -1 && PyErr_Occurred()) return -1;
-    if (v < 1) {
-        PyErr_SetString(PyExc_ValueError, "limit_bytes must be at least 1");
-        return -1;
-    }
-    self->limit_bytes = v;
-    return 0;
+    return set_positive(value, &self->limit_bytes, "limit_bytes");
 }
 
 static PyObject *Accumulator_get_limit_bytes(Accumulator *self, void *closure) {

@@ -145,5 +145,9 @@ def test_the_accumulator_refuses_bad_arguments() -> None:
         acc.arm(model, "tag", "x", "y", f32, 4, f32, 2, 2)
     taken = acc.take(True)
     assert taken is not None and taken[1] == 1 and taken[4] == [0, 1]
-    with pytest.raises(ValueError, match="limit"):
+    with pytest.raises(ValueError, match="limit must be"):
         acc.limit = 0
+    with pytest.raises(ValueError, match="limit_bytes must be"):
+        acc.limit_bytes = -5
+    with pytest.raises(TypeError):
+        acc.limit = "many"  # type: ignore[assignment]
