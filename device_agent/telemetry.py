@@ -34,7 +34,6 @@ views them as one ``[rows, features]`` matrix.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import random
 import threading
 from datetime import UTC, datetime
@@ -46,12 +45,13 @@ from device_agent.telemetry_summaries import row_confidences
 from device_agent.telemetry_windows import (
     FEATURE_BATCH_ROWS,
     NativeState,
+    Plan,
+    SlowMarker,
     Template,
     Window,
     WindowSummary,
     copies,
     load_reference,
-    native_arming,
     template_for,
 )
 from device_agent.telemetry_worker import SHARED, Summariser
@@ -90,35 +90,6 @@ DEFAULT_FEATURE_SAMPLE_RATE = 1.0
 """The recorder's own default: every request's inputs (the agent's setting defaults to 1/16)."""
 NATIVE_AVAILABLE = _telemetry_native is not None
 """Whether the C request path (``device_agent._telemetry_native``) was built with this install."""
-_plan_order = itertools.count()
-
-
-class _Plan:
-    """One model's buffering in the current window: the hot path reads only these slots."""
-
-    __slots__ = ("digest", "fast_model", "input", "model", "native", "order", "output", "slow", "started", "template")
-
-    def __init__(self, model: LoadedModel | None, template: Template | None, started: datetime) -> None:
-        self.order = next(_plan_order)  # the C path is armed for newer plans only (no ping-pong during a swap)
-        self.model = model
-        self.digest = model.bundle_sha256 if model is not None else ""
-        self.template = template
-        self.started = started
-        fast = template.fast if template is not None else None
-        self.fast_model = model if fast is not None else None  # set: the usual shape (the hot path's one check)
-        self.input, self.output = fast if fast is not None else ("", "")
-        self.slow = _Slow(self)
-        # the C path's arm() arguments after (model, tag); None: this model's requests stay in Python
-        self.native = native_arming(template) if model is not None and template is not None else None
-
-
-class _Slow:
-    """Marks buffered requests of a plan that carry shapes (the general path) rather than bare row bytes."""
-
-    __slots__ = ("plan",)
-
-    def __init__(self, plan: _Plan) -> None:
-        self.plan = plan
 
 
 class TelemetryRecorder:
@@ -174,8 +145,8 @@ class TelemetryRecorder:
         self._max_bytes = max(1, max_bytes)
         self._native: Any = None
         self._set_limit(min(64, self._max_requests))
-        self._plan = _Plan(None, None, datetime.now(UTC))  # the last model seen (see record)
-        self._plans: dict[str, _Plan] = {}  # this window's plans by bundle digest
+        self._plan = Plan(None, None, datetime.now(UTC))  # the last model seen (see record)
+        self._plans: dict[str, Plan] = {}  # this window's plans by bundle digest
         self._templates: dict[str, Template] = {}
         self._windows: dict[str, Window] = {}
         self._rolled_at = datetime.now(UTC)
@@ -274,7 +245,7 @@ class TelemetryRecorder:
         if len(self._buf) >= self._check:
             self._full()
 
-    def _arm(self, plan: _Plan) -> None:
+    def _arm(self, plan: Plan) -> None:
         """Hand ``plan``'s model to the C path (after what Python and C hold now is summarised, in order)."""
         with self._lock:
             native = self._native
@@ -324,7 +295,7 @@ class TelemetryRecorder:
             self._summarise_locked()
 
     def _entry(
-        self, plan: _Plan, inputs: dict[str, Any], outputs: dict[str, Any] | None, latency_ns: int, take: bool
+        self, plan: Plan, inputs: dict[str, Any], outputs: dict[str, Any] | None, latency_ns: int, take: bool
     ) -> tuple[Any, ...]:
         """A request off the usual path: a failed one (no copies), or copies with their shapes (the inputs'
         only when ``take``: in the sample)."""
@@ -334,7 +305,7 @@ class TelemetryRecorder:
         assert t is not None
         return (plan.slow, copies(inputs, t.inputs) if take else [], copies(outputs, t.outputs), latency_ns)
 
-    def _first_seen(self, model: LoadedModel) -> _Plan:
+    def _first_seen(self, model: LoadedModel) -> Plan:
         """The plan of a model in this window (on its first request after a swap or a roll)."""
         with self._meta:
             digest = model.bundle_sha256
@@ -343,11 +314,11 @@ class TelemetryRecorder:
                 template = self._templates.get(digest)
                 if template is None:
                     template = self._templates[digest] = template_for(model)
-                plan = self._plans[digest] = _Plan(model, template, datetime.now(UTC))
+                plan = self._plans[digest] = Plan(model, template, datetime.now(UTC))
             self._plan = plan
             return plan
 
-    def _window_for(self, plan: _Plan) -> Window:
+    def _window_for(self, plan: Plan) -> Window:
         window = self._windows.get(plan.digest)
         if window is None:
             assert plan.model is not None and plan.template is not None
@@ -372,7 +343,7 @@ class TelemetryRecorder:
             taken = native.take(False)
         requests, nbytes = self._summarise_buffer()  # the adaptive limit: from the bytes requests needed
         if taken is not None:
-            plan: _Plan = taken[0]
+            plan: Plan = taken[0]
             nbytes += self._window_for(plan).add_native(taken)
             requests += taken[7]
         if requests and adapt:
@@ -402,7 +373,7 @@ class TelemetryRecorder:
                 items[4 * lo + 2 : 4 * hi : 4],
                 items[4 * lo + 3 : 4 * hi : 4],
             )
-            if isinstance(marker, _Slow):
+            if isinstance(marker, SlowMarker):
                 nbytes += self._window_for(marker.plan).add_general(ins, outs, lats)
             elif marker.fast_model is not None:
                 assert marker.template is not None
@@ -420,7 +391,7 @@ class TelemetryRecorder:
         with self._lock:
             with self._meta:
                 self._plans = {}
-                self._plan = _Plan(None, None, datetime.now(UTC))  # the next request notes its window's start
+                self._plan = Plan(None, None, datetime.now(UTC))  # the next request notes its window's start
             # the C path disarmed: the next request of any model comes to Python and notes its window's start
             self._summarise_locked(self._native.take(True) if self._native is not None else None)
             now = datetime.now(UTC)

@@ -7,6 +7,7 @@ on a request.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ else:
 __all__ = [
     "FEATURE_BATCH_ROWS",
     "NativeState",
+    "Plan",
+    "SlowMarker",
     "Template",
     "Window",
     "WindowSummary",
@@ -290,6 +293,38 @@ class Window:
             feature_requests=self.sampled if features else None,
             outputs=[o.summary() for o in self.outputs],
         )
+
+
+_plan_order = itertools.count()
+
+
+class Plan:
+    """One model's buffering in the recorder's current window (``device_agent.telemetry``): the request path
+    reads only these slots."""
+
+    __slots__ = ("digest", "fast_model", "input", "model", "native", "order", "output", "slow", "started", "template")
+
+    def __init__(self, model: LoadedModel | None, template: Template | None, started: datetime) -> None:
+        self.order = next(_plan_order)  # the C path is armed for newer plans only (no ping-pong during a swap)
+        self.model = model
+        self.digest = model.bundle_sha256 if model is not None else ""
+        self.template = template
+        self.started = started
+        fast = template.fast if template is not None else None
+        self.fast_model = model if fast is not None else None  # set: the usual shape (the hot path's one check)
+        self.input, self.output = fast if fast is not None else ("", "")
+        self.slow = SlowMarker(self)
+        # the C path's arm() arguments after (model, tag); None: this model's requests stay in Python
+        self.native = native_arming(template) if model is not None and template is not None else None
+
+
+class SlowMarker:
+    """Marks buffered requests of a plan that carry shapes (the general path) rather than bare row bytes."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
 
 
 def _classes(output: str, ref: ReferenceStats | None) -> int | None:
