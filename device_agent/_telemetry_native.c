@@ -4,8 +4,9 @@
    cost 4-6 %; the goal is 3 %. Here one call per request summarises the usual request in place: request
    count, latency bucket, the output's NaN count, class count and confidence bucket, and (for a sampled
    request) a copy of the input bytes, which Python summarises per feature in batches. Anything unusual
-   (another model, a non-dict mapping, a non-contiguous or odd-shaped array) goes to the Python fallback
-   untouched, so both paths give the same windows (tests/agent/test_telemetry_exact.py runs both).
+   (another model: ``fallback``; a non-dict mapping, a non-contiguous or odd-shaped array of the armed model:
+   ``unusual``) goes to Python untouched, so both paths give the same windows (tests/agent/test_telemetry_exact.py
+   runs both).
 
    Exactness: the arithmetic is the one device_agent.telemetry_summaries uses (float64; class sums in class
    order; confidence = the max of a probability row, else 1 / sum(exp(x - max)); buckets as
@@ -28,7 +29,8 @@ static int numpy_ready = 0;
 
 typedef struct {
     PyObject_HEAD
-    PyObject *fallback; /* fallback(model, inputs, outputs, latency_ns, take) */
+    PyObject *fallback; /* fallback(model, inputs, outputs, latency_ns, take): a model this is not armed for */
+    PyObject *unusual;  /* unusual(model, inputs, outputs, latency_ns, take): the armed model, an odd request */
     PyObject *on_full;  /* on_full(): the sampled rows reached the limit */
     PyObject *draw;     /* draw() -> float in [0, 1); NULL when every request is sampled */
     double rate;
@@ -89,10 +91,12 @@ static void disarm(Accumulator *self) {
 }
 
 static int Accumulator_init(Accumulator *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"fallback", "on_full", "draw", "rate", "latency_edges", "confidence_edges", NULL};
-    PyObject *fallback, *on_full, *draw, *lat, *conf;
+    static char *kwlist[] = {"fallback", "unusual", "on_full", "draw", "rate", "latency_edges", "confidence_edges",
+                             NULL};
+    PyObject *fallback, *unusual, *on_full, *draw, *lat, *conf;
     double rate;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOdOO", kwlist, &fallback, &on_full, &draw, &rate, &lat, &conf))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOdOO", kwlist, &fallback, &unusual, &on_full, &draw, &rate, &lat,
+                                     &conf))
         return -1;
     if (!(rate > 0.0 && rate <= 1.0)) {
         PyErr_SetString(PyExc_ValueError, "rate must be in (0, 1]");
@@ -102,6 +106,8 @@ static int Accumulator_init(Accumulator *self, PyObject *args, PyObject *kwds) {
         return -1;
     Py_INCREF(fallback);
     Py_XSETREF(self->fallback, fallback);
+    Py_INCREF(unusual);
+    Py_XSETREF(self->unusual, unusual);
     Py_INCREF(on_full);
     Py_XSETREF(self->on_full, on_full);
     Py_CLEAR(self->draw);
@@ -123,6 +129,7 @@ static int Accumulator_init(Accumulator *self, PyObject *args, PyObject *kwds) {
 
 static int Accumulator_traverse(Accumulator *self, visitproc visit, void *arg) {
     Py_VISIT(self->fallback);
+    Py_VISIT(self->unusual);
     Py_VISIT(self->on_full);
     Py_VISIT(self->draw);
     Py_VISIT(self->model);
@@ -133,6 +140,7 @@ static int Accumulator_traverse(Accumulator *self, visitproc visit, void *arg) {
 
 static int Accumulator_clear(Accumulator *self) {
     Py_CLEAR(self->fallback);
+    Py_CLEAR(self->unusual);
     Py_CLEAR(self->on_full);
     Py_CLEAR(self->draw);
     Py_CLEAR(self->pending);
@@ -204,9 +212,9 @@ static void add_output_rows(Accumulator *self, PyArrayObject *out) {
     }
 }
 
-static PyObject *call_fallback(Accumulator *self, PyObject *const *args, int take) {
+static PyObject *call_with_take(PyObject *callable, PyObject *const *args, int take) {
     PyObject *argv[5] = {args[0], args[1], args[2], args[3], take ? Py_True : Py_False};
-    return PyObject_Vectorcall(self->fallback, argv, 5, NULL);
+    return PyObject_Vectorcall(callable, argv, 5, NULL);
 }
 
 /* record(model, inputs, outputs, latency_ns): the ModelRuntime listener. */
@@ -228,11 +236,11 @@ static PyObject *Accumulator_record(Accumulator *self, PyObject *const *args, Py
         if (value == -1.0 && PyErr_Occurred()) return NULL;
         take = value < self->rate;
     }
-    if (!self->model || args[0] != self->model) return call_fallback(self, args, take);
+    if (!self->model || args[0] != self->model) return call_with_take(self->fallback, args, take);
     long long latency = PyLong_AsLongLong(args[3]);
     if (latency == -1 && PyErr_Occurred()) {
         PyErr_Clear();
-        return call_fallback(self, args, take);
+        return call_with_take(self->unusual, args, take);
     }
     Py_ssize_t lat_bucket = bucket(self->lat_edges, self->n_lat, (double)latency / 1e6);
     if (args[2] == Py_None) { /* a failed request: counted, nothing copied */
@@ -242,15 +250,15 @@ static PyObject *Accumulator_record(Accumulator *self, PyObject *const *args, Py
         Py_RETURN_NONE;
     }
     PyArrayObject *out = get_array(args[2], self->out_name, self->out_type);
-    if (!out) return call_fallback(self, args, take);
+    if (!out) return call_with_take(self->unusual, args, take);
     Py_ssize_t items = PyArray_SIZE(out);
     if (items == 0 || items % self->out_row_items != 0 ||
         (self->classes && PyArray_DIM(out, PyArray_NDIM(out) - 1) != self->classes))
-        return call_fallback(self, args, take);
+        return call_with_take(self->unusual, args, take);
     if (take) {
         PyArrayObject *in = get_array(args[1], self->in_name, self->in_type);
         Py_ssize_t nbytes = in ? PyArray_NBYTES(in) : 0;
-        if (nbytes == 0 || nbytes % self->in_row_bytes != 0) return call_fallback(self, args, take);
+        if (nbytes == 0 || nbytes % self->in_row_bytes != 0) return call_with_take(self->unusual, args, take);
         PyObject *copy = PyBytes_FromStringAndSize((const char *)PyArray_DATA(in), nbytes);
         if (!copy) return NULL;
         int failed = PyList_Append(self->pending, copy);

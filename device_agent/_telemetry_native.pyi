@@ -14,6 +14,7 @@ class Accumulator:
     def __init__(
         self,
         fallback: Callable[[Any, Any, Any, int, bool], None],
+        unusual: Callable[[Any, Any, Any, int, bool], None],
         on_full: Callable[[], None],
         draw: Callable[[], float],
         rate: float,

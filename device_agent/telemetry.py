@@ -150,9 +150,11 @@ class TelemetryRecorder:
         self._templates: dict[str, Template] = {}
         self._windows: dict[str, Window] = {}
         self._rolled_at = datetime.now(UTC)
+        python_path = self._request_path()
         if _telemetry_native is not None and native is not False:
             self._native = _telemetry_native.Accumulator(
-                fallback=self._off_path,
+                fallback=python_path,  # other models: the Python path (with C's draw)
+                unusual=self._off_path,  # the armed model's odd requests: in order with what C holds
                 on_full=self._native_full,
                 draw=random.random,
                 rate=feature_sample_rate,
@@ -161,7 +163,7 @@ class TelemetryRecorder:
             )
             self._native.limit_bytes = self._max_bytes
             self._set_limit(self.limit)
-        self.record: Listener = self._native.record if self._native is not None else self._request_path()
+        self.record: Listener = self._native.record if self._native is not None else python_path
         """The listener to give :meth:`ModelRuntime.add_listener` (the same object on every read)."""
 
     @property
@@ -183,17 +185,23 @@ class TelemetryRecorder:
         """Record one request (as :attr:`record`, which is the cheaper listener)."""
         self.record(model, inputs, outputs, latency_ns)
 
-    def _request_path(self) -> Listener:
+    def _request_path(self) -> Any:
         """The per-request listener: a closure, since its cell reads cost less than attribute reads, and a
         plain function is a cheaper call than an instance's ``__call__`` (both measurable beside a 17 us
-        inference)."""
+        inference). The C path calls it with its own draw (``take``) for models it is not armed for: those
+        the C path cannot take (wide class outputs, integer outputs, ...) then cost what they cost in Python."""
         rec, buf = self, self._buf  # the buffer list is never replaced, only emptied
         extend, draw, every, rate = buf.extend, random.random, self._every, self.feature_sample_rate
 
         def record(
-            model: LoadedModel, inputs: dict[str, Any], outputs: dict[str, np.ndarray] | None, latency_ns: int
+            model: LoadedModel,
+            inputs: dict[str, Any],
+            outputs: dict[str, np.ndarray] | None,
+            latency_ns: int,
+            take: bool | None = None,
         ) -> None:
-            take = every or draw() < rate  # one draw per request, first: the sample never depends on the data
+            if take is None:  # one draw per request, first: the sample never depends on the data
+                take = every or draw() < rate
             plan = rec._plan  # one read: a concurrent swap cannot mix two models' plans
             if plan.fast_model is not model:  # another model than the last one, or not the usual shape
                 rec._off_path(model, inputs, outputs, latency_ns, take)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import device_agent.telemetry as telemetry_module
+from device_agent import telemetry_windows
 from device_agent.runtime import LoadedModel, ModelRuntime
 from device_agent.telemetry import NATIVE_AVAILABLE, TelemetryRecorder, WindowSummary
 from device_agent.telemetry_windows import Template, native_arming
@@ -74,10 +75,16 @@ def _strip_times(windows: list[WindowSummary]) -> list[dict[str, Any]]:
     return [{k: v for k, v in vars(w).items() if k not in ("window_start", "window_end")} for w in windows]
 
 
+@pytest.mark.parametrize("armable", [True, False], ids=["c-takes-them", "c-cannot-take-them"])
 @pytest.mark.parametrize("rate", [1.0, 0.5])
-def test_two_models_interleaved_give_the_same_windows_on_both_paths(tmp_path: Path, keys: Keys, rate: float) -> None:
+def test_two_models_interleaved_give_the_same_windows_on_both_paths(
+    tmp_path: Path, keys: Keys, rate: float, armable: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """During a swap old and new model requests interleave: the C path follows the newer model only (no
-    ping-pong), leaves the other to Python, and every window equals the pure-Python recorder's."""
+    ping-pong), leaves the other to Python, and every window equals the pure-Python recorder's. Models the
+    C path cannot take (as wide class outputs) go to the Python path with the C path's draw."""
+    if not armable:
+        monkeypatch.setattr(telemetry_windows, "native_arming", lambda template: None)
     a = _bundle(tmp_path / "a", keys, SUBSET)
     b = _bundle(tmp_path / "b", keys, None, version="1.0.1")
     assert a.bundle_sha256 != b.bundle_sha256
@@ -86,12 +93,15 @@ def test_two_models_interleaved_give_the_same_windows_on_both_paths(tmp_path: Pa
     for native in (True, False):
         recorder = TelemetryRecorder(max_requests=16, background=False, feature_sample_rate=rate, native=native)
         random.seed(7)  # the same sample on both paths
-        windows = []
+        windows, ever_armed = [], False
         for i, (model, inputs, outputs, latency) in enumerate(calls):
             if i in (120, 260):
                 windows += recorder.roll()
             recorder.record(model, inputs, outputs, latency)
+            ever_armed = ever_armed or (native and recorder._native.model is not None)
         windows += recorder.roll()
+        if native:
+            assert ever_armed == armable
         results.append({k: _strip_times(v) for k, v in _by_model(windows).items()})
     assert results[0] == results[1]
     assert sum(w["request_count"] for ws in results[0].values() for w in ws) == len(calls)
@@ -128,10 +138,10 @@ def test_the_accumulator_refuses_bad_arguments() -> None:
 
     for rate in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="rate"):
-            Accumulator(nothing, nothing, random.random, rate, LATENCY_EDGES_MS, CONFIDENCE_EDGES)
+            Accumulator(nothing, nothing, nothing, random.random, rate, LATENCY_EDGES_MS, CONFIDENCE_EDGES)
     with pytest.raises(ValueError, match="edges"):
-        Accumulator(nothing, nothing, random.random, 1.0, [0.0] * 65, CONFIDENCE_EDGES)
-    acc = Accumulator(nothing, nothing, random.random, 1.0, LATENCY_EDGES_MS, CONFIDENCE_EDGES)
+        Accumulator(nothing, nothing, nothing, random.random, 1.0, [0.0] * 65, CONFIDENCE_EDGES)
+    acc = Accumulator(nothing, nothing, nothing, random.random, 1.0, LATENCY_EDGES_MS, CONFIDENCE_EDGES)
     model = object()
     f32, i64 = np.dtype("float32").num, np.dtype("int64").num
     with pytest.raises(ValueError, match="float32 or float64"):
