@@ -266,25 +266,20 @@ class TelemetryRecorder:
             native.arm(plan.model, plan, *plan.native)
 
     def _native_full(self) -> None:
-        """The C path holds ``limit`` sampled rows: summarise them here, or queue them for the summariser
-        (it called again at ``4 * limit`` while a job is queued: then wait and summarise here)."""
-        behind = self._queued
-        if self._worker is None or behind:
-            self._summarise(block=behind)
-            return
-        self._queue()
+        """The C path holds ``limit`` sampled rows (it calls again only at ``4 * limit`` while a job is
+        queued: then it fell behind)."""
+        self._hand_off(behind=self._queued)
 
     def _full(self) -> None:
-        """The buffer reached its limit: hand it to the summariser, or summarise here when there is
-        none or it fell ``4 * limit`` requests behind (bounded memory; this request waits for it)."""
-        behind = len(self._buf) >= 4 * self._limit4
+        """The buffer reached its limit (``4 * limit`` requests: it fell behind)."""
+        self._hand_off(behind=len(self._buf) >= 4 * self._limit4)
+
+    def _hand_off(self, behind: bool) -> None:
+        """Hand what is buffered to the summariser, or summarise here when there is none or it fell
+        ``behind`` (bounded memory; this request waits for it)."""
         if self._worker is None or behind:
             self._summarise(block=behind)
             return
-        self._queue()
-
-    def _queue(self) -> None:
-        assert self._worker is not None
         with self._meta:
             if self._queued:
                 return
