@@ -301,6 +301,7 @@ def model_case(
     from packager.api import package_model
     from packager.data import load_dataset
     from packager.onnx_utils import io_specs
+    from packager.request import PackageRequest
 
     specs = io_specs(onnx.load(str(model)))
     calib, evald = load_dataset(calib_path, specs), load_dataset(eval_path, specs, "evaluation")
@@ -316,14 +317,16 @@ def model_case(
         errors["olive_onnx_static_quantization_defaults"] = olive_info["error"]
     started = time.perf_counter()
     report = package_model(
-        model,
-        profiles=PROFILES,
-        calibration=calib_path,
-        eval_data=eval_path,
-        key=SigningKey.generate(),
-        out_dir=tmp / "dist",
-        name=name,
-        version="1.0.0",
+        PackageRequest(
+            model=model,
+            profiles=PROFILES,
+            calibration=calib_path,
+            eval_data=eval_path,
+            key=SigningKey.generate(),
+            out_dir=tmp / "dist",
+            name=name,
+            version="1.0.0",
+        )
     )
     package_seconds = time.perf_counter() - started
     ours = report.results["x86-avx2"]

@@ -1,3 +1,5 @@
 """edgeota: edge model packaging and over-the-air updates. See README.md."""
 
-__version__ = "0.1.0"
+from edgeota_contract.version import __version__
+
+__all__ = ["__version__"]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import typer
 
-from edgeota import __version__
 from edgeota_contract.errors import EdgeotaError
 from edgeota_contract.signing import write_keypair
+from edgeota_contract.version import __version__
 
 app = typer.Typer(
     name="edgeota",
@@ -30,13 +30,20 @@ app.add_typer(keys_app, name="keys")
 COMPONENT_CLIS = ("packager.cli", "ota_server.cli", "device_agent.cli", "edgeota.demo_cli")
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    # An option callback, not the group callback's body: click runs the group callback only with a command.
+    if value:
         typer.echo(__version__)
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", is_eager=True, callback=_print_version
+    ),
+) -> None:
+    pass
 
 
 @keys_app.command("generate")

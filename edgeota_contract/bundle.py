@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import tarfile
 from collections.abc import Mapping
@@ -27,6 +28,8 @@ from pydantic import ValidationError
 from edgeota_contract.errors import BundleError, ContractError, EdgeotaError, SignatureError
 from edgeota_contract.manifest import (
     MANIFEST_FILE,
+    NAME_PATTERN,
+    SEMVER_PATTERN,
     SIGNATURE_FILE,
     BundleManifest,
     FileEntry,
@@ -36,6 +39,7 @@ from edgeota_contract.states import ReasonCode
 
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_SIGNATURE_BYTES = 4096
+BUNDLE_SUFFIX = ".bundle.tar"
 _CHUNK = 1 << 20
 
 
@@ -57,6 +61,22 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def bundle_file_name(model_name: str, version: str, hardware_profile: str) -> str:
+    """The file name every producer gives a bundle: ``{model_name}-{version}-{hardware_profile}.bundle.tar``.
+
+    Guarantees one flat file name (no path separator, no leading dot): each part must match the
+    manifest's own pattern for it. Raises :class:`ContractError` naming the first part that does not.
+    """
+    for label, value, pattern in (
+        ("model name", model_name, NAME_PATTERN),
+        ("version", version, SEMVER_PATTERN),
+        ("hardware profile", hardware_profile, NAME_PATTERN),
+    ):
+        if not re.fullmatch(pattern, value):
+            raise ContractError(f"invalid {label} for a bundle file name: {value!r}", ReasonCode.MANIFEST_INVALID)
+    return f"{model_name}-{version}-{hardware_profile}{BUNDLE_SUFFIX}"
 
 
 def _tar_info(name: str, size: int) -> tarfile.TarInfo:

@@ -129,10 +129,6 @@ class BundleManifest(_Strict):
                 return entry
         raise KeyError(name)
 
-    @property
-    def total_size(self) -> int:
-        return sum(f.size for f in self.files)
-
     def canonical_bytes(self) -> bytes:
         """The exact bytes a release key signs."""
         return canonical_json(self.model_dump(mode="json"))

@@ -15,7 +15,7 @@ import base64
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,7 +205,3 @@ def write_keypair(private_path: str | os.PathLike[str], key: SigningKey | None =
         fh.write(key.private_pem())
     pub.write_bytes(key.public_pem())
     return priv, pub
-
-
-def sign_json(value: Mapping[str, Any], key: SigningKey) -> DetachedSignature:
-    return key.sign(canonical_json(value))

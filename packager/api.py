@@ -1,11 +1,11 @@
-"""The packager's public Python API: :func:`package_model`.
+"""The packager's public Python API: :func:`package_model` over one :class:`~packager.request.PackageRequest`.
 
 One source model (ONNX file, TorchScript file, ``ExportedProgram`` ``.pt2`` file, or an
 ``nn.Module``), one calibration set, optionally one evaluation set, any number of hardware
 profiles -> one signed bundle per profile that passed its gates, plus ``out_dir/report.json``.
 
-Bad input (corrupt model, unknown or broken profile, data that does not fit the model, missing
-labels for a labelled gate, unreadable key, bad name/version) raises a
+Bad input (an invalid request value, corrupt model, unknown or broken profile, data that does not
+fit the model, missing labels for a labelled gate, unreadable key) raises a
 :class:`~edgeota_contract.errors.EdgeotaError` with a one-line message before any bundle is
 written. A profile whose ladder finds no passing recipe is reported (``ok = False``), and no
 bundle is written for it.
@@ -14,22 +14,20 @@ bundle is written for it.
 from __future__ import annotations
 
 import os
-import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeota_contract.bundle import sha256_file
+from edgeota_contract.bundle import bundle_file_name, sha256_file
 from edgeota_contract.errors import EdgeotaError
-from edgeota_contract.manifest import NAME_PATTERN, SEMVER_PATTERN, release_counter_from_version
 from edgeota_contract.signing import SigningKey, load_private_key
+from edgeota_contract.version import __version__
+from packager.bundling import build_bundle, dumps, host_info
 from packager.data import Dataset, load_dataset
 from packager.errors import PackagerError, ProfileError
-from packager.evaluate import LatencySettings
 from packager.gates import GateResult
 from packager.ladder import (
     Attempt,
@@ -42,12 +40,12 @@ from packager.ladder import (
 from packager.onnx_utils import io_specs, load_onnx_file, sha256_bytes
 from packager.profiles import HardwareProfile, load_profiles
 from packager.progress import Reporter
+from packager.recipes import resolve_recipe
+from packager.request import EXPORTED_PROGRAM_SUFFIXES, TORCHSCRIPT_SUFFIXES, PackageRequest
 
 if TYPE_CHECKING:
     import torch
 
-TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
-EXPORTED_PROGRAM_SUFFIXES = (".pt2",)
 REPORT_FILE = "report.json"
 
 
@@ -100,24 +98,10 @@ class PackagingReport:
         return data
 
     def to_json(self) -> str:
-        from packager.bundling import dumps
-
         return dumps(self.to_dict())
 
 
 EventFn = Callable[[str, str], None]
-
-
-def _validate_release(name: str, version: str, release_counter: int | None) -> int:
-    if not re.match(NAME_PATTERN, name):
-        raise PackagerError(f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
-    if not re.match(SEMVER_PATTERN, version):
-        raise PackagerError(f"invalid version {version!r}: expected a semantic version such as 1.2.0")
-    if release_counter is None:
-        return release_counter_from_version(version)
-    if not 1 <= release_counter <= 2**53:
-        raise PackagerError(f"invalid release counter {release_counter}: must be between 1 and 2**53")
-    return release_counter
 
 
 def _load_key(key: Path | SigningKey) -> SigningKey:
@@ -142,33 +126,11 @@ def load_source(model: Path | str | torch.nn.Module, example_inputs: Any, calibr
     return load_torch_module(model, example_inputs, calibration_path)
 
 
-def package_model(
-    model: Path | str | torch.nn.Module,
-    *,
-    profiles: Sequence[str],
-    calibration: Path,
-    eval_data: Path | None = None,
-    key: Path | SigningKey,
-    out_dir: Path,
-    name: str | None = None,
-    version: str = "0.1.0",
-    release_counter: int | None = None,
-    profiles_dir: Path | None = None,
-    example_inputs: Any = None,
-    jobs: int = 1,
-    progress: bool = False,
-    latency: LatencySettings | None = None,
-    measure_memory: bool = True,
-    gate_metric: str | None = None,
-    created_at: datetime | None = None,
-    created_by: str | None = None,
-    on_event: EventFn | None = None,
-    structured_pruning: bool | None = None,
-    recipes: Sequence[str] | None = None,
-    enforce_gates: bool = True,
-) -> PackagingReport:
-    """Package ``model`` for each of ``profiles``; see the module doc. Returns the report.
+def package_model(request: PackageRequest, *, on_event: EventFn | None = None) -> PackagingReport:
+    """Package ``request.model`` for each of ``request.profiles``; see the module doc. Returns the report.
 
+    ``on_event(profile_id, message)`` is told each step as it happens (it is an observer, not part of
+    the request). Request fields, in short (see :class:`~packager.request.PackageRequest`):
     ``latency`` shrinks or grows the host latency measurement; ``gate_metric`` (``accuracy`` or
     ``fidelity``) overrides every profile's choice; ``created_at``/``created_by`` pin the lineage
     fields (bundles are byte-identical for identical inputs apart from them and the signature).
@@ -178,85 +140,67 @@ def package_model(
     precision the profile allows). ``enforce_gates=False`` is for demos and tests only: a profile
     whose ladder fails still gets a bundle, built from the last attempt that produced a model, with
     ``gates_overridden = 1`` in the manifest metrics and a warning in the model card.
+
+    Raises:
+        EdgeotaError: unreadable model, key or data; unknown or broken profile; a recipe override the
+            profile does not allow; data that does not fit the model (nothing is written then).
     """
     started = time.perf_counter()
-    if name is None:
-        if not isinstance(model, (str, os.PathLike)):
-            raise PackagerError("a name is required when packaging an nn.Module")
-        name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(model).stem).strip("-.") or "model"
-    counter = _validate_release(name, version, release_counter)
-    profile_objs = load_profiles(list(profiles), profiles_dir)
-    if recipes is not None:
-        profile_objs = [_with_ladder(p, list(recipes)) for p in profile_objs]
-    signing_key = _load_key(key)
-    if jobs < 1:
-        raise PackagerError("jobs must be at least 1")
-    calibration = Path(calibration)
+    profile_objs = load_profiles(list(request.profiles), request.profiles_dir)
+    if request.recipes is not None:
+        profile_objs = [_with_ladder(p, list(request.recipes)) for p in profile_objs]
+    signing_key = _load_key(request.key)
+    calibration, eval_data = request.calibration, request.eval_data
     if not calibration.is_file():
         raise PackagerError(f"calibration data {calibration} does not exist")
-    if eval_data is not None and not Path(eval_data).is_file():
+    if eval_data is not None and not eval_data.is_file():
         raise PackagerError(f"evaluation data {eval_data} does not exist")
 
-    source = load_source(model, example_inputs, calibration)
+    source = load_source(request.model, request.example_inputs, calibration)
     specs = io_specs(source.model, "input")
     calib = load_dataset(calibration, specs, "calibration")
-    evald = load_dataset(Path(eval_data), specs, "evaluation") if eval_data is not None else calib
+    evald = load_dataset(eval_data, specs, "evaluation") if eval_data is not None else calib
     options = RunOptions(
-        latency=latency or LatencySettings(),
-        measure_memory=measure_memory,
-        gate_metric=gate_metric,
-        enforce_gates=enforce_gates,
+        latency=request.latency,
+        measure_memory=request.measure_memory,
+        gate_metric=request.gate_metric,
+        enforce_gates=request.enforce_gates,
     )
     for profile in profile_objs:  # a labelled gate without labels fails before any work
-        resolve_gate_metric(profile, evald, gate_metric)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        resolve_gate_metric(profile, evald, request.gate_metric)
+    request.out_dir.mkdir(parents=True, exist_ok=True)
 
-    from packager.bundling import host_info
-
-    reporter = Reporter(profile_objs, progress, on_event)
+    reporter = Reporter(profile_objs, request.progress, on_event)
     runners: dict[float | None, LadderRunner] = {None: LadderRunner(source, calib, evald, options, reporter.event)}
     plans: dict[str, list[LadderRunner]] = {}
     try:
         for p in profile_objs:
-            ratio = _structured_ratio(p, model, structured_pruning)
+            ratio = _structured_ratio(p, request)
             if ratio is not None and ratio not in runners:
                 from packager.torch_input import load_torch_pruned
 
-                pruned = load_torch_pruned(model, example_inputs, calibration, ratio)
+                pruned = load_torch_pruned(request.model, request.example_inputs, calibration, ratio)
                 runners[ratio] = LadderRunner(
                     pruned, calib, evald, options, reporter.event, variant=f"channels-{round(ratio * 100)}%"
                 )
             plans[p.id] = ([runners[ratio]] if ratio is not None else []) + [runners[None]]
-        args = (
-            out_dir,
-            name,
-            version,
-            counter,
-            signing_key,
-            calib,
-            evald,
-            eval_data is None,
-            created_at,
-            created_by,
-            reporter,
-        )
+        run = _Run(request, signing_key, calib, evald, reporter)
         with reporter:
-            if jobs == 1 or len(profile_objs) == 1:
-                results = [_package_one(plans[p.id], p, *args) for p in profile_objs]
+            if request.jobs == 1 or len(profile_objs) == 1:
+                results = [_package_one(plans[p.id], p, run) for p in profile_objs]
             else:
-                with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="edgeota-pack") as pool:
-                    futures = [pool.submit(_package_one, plans[p.id], p, *args) for p in profile_objs]
+                with ThreadPoolExecutor(max_workers=request.jobs, thread_name_prefix="edgeota-pack") as pool:
+                    futures = [pool.submit(_package_one, plans[p.id], p, run) for p in profile_objs]
                     results = [f.result() for f in futures]
     finally:
         for runner in runners.values():
             runner.close()
     report = PackagingReport(
-        model_name=name,
-        version=version,
-        release_counter=counter,
+        model_name=request.model_name,
+        version=request.version,
+        release_counter=request.counter,
         source={
-            "path": None if not isinstance(model, (str, os.PathLike)) else str(model),
+            "path": None if request.model_path is None else str(request.model_path),
             "format": source.format,
             "sha256": source.sha256,
             "inputs": [s.to_contract() for s in specs],
@@ -275,11 +219,11 @@ def package_model(
             "note": None if eval_data is not None else "no evaluation data given: evaluated on the calibration data",
         },
         results={r.profile: r for r in results},
-        host={**host_info(), "jobs": jobs},
-        packager_version=_version(),
+        host={**host_info(), "jobs": request.jobs},
+        packager_version=__version__,
         seconds=time.perf_counter() - started,
     )
-    report.report_path = out_dir / REPORT_FILE
+    report.report_path = request.out_dir / REPORT_FILE
     tmp = report.report_path.with_name(f".{REPORT_FILE}.tmp-{os.getpid()}")
     tmp.write_text(report.to_json() + "\n", encoding="utf-8")
     os.replace(tmp, report.report_path)
@@ -287,10 +231,7 @@ def package_model(
 
 
 def _with_ladder(profile: HardwareProfile, names: list[str]) -> HardwareProfile:
-    from packager.recipes import resolve_recipe
-
-    if not names:
-        raise ProfileError("the recipe override is empty")
+    """``profile`` with its ladder replaced by ``names``; raises ProfileError for a recipe it does not allow."""
     for entry in names:
         recipe = resolve_recipe(entry)
         if recipe.precision not in profile.allowed_precisions:
@@ -298,42 +239,33 @@ def _with_ladder(profile: HardwareProfile, names: list[str]) -> HardwareProfile:
     return profile.model_copy(update={"recipes": names})
 
 
-def _is_torch_input(model: Any) -> bool:
-    if isinstance(model, (str, os.PathLike)):
-        return Path(model).suffix.lower() in TORCHSCRIPT_SUFFIXES + EXPORTED_PROGRAM_SUFFIXES
-    return True
-
-
-def _structured_ratio(profile: HardwareProfile, model: Any, forced: bool | None) -> float | None:
+def _structured_ratio(profile: HardwareProfile, request: PackageRequest) -> float | None:
     """Channel-pruning ratio for this profile: PyTorch input only, when the profile enables it."""
     sp = profile.pruning.structured
-    if forced is False or not _is_torch_input(model):
+    forced = request.structured_pruning
+    if forced is False or not request.is_torch_input:
         return None
     if sp.enabled and sp.ratio > 0:
         return sp.ratio
     return 0.25 if forced else None
 
 
-def _package_one(
-    runners: list[LadderRunner],
-    profile: HardwareProfile,
-    out_dir: Path,
-    name: str,
-    version: str,
-    counter: int,
-    key: SigningKey,
-    calib: Dataset,
-    evald: Dataset,
-    eval_is_calibration: bool,
-    created_at: datetime | None,
-    created_by: str | None,
-    reporter: Reporter,
-) -> ProfileResult:
-    from packager.bundling import build_bundle, bundle_file_name
+@dataclass(frozen=True)
+class _Run:
+    """What every profile of one run shares: the request, the loaded key and data, the progress reporter."""
 
+    request: PackageRequest
+    key: SigningKey
+    calib: Dataset
+    evald: Dataset
+    reporter: Reporter
+
+
+def _package_one(runners: list[LadderRunner], profile: HardwareProfile, run: _Run) -> ProfileResult:
+    request, reporter = run.request, run.reporter
     started = time.perf_counter()
     result = ProfileResult(profile=profile.id, ok=False)
-    target = out_dir / bundle_file_name(name, version, profile.id)
+    target = request.out_dir / bundle_file_name(request.model_name, request.version, profile.id)
     try:
         attempts: list[Attempt] = []
         for runner in runners:  # a channel-pruned source first (PyTorch input), then the unpruned one
@@ -356,19 +288,13 @@ def _package_one(
             result.gates = outcome.chosen.gates
             reporter.event(profile.id, "writing bundle")
             path, _manifest = build_bundle(
-                out_dir=out_dir,
-                name=name,
-                version=version,
-                release_counter=counter,
+                request,
                 profile=profile,
                 outcome=outcome,
                 source_sha256=source.sha256,
-                calibration=calib,
-                eval_data=evald,
-                eval_is_calibration=eval_is_calibration,
-                key=key,
-                created_at=created_at,
-                created_by=created_by,
+                calibration=run.calib,
+                eval_data=run.evald,
+                key=run.key,
             )
             size = path.stat().st_size
             if size > profile.max_bundle_bytes:
@@ -390,9 +316,3 @@ def _package_one(
     result.seconds = time.perf_counter() - started
     reporter.done(profile.id, result.ok, result.recipe or result.error or "")
     return result
-
-
-def _version() -> str:
-    from edgeota import __version__
-
-    return __version__

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgeota_contract.bundle import create_bundle
+from edgeota_contract.bundle import bundle_file_name, create_bundle
 from edgeota_contract.manifest import (
     METRIC_LATENCY_BUDGET_MS,
     METRIC_SMOKE_ATOL,
@@ -32,16 +32,13 @@ from edgeota_contract.manifest import (
     PassRecord,
 )
 from edgeota_contract.signing import SigningKey, canonical_json
+from edgeota_contract.version import __version__
 from packager.data import Dataset
 from packager.ladder import LadderOutcome
 from packager.onnx_utils import io_specs, main_opset
 from packager.profiles import HardwareProfile
+from packager.request import PackageRequest
 from packager.stats import reference_stats, smoke_tolerances, test_vectors
-
-
-def bundle_file_name(name: str, version: str, profile: str) -> str:
-    return f"{name}-{version}-{profile}.bundle.tar"
-
 
 # ---- lineage, card, manifest -------------------------------------------------------------
 
@@ -171,22 +168,24 @@ def model_card(
 
 
 def build_bundle(
+    request: PackageRequest,
     *,
-    out_dir: Path,
-    name: str,
-    version: str,
-    release_counter: int,
     profile: HardwareProfile,
     outcome: LadderOutcome,
     source_sha256: str,
     calibration: Dataset,
     eval_data: Dataset,
-    eval_is_calibration: bool,
     key: SigningKey,
-    created_at: datetime | None,
-    created_by: str | None,
 ) -> tuple[Path, BundleManifest]:
-    """Write ``out_dir/NAME-VERSION-PROFILE.bundle.tar`` (atomically) and return its path and manifest."""
+    """Write the bundle of ``outcome``'s chosen candidate for ``profile``, atomically, and return its path and manifest.
+
+    The release fields (name, version, release counter, lineage pins, output folder) come from
+    ``request``; the file is ``request.out_dir / bundle_file_name(...)``
+    (:func:`edgeota_contract.bundle.bundle_file_name`). ``eval_data`` is the calibration set when
+    the request gave no evaluation data (the lineage then records no evaluation digest).
+    """
+    name, version = request.model_name, request.version
+    eval_is_calibration = request.eval_data is None
     chosen = outcome.chosen
     assert chosen is not None and outcome.model is not None and outcome.model_bytes is not None
     model_bytes = outcome.model_bytes
@@ -200,10 +199,10 @@ def build_bundle(
         source_model_sha256=source_sha256,
         calibration_data_sha256=calibration.sha256 or None,
         eval_data_sha256=None if eval_is_calibration else (eval_data.sha256 or None),
-        packager_version=_packager_version(),
+        packager_version=__version__,
         code_commit=code_commit(),
-        created_at=created_at or datetime.now(UTC),
-        created_by=created_by or default_created_by(),
+        created_at=request.created_at or datetime.now(UTC),
+        created_by=request.created_by or default_created_by(),
     )
     card = model_card(
         name=name,
@@ -221,14 +220,14 @@ def build_bundle(
         REFERENCE_STATS_FILE: canonical_json(stats.model_dump(mode="json")),
         TEST_VECTORS_FILE: tv_bytes,
     }
-    path = Path(out_dir) / bundle_file_name(name, version, profile.id)
+    path = request.out_dir / bundle_file_name(name, version, profile.id)
     manifest = create_bundle(
         path,
         payload,
         key,
         model_name=name,
         version=version,
-        release_counter=release_counter,
+        release_counter=request.counter,
         hardware_profile=profile.id,
         inputs=[s.to_contract() for s in io_specs(model, "input")],
         outputs=[s.to_contract() for s in io_specs(model, "output")],
@@ -240,12 +239,6 @@ def build_bundle(
         lineage=lineage,
     )
     return path, manifest
-
-
-def _packager_version() -> str:
-    from edgeota import __version__
-
-    return __version__
 
 
 def host_info() -> dict[str, Any]:

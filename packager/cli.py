@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -20,6 +20,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgeota_contract.errors import EdgeotaError
+
+if TYPE_CHECKING:
+    from packager.api import PackagingReport
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -102,6 +105,7 @@ def profiles_show(
     typer.echo(yaml.safe_dump(data, sort_keys=False, width=110))
 
 
+@_one_line_errors
 def package(
     model: Path = typer.Argument(..., help="ONNX file, TorchScript file (.pt/.pth/.ts) or ExportedProgram (.pt2)."),
     profile: list[str] = typer.Option(..., "--profile", "-p", help="Hardware profile id; repeat for several."),
@@ -130,47 +134,66 @@ def package(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
     """Package MODEL for each --profile: run the recipe ladder, gate, and write signed bundles."""
-    _run_package(**locals())
-
-
-@_one_line_errors
-def _run_package(**kw: Any) -> None:
     from packager.api import package_model
+    from packager.request import PackageRequest, RequestError
 
-    if kw["gate"] not in (None, "accuracy", "fidelity"):
-        raise EdgeotaError(f"--gate must be accuracy or fidelity, not {kw['gate']!r}")
-    example = None
-    if kw["example_shape"]:
-        try:
-            example = tuple(int(d) for d in kw["example_shape"].split(","))
-        except ValueError:
-            raise EdgeotaError(
-                f"--example-shape must be comma-separated integers, not {kw['example_shape']!r}"
-            ) from None
-    created_at = kw["created_at"]
-    if created_at is not None and created_at.tzinfo is None:
-        from datetime import UTC
+    try:
+        request = PackageRequest(
+            model=model,
+            profiles=profile,
+            calibration=calibration,
+            eval_data=eval_data,
+            key=key,
+            out_dir=out,
+            name=name,
+            version=version,
+            release_counter=release_counter,
+            profiles_dir=profiles_dir,
+            example_inputs=_example_shape(example_shape),
+            jobs=jobs,
+            progress=progress and sys.stderr.isatty(),
+            gate_metric=gate,
+            created_at=created_at,
+            recipes=recipe or None,
+            enforce_gates=not override_gates,
+        )
+    except RequestError as exc:
+        raise EdgeotaError(_in_option_terms(str(exc), exc.field), exc.reason) from None
+    _print_report(package_model(request))
 
-        created_at = created_at.replace(tzinfo=UTC)
-    report = package_model(
-        kw["model"],
-        profiles=kw["profile"],
-        calibration=kw["calibration"],
-        eval_data=kw["eval_data"],
-        key=kw["key"],
-        out_dir=kw["out"],
-        name=kw["name"],
-        version=kw["version"],
-        release_counter=kw["release_counter"],
-        profiles_dir=kw["profiles_dir"],
-        example_inputs=example,
-        jobs=kw["jobs"],
-        progress=kw["progress"] and sys.stderr.isatty(),
-        gate_metric=kw["gate"],
-        created_at=created_at,
-        recipes=kw["recipe"] or None,
-        enforce_gates=not kw["override_gates"],
-    )
+
+# The option that sets each request field, so that an error names what the user typed.
+_OPTION_OF_FIELD = {
+    "profiles": "--profile",
+    "eval_data": "--eval",
+    "out_dir": "--out",
+    "release_counter": "--release-counter",
+    "profiles_dir": "--profiles-dir",
+    "example_inputs": "--example-shape",
+    "gate_metric": "--gate",
+    "created_at": "--created-at",
+    "recipes": "--recipe",
+}
+
+
+def _in_option_terms(message: str, field: str | None) -> str:
+    """``gate_metric must be ...`` -> ``--gate must be ...``: a message that starts with a field names the option."""
+    if field is None or not message.startswith(field):
+        return message
+    return _OPTION_OF_FIELD.get(field, "--" + field.replace("_", "-")) + message[len(field) :]
+
+
+def _example_shape(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise EdgeotaError(f"--example-shape must be comma-separated integers, not {text!r}") from None
+
+
+def _print_report(report: PackagingReport) -> None:
+    """The result table on stdout; overridden gates and failures on stderr; exit 1 when a profile failed."""
     console = Console()
     table = Table(title=f"{report.model_name} {report.version}")
     for col in ("profile", "result", "recipe", "size", "quality", "host p50", "bundle"):

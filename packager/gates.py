@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from packager.data import Dataset
 from packager.errors import DataError
-from packager.profiles import HardwareProfile, RecipeSpec
+from packager.profiles import HardwareProfile
+from packager.recipes import RecipeSpec
 
 QUALITY_GATES = frozenset({"accuracy", "fidelity_top1", "fidelity_cosine", "fidelity_sqnr", "finite_outputs"})
 SIZE_HEADROOM_BYTES = 65536  # room for the card, reference stats and test vectors beside the model

@@ -35,7 +35,7 @@ from packager.evaluate import (
     run_dataset,
 )
 from packager.gates import QUALITY_GATES, evaluate_gates, resolve_gate_metric
-from packager.onnx_utils import fixed_batch, io_specs, main_opset, serialize, sha256_bytes
+from packager.onnx_utils import fixed_batch, io_specs, main_opset, name_nodes, serialize, sha256_bytes
 from packager.passes.base import Pass, PassContext, PassFailed
 from packager.passes.graph import (
     ConvertOpset,
@@ -49,11 +49,9 @@ from packager.passes.graph import (
     Simplify,
     SimplifyConfig,
 )
-from packager.passes.quantize import (
-    name_nodes,
-)
-from packager.profiles import HardwareProfile, RecipeSpec
-from packager.recipes import recipe_passes
+from packager.pipeline import recipe_passes
+from packager.profiles import HardwareProfile
+from packager.recipes import RecipeSpec
 from packager.selection import (  # re-exported: callers import them from here
     Attempt,
     LadderOutcome,

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 from packager.errors import ModelInputError
 
 MAX_MODEL_BYTES = 2 * 1024**3 - 1  # protobuf limit for a single-file model
+CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,6 @@ class IOSpec:
     @property
     def numpy_dtype(self) -> np.dtype[Any]:
         return np.dtype(helper.tensor_dtype_to_np_dtype(getattr(TensorProto, _onnx_name(self.dtype))))
-
-    @property
-    def batch_dynamic(self) -> bool:
-        return bool(self.shape) and not isinstance(self.shape[0], int)
 
     def to_contract(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -134,6 +131,16 @@ def op_types(model: onnx.ModelProto) -> list[tuple[str, str]]:
 
     walk(model.graph)
     return sorted(found)
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every unnamed node a deterministic unique name, in place (quantizer exclusions refer to names)."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+    return model
 
 
 def fix_batch_dim(model: onnx.ModelProto, batch: int, axes: dict[str, int] | None = None) -> onnx.ModelProto:

@@ -22,17 +22,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from packager.errors import ProfileError
+from packager.recipes import Precision, RecipeSpec, resolve_recipe
 
 PROFILE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 PROFILES_DIR_ENV = "EDGEOTA_PROFILES_DIR"
-
-Precision = Literal["fp32", "fp16", "int8", "uint8", "int16", "uint16", "int4"]
-Calibration = Literal["minmax", "entropy", "percentile"]
-QuantMode = Literal["none", "static", "dynamic", "fp16", "int4_weight_only"]
-QuantFormat = Literal["qdq", "qoperator"]
-QuantType = Literal["int8", "uint8", "int16", "uint16"]
-
-CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
 
 
 class _Strict(BaseModel):
@@ -81,30 +74,6 @@ class OpConstraints(_Strict):
     deny: list[str] = Field(default_factory=list)
 
 
-class QuantizationSpec(_Strict):
-    """A quantization step of a recipe. ``mode: none`` keeps fp32 weights."""
-
-    mode: QuantMode = "none"
-    format: QuantFormat = "qdq"
-    per_channel: bool = True
-    activation_type: QuantType = "uint8"
-    weight_type: QuantType = "int8"
-    calibration: Calibration = "minmax"
-    calibration_samples: int = Field(default=256, ge=1, le=100_000, description="cap on samples streamed")
-    percentile: float = Field(default=99.999, gt=50, le=100)
-    reduce_range: bool = False
-    exclude_top_k: int = Field(
-        default=0, ge=0, le=64, description="keep in float the k nodes with the worst activation SQNR"
-    )
-    op_types: list[str] | None = Field(default=None, description="op types to quantize (default: all supported)")
-    keep_float: list[Literal["first", "last"]] = Field(
-        default_factory=list,
-        description="keep the first / last weight-bearing node (Conv, MatMul, Gemm, LSTM...) in float (static only)",
-    )
-    int4_block_size: int = Field(default=32, ge=16, le=256)
-    keep_io_types: bool = True
-
-
 class UnstructuredPruning(_Strict):
     enabled: bool = False
     sparsity: float = Field(default=0.0, ge=0.0, lt=1.0, description="share of smallest-magnitude weights zeroed")
@@ -119,16 +88,6 @@ class StructuredPruning(_Strict):
 class PruningSpec(_Strict):
     unstructured: UnstructuredPruning = UnstructuredPruning()
     structured: StructuredPruning = StructuredPruning()
-
-
-class RecipeSpec(_Strict):
-    """One rung of the ladder. ``name`` of a built-in recipe, or a full definition."""
-
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.+-]{0,63}$")
-    precision: Precision
-    quantization: QuantizationSpec = QuantizationSpec()
-    prune: bool = Field(default=True, description="apply the profile's pruning settings in this recipe")
-    description: str = ""
 
 
 class LatencySpec(_Strict):
@@ -183,8 +142,6 @@ class HardwareProfile(_Strict):
 
     @model_validator(mode="after")
     def _recipes_resolve(self) -> HardwareProfile:
-        from packager.recipes import resolve_recipe  # recipes imports this module's types
-
         names: set[str] = set()
         for entry in self.recipes:
             try:
@@ -200,8 +157,6 @@ class HardwareProfile(_Strict):
 
     @property
     def ladder(self) -> list[RecipeSpec]:
-        from packager.recipes import resolve_recipe
-
         return [resolve_recipe(entry) for entry in self.recipes]
 
     @property

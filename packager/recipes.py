@@ -1,27 +1,63 @@
-"""The built-in recipe catalogue. A profile's ladder names these, or defines its own rungs.
+"""Recipes: the schema of one ladder rung and the built-in catalogue a profile's ladder names.
 
-Every recipe is a :class:`~packager.profiles.RecipeSpec`: a precision, one quantization step
-and whether the profile's pruning settings apply. Names are stable: they appear in manifests.
+Every recipe is a :class:`RecipeSpec`: a precision, one quantization step and whether the
+profile's pruning settings apply. Built-in names are stable: they appear in manifests. Which
+passes a recipe runs for a given profile is decided in :mod:`packager.pipeline`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from packager.errors import ProfileError
-from packager.passes.base import Pass
-from packager.passes.check import OpSupportCheck, op_support_config
-from packager.passes.graph import Finalize, FinalizeConfig
-from packager.passes.prune import MagnitudePrune, MagnitudePruneConfig
-from packager.passes.quantize import (
-    WEIGHT_OPS,
-    DynamicQuantize,
-    DynamicQuantizeConfig,
-    StaticQuantize,
-    StaticQuantizeConfig,
-)
-from packager.passes.weights import ConvertFp16, Fp16Config, Int4WeightOnly, Int4WeightOnlyConfig
-from packager.profiles import HardwareProfile, QuantizationSpec, RecipeSpec
+from packager.passes.quantize import WEIGHT_OPS
+
+Precision = Literal["fp32", "fp16", "int8", "uint8", "int16", "uint16", "int4"]
+Calibration = Literal["minmax", "entropy", "percentile"]
+QuantMode = Literal["none", "static", "dynamic", "fp16", "int4_weight_only"]
+QuantFormat = Literal["qdq", "qoperator"]
+QuantType = Literal["int8", "uint8", "int16", "uint16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuantizationSpec(_Strict):
+    """A quantization step of a recipe. ``mode: none`` keeps fp32 weights."""
+
+    mode: QuantMode = "none"
+    format: QuantFormat = "qdq"
+    per_channel: bool = True
+    activation_type: QuantType = "uint8"
+    weight_type: QuantType = "int8"
+    calibration: Calibration = "minmax"
+    calibration_samples: int = Field(default=256, ge=1, le=100_000, description="cap on samples streamed")
+    percentile: float = Field(default=99.999, gt=50, le=100)
+    reduce_range: bool = False
+    exclude_top_k: int = Field(
+        default=0, ge=0, le=64, description="keep in float the k nodes with the worst activation SQNR"
+    )
+    op_types: list[str] | None = Field(default=None, description="op types to quantize (default: all supported)")
+    keep_float: list[Literal["first", "last"]] = Field(
+        default_factory=list,
+        description="keep the first / last weight-bearing node (Conv, MatMul, Gemm, LSTM...) in float (static only)",
+    )
+    int4_block_size: int = Field(default=32, ge=16, le=256)
+    keep_io_types: bool = True
+
+
+class RecipeSpec(_Strict):
+    """One rung of the ladder. ``name`` of a built-in recipe, or a full definition."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.+-]{0,63}$")
+    precision: Precision
+    quantization: QuantizationSpec = QuantizationSpec()
+    prune: bool = Field(default=True, description="apply the profile's pruning settings in this recipe")
+    description: str = ""
+
 
 _Q = QuantizationSpec
 
@@ -164,61 +200,14 @@ BUILTIN_RECIPES: dict[str, RecipeSpec] = {
 
 
 def resolve_recipe(entry: str | RecipeSpec) -> RecipeSpec:
+    """A ladder entry as a full recipe: a definition as it is, a name from :data:`BUILTIN_RECIPES`.
+
+    Raises:
+        ProfileError: an unknown recipe name (the message lists the built-in ones).
+    """
     if isinstance(entry, RecipeSpec):
         return entry
     try:
         return BUILTIN_RECIPES[entry]
     except KeyError:
         raise ProfileError(f"unknown recipe {entry!r} (built-in: {', '.join(BUILTIN_RECIPES)})") from None
-
-
-def recipe_passes(
-    profile: HardwareProfile, recipe: RecipeSpec, pruned: bool, model_batch: int | None = None
-) -> list[Pass[Any]]:
-    """The passes of one attempt: optional magnitude pruning, the recipe's quantization step, finalize, op check.
-
-    ``model_batch`` is the model's own fixed batch (calibration feeds must match it).
-    """
-    passes: list[Pass[Any]] = []
-    if pruned:
-        up = profile.pruning.unstructured
-        passes.append(MagnitudePrune(MagnitudePruneConfig(sparsity=up.sparsity, min_params=up.min_params)))
-    q = recipe.quantization
-    fixed = profile.shapes.fixed_batch or (1 if profile.shapes.static_only else None) or model_batch
-    if q.mode == "static":
-        passes.append(
-            StaticQuantize(
-                StaticQuantizeConfig(
-                    format=q.format,
-                    per_channel=q.per_channel,
-                    activation_type=q.activation_type,
-                    weight_type=q.weight_type,
-                    calibration=q.calibration,
-                    calibration_samples=q.calibration_samples,
-                    calibration_batch=fixed or 32,
-                    percentile=q.percentile,
-                    reduce_range=q.reduce_range,
-                    op_types=q.op_types,
-                    exclude_top_k=q.exclude_top_k,
-                    keep_float=q.keep_float or None,
-                )
-            )
-        )
-    elif q.mode == "dynamic":
-        passes.append(
-            DynamicQuantize(
-                DynamicQuantizeConfig(
-                    weight_type=q.weight_type,
-                    per_channel=q.per_channel,
-                    reduce_range=q.reduce_range,
-                    op_types=q.op_types,
-                )
-            )
-        )
-    elif q.mode == "fp16":
-        passes.append(ConvertFp16(Fp16Config(keep_io_types=q.keep_io_types)))
-    elif q.mode == "int4_weight_only":
-        passes.append(Int4WeightOnly(Int4WeightOnlyConfig(block_size=q.int4_block_size)))
-    passes.append(Finalize(FinalizeConfig()))
-    passes.append(OpSupportCheck(op_support_config(profile)))
-    return passes

@@ -17,8 +17,8 @@ import onnx
 from edgeota_contract.manifest import PassRecord
 from packager.errors import GateFailure
 from packager.gates import GateResult
-from packager.onnx_utils import op_types
-from packager.profiles import CONTROL_FLOW_OPS, HardwareProfile
+from packager.onnx_utils import CONTROL_FLOW_OPS, op_types
+from packager.profiles import HardwareProfile
 
 SPEED_TOLERANCE = 0.03  # speed-ups within 3% of the best are treated as equal (interleaved-timing noise)
 

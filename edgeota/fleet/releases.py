@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from edgeota_contract.bundle import create_bundle, read_manifest
+from edgeota_contract.bundle import bundle_file_name, create_bundle, read_manifest
 from edgeota_contract.errors import EdgeotaError
 from edgeota_contract.manifest import MODEL_FILE, PassRecord, release_counter_from_version
 from edgeota_contract.signing import SigningKey
@@ -56,21 +56,24 @@ def package_release(
     """
     from packager.api import package_model
     from packager.evaluate import LatencySettings
+    from packager.request import PackageRequest
 
     stdout = sys.stdout  # quantisation swaps sys.stdout; with jobs > 1 threads could leave it swapped
     try:
         report = package_model(
-            model_path,
-            profiles=list(profiles),
-            calibration=calibration,
-            eval_data=eval_data,
-            key=key,
-            out_dir=out_dir,
-            name=name,
-            version=version,
-            jobs=jobs,
-            latency=LatencySettings(warmup=5, rounds=3, runs_per_round=20),
-            measure_memory=False,
+            PackageRequest(
+                model=model_path,
+                profiles=list(profiles),
+                calibration=calibration,
+                eval_data=eval_data,
+                key=key,
+                out_dir=out_dir,
+                name=name,
+                version=version,
+                jobs=jobs,
+                latency=LatencySettings(warmup=5, rounds=3, runs_per_round=20),
+                measure_memory=False,
+            )
         )
     finally:
         sys.stdout = stdout
@@ -121,7 +124,7 @@ def make_bad_release(
             recipe=f"{manifest.recipe}+degraded-{kind}",
             passes=[*manifest.passes, PassRecord(name="degrade", config={"kind": kind})],
         )
-        target = out_dir / f"{manifest.model_name}-{version}-{profile}.bundle.tar"
+        target = out_dir / bundle_file_name(manifest.model_name, version, profile)
         create_bundle(target, payload, key, **fields)
         bundles[profile] = target
     return BuiltRelease(version=version, bundles=bundles, recipes={p: f"degraded-{kind}" for p in bundles})

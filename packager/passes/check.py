@@ -1,12 +1,15 @@
-"""The final op-support check of a model against a hardware profile."""
+"""The final op-support check of a model against a hardware profile's constraints.
+
+The pass knows only its :class:`OpSupportConfig`; :func:`packager.pipeline.op_support_config` builds
+one from a profile, so the passes do not depend on the profile schema.
+"""
 
 from __future__ import annotations
 
 import onnx
 
-from packager.onnx_utils import io_specs, main_opset, op_types
+from packager.onnx_utils import CONTROL_FLOW_OPS, io_specs, main_opset, op_types
 from packager.passes.base import Pass, PassConfig, PassContext
-from packager.profiles import CONTROL_FLOW_OPS, HardwareProfile
 
 
 class OpSupportConfig(PassConfig):
@@ -18,19 +21,6 @@ class OpSupportConfig(PassConfig):
     allow: list[str] | None
     deny: list[str]
     max_rank: int | None = None
-
-
-def op_support_config(profile: HardwareProfile) -> OpSupportConfig:
-    return OpSupportConfig(
-        profile=profile.id,
-        opset_min=profile.opset.min,
-        opset_max=profile.opset.max,
-        static_only=profile.shapes.static_only,
-        allow_control_flow=profile.ops.allow_control_flow,
-        allow=profile.ops.allow,
-        deny=profile.ops.deny,
-        max_rank=profile.shapes.max_rank,
-    )
 
 
 def _matches(entry: str, domain: str, op: str) -> bool:

@@ -1,5 +1,5 @@
-"""Quantization passes on ONNX Runtime's quantization tool: static (QDQ / QOperator), dynamic,
-fp16 and int4 weight-only.
+"""Integer quantization passes on ONNX Runtime's quantization tool: static (QDQ / QOperator) and
+dynamic. fp16 and int4 weight-only are in :mod:`packager.passes.weights`.
 
 Static quantization streams at most ``calibration_samples`` samples through a
 :class:`~packager.data.CappedReader`. With ``exclude_top_k > 0`` (QDQ only) it first quantizes
@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from pydantic import Field
 
-from packager.onnx_utils import main_opset, op_types
+from packager.onnx_utils import main_opset, name_nodes, op_types
 from packager.passes.base import Pass, PassConfig, PassContext, PassFailed
 
 QuantTypeName = Literal["int8", "uint8", "int16", "uint16"]
@@ -76,16 +76,6 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
-
-
-def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Give every unnamed node a deterministic unique name (quantizer exclusions refer to names)."""
-    seen: set[str] = set()
-    for i, node in enumerate(model.graph.node):
-        if not node.name or node.name in seen:
-            node.name = f"{node.op_type}_{i}"
-        seen.add(node.name)
-    return model
 
 
 class StaticQuantizeConfig(PassConfig):
@@ -311,21 +301,3 @@ def _require_quantized(model: onnx.ModelProto, kind: str) -> None:
             f"{kind} quantization quantized nothing (no quantizable op in the main graph; "
             "compute inside If/Loop subgraphs is not quantized by ONNX Runtime)"
         )
-
-
-# fp16 and int4 weight-only live in packager.passes.weights; re-exported here for existing imports.
-from packager.passes.weights import ConvertFp16, Fp16Config, Int4WeightOnly, Int4WeightOnlyConfig  # noqa: E402
-
-__all__ = [
-    "ConvertFp16",
-    "DynamicQuantize",
-    "DynamicQuantizeConfig",
-    "Fp16Config",
-    "Int4WeightOnly",
-    "Int4WeightOnlyConfig",
-    "StaticQuantize",
-    "StaticQuantizeConfig",
-    "even_batch",
-    "kept_float_nodes",
-    "name_nodes",
-]

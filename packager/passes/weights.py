@@ -9,14 +9,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import Field
 
-from packager.onnx_utils import main_opset
+from packager.onnx_utils import main_opset, name_nodes
 from packager.passes.base import Pass, PassConfig, PassContext, PassFailed
-
-
-def _name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    from packager.passes.quantize import name_nodes
-
-    return name_nodes(model)
 
 
 class Fp16Config(PassConfig):
@@ -71,7 +65,7 @@ class Int4WeightOnly(Pass[Int4WeightOnlyConfig]):
                 model = version_converter.convert_version(model, 21)
             except Exception as exc:
                 raise PassFailed(f"int4 weight-only needs opset 21; conversion failed: {exc}") from exc
-        model = _name_nodes(model)
+        model = name_nodes(model)
         inits = {init.name: init for init in model.graph.initializer}
         uses: dict[str, int] = {}
         for node in model.graph.node:

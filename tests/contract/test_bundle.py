@@ -175,3 +175,31 @@ def test_not_a_tar(tmp_path: Path, key: SigningKey) -> None:
         verify_bundle(junk, TrustedKeys([key.public_key]))
     with pytest.raises(BundleError):
         read_manifest(junk)
+
+
+def test_bundle_file_name_is_one_flat_name() -> None:
+    from edgeota_contract.bundle import BUNDLE_SUFFIX, bundle_file_name
+
+    assert bundle_file_name("digits", "1.2.0", "x86-avx2") == "digits-1.2.0-x86-avx2.bundle.tar"
+    assert bundle_file_name("vad_v2.onnx", "1.0.0-rc.1+b7", "rpi4").endswith(BUNDLE_SUFFIX)
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "profile", "part"),
+    [
+        ("../evil", "1.0.0", "rpi4", "model name"),
+        (".hidden", "1.0.0", "rpi4", "model name"),
+        ("digits\n", "1.0.0", "rpi4", "model name"),
+        ("digits", "one", "rpi4", "version"),
+        ("digits", "1.0.0/x", "rpi4", "version"),
+        ("digits", "1.0.0", "a/b", "hardware profile"),
+        ("digits", "1.0.0", "", "hardware profile"),
+    ],
+)
+def test_bundle_file_name_refuses_parts_the_manifest_refuses(name: str, version: str, profile: str, part: str) -> None:
+    from edgeota_contract.bundle import bundle_file_name
+    from edgeota_contract.errors import ContractError
+
+    with pytest.raises(ContractError, match=f"invalid {part} for a bundle file name") as info:
+        bundle_file_name(name, version, profile)
+    assert info.value.reason is ReasonCode.MANIFEST_INVALID

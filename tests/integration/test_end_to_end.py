@@ -32,6 +32,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Keys, the trained model and two signed bundles (1.0.0 and 1.1.0) for one profile."""
     from packager.api import package_model
     from packager.examples.digits import build_digits_example
+    from packager.request import PackageRequest
 
     root = tmp_path_factory.mktemp("e2e-build")
     priv, pub = write_keypair(root / "keys" / "release.pem")
@@ -39,14 +40,16 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out: dict[str, Any] = {"release_pub": pub, "release_key_id": load_private_key(priv).key_id}
     for version in ("1.0.0", "1.1.0"):
         report = package_model(
-            example.model_path,
-            profiles=[PROFILE],
-            calibration=example.calibration_path,
-            eval_data=example.eval_path,
-            key=priv,
-            out_dir=root / f"dist-{version}",
-            name="digits",
-            version=version,
+            PackageRequest(
+                model=example.model_path,
+                profiles=[PROFILE],
+                calibration=example.calibration_path,
+                eval_data=example.eval_path,
+                key=priv,
+                out_dir=root / f"dist-{version}",
+                name="digits",
+                version=version,
+            )
         )
         result = report.results[PROFILE]
         assert result.ok, result

@@ -13,12 +13,13 @@ import numpy as np
 import onnxruntime as ort
 from conftest import FAST
 
-from edgeota import __version__
 from edgeota_contract.bundle import verify_bundle
 from edgeota_contract.signing import SigningKey, TrustedKeys
 from edgeota_contract.telemetry import CONFIDENCE_EDGES, ReferenceStats
+from edgeota_contract.version import __version__
 from packager.api import package_model
 from packager.examples.digits import DigitsExample
+from packager.request import PackageRequest
 from packager.stats import confidences, feature_view
 
 
@@ -33,16 +34,18 @@ def _sha(path: Path) -> str:
 
 def _build(example: DigitsExample, out: Path, key: SigningKey, profile: str, **kw):  # type: ignore[no-untyped-def]
     report = package_model(
-        example.model_path,
-        profiles=[profile],
-        calibration=example.calibration_path,
-        eval_data=example.eval_path,
-        key=key,
-        out_dir=out,
-        name="digits",
-        version="2.3.4",
-        latency=FAST,
-        **kw,
+        PackageRequest(
+            model=example.model_path,
+            profiles=[profile],
+            calibration=example.calibration_path,
+            eval_data=example.eval_path,
+            key=key,
+            out_dir=out,
+            name="digits",
+            version="2.3.4",
+            latency=FAST,
+            **kw,
+        )
     )
     result = report.results[profile]
     assert result.ok, result.error

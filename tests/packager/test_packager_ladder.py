@@ -12,20 +12,23 @@ from edgeota_contract.signing import SigningKey
 from packager.api import package_model
 from packager.examples.digits import DigitsExample
 from packager.profiles import load_profile
+from packager.request import PackageRequest
 
 
 def _package(example: DigitsExample, out: Path, key: SigningKey, profiles: list[str], **kw):  # type: ignore[no-untyped-def]
     kw.setdefault("eval_data", example.eval_path)
     return package_model(
-        example.model_path,
-        profiles=profiles,
-        calibration=example.calibration_path,
-        key=key,
-        out_dir=out,
-        name="digits",
-        version="1.0.0",
-        latency=FAST,
-        **kw,
+        PackageRequest(
+            model=example.model_path,
+            profiles=profiles,
+            calibration=example.calibration_path,
+            key=key,
+            out_dir=out,
+            name="digits",
+            version="1.0.0",
+            latency=FAST,
+            **kw,
+        )
     )
 
 

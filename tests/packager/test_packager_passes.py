@@ -17,16 +17,8 @@ from packager.onnx_utils import io_specs, load_onnx_file, op_types, serialize
 from packager.passes.base import PassContext
 from packager.passes.check import OpSupportConfig, op_support_problems
 from packager.passes.prune import MagnitudePrune, MagnitudePruneConfig
-from packager.passes.quantize import (
-    ConvertFp16,
-    DynamicQuantize,
-    DynamicQuantizeConfig,
-    Fp16Config,
-    Int4WeightOnly,
-    Int4WeightOnlyConfig,
-    StaticQuantize,
-    StaticQuantizeConfig,
-)
+from packager.passes.quantize import DynamicQuantize, DynamicQuantizeConfig, StaticQuantize, StaticQuantizeConfig
+from packager.passes.weights import ConvertFp16, Fp16Config, Int4WeightOnly, Int4WeightOnlyConfig
 
 
 @pytest.fixture

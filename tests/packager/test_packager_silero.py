@@ -23,6 +23,7 @@ from packager.data import check_dataset, load_dataset
 from packager.errors import DataError
 from packager.examples.silero import SileroExample, build_silero_example, synthetic_audio
 from packager.onnx_utils import io_specs
+from packager.request import PackageRequest
 
 pytest.importorskip("silero_vad", reason="the silero-vad wheel is not installed (pip install --no-deps silero-vad)")
 
@@ -46,17 +47,19 @@ def _members(path: Path) -> dict[str, bytes]:
 
 def _package(example: SileroExample, out: Path, key: SigningKey, profiles: list[str], **kw):  # type: ignore[no-untyped-def]
     return package_model(
-        example.model_path,
-        profiles=profiles,
-        calibration=example.calibration_path,
-        eval_data=example.eval_path,
-        key=key,
-        out_dir=out,
-        name="silero-vad",
-        version="1.0.0",
-        latency=FAST,
-        measure_memory=False,
-        **kw,
+        PackageRequest(
+            model=example.model_path,
+            profiles=profiles,
+            calibration=example.calibration_path,
+            eval_data=example.eval_path,
+            key=key,
+            out_dir=out,
+            name="silero-vad",
+            version="1.0.0",
+            latency=FAST,
+            measure_memory=False,
+            **kw,
+        )
     )
 
 

@@ -14,6 +14,7 @@ from edgeota_contract.bundle import read_manifest
 from edgeota_contract.signing import SigningKey
 from packager.api import package_model
 from packager.examples.digits import DigitsExample, make_digits_cnn, train_digits_cnn
+from packager.request import PackageRequest
 
 torch = pytest.importorskip("torch")
 
@@ -29,17 +30,19 @@ def trained(cnn: DigitsExample):  # type: ignore[no-untyped-def]
 
 def _package(model, example: DigitsExample, out: Path, profiles: list[str], **kw):  # type: ignore[no-untyped-def]
     return package_model(
-        model,
-        profiles=profiles,
-        calibration=example.calibration_path,
-        eval_data=example.eval_path,
-        key=SigningKey.generate(),
-        out_dir=out,
-        name="digits-cnn",
-        version="1.0.0",
-        latency=FAST,
-        measure_memory=False,
-        **kw,
+        PackageRequest(
+            model=model,
+            profiles=profiles,
+            calibration=example.calibration_path,
+            eval_data=example.eval_path,
+            key=SigningKey.generate(),
+            out_dir=out,
+            name="digits-cnn",
+            version="1.0.0",
+            latency=FAST,
+            measure_memory=False,
+            **kw,
+        )
     )
 
 
@@ -50,9 +53,10 @@ from pathlib import Path
 from edgeota_contract.signing import SigningKey
 from packager.api import package_model
 from packager.evaluate import LatencySettings
-report = package_model(Path({str(mlp.model_path)!r}), profiles=["x86-avx2", "rpi4"],
+from packager.request import PackageRequest
+report = package_model(PackageRequest(model=Path({str(mlp.model_path)!r}), profiles=["x86-avx2", "rpi4"],
     calibration=Path({str(mlp.calibration_path)!r}), key=SigningKey.generate(), out_dir=Path({str(tmp_path)!r}),
-    name="digits", version="1.0.0", latency=LatencySettings(1, 1, 3))
+    name="digits", version="1.0.0", latency=LatencySettings(1, 1, 3)))
 assert report.ok, report.to_json()
 import edgeota.cli, packager.cli
 print("torch" in sys.modules)
