@@ -6,26 +6,27 @@ manifest bytes), followed by exactly the files the manifest lists, sorted by nam
 regular files with flat names are allowed. Archives are reproducible: members carry fixed
 times, owners and modes, so the same content gives the same archive bytes.
 
-Verification streams the archive once and never trusts a byte before its digest is checked;
-unpacking writes only inside the destination folder, and on any failure leaves it empty.
+Archives are read only by the strict reader of :mod:`edgeota_contract.archive` (never by
+``tarfile``), which bounds the time and memory any archive can cost. Verification streams the
+archive once and never trusts a byte before its digest is checked; unpacking writes only inside
+the destination folder, and on any failure leaves it empty.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import shutil
-import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from pydantic import ValidationError
 
-from edgeota_contract.errors import BundleError, ContractError, EdgeotaError, SignatureError
+from edgeota_contract.archive import MAX_MEMBERS, ArchiveReader, write_archive
+from edgeota_contract.errors import BundleError, ContractError, SignatureError
 from edgeota_contract.manifest import (
     MANIFEST_FILE,
     NAME_PATTERN,
@@ -40,6 +41,8 @@ from edgeota_contract.states import ReasonCode
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_SIGNATURE_BYTES = 4096
 BUNDLE_SUFFIX = ".bundle.tar"
+MAX_PAYLOAD_FILES = MAX_MEMBERS - 2
+"""Files a bundle may hold besides manifest.json and manifest.sig (the archive reader's member cap)."""
 _CHUNK = 1 << 20
 
 
@@ -79,17 +82,6 @@ def bundle_file_name(model_name: str, version: str, hardware_profile: str) -> st
     return f"{model_name}-{version}-{hardware_profile}{BUNDLE_SUFFIX}"
 
 
-def _tar_info(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
-
-
 def create_bundle(
     out_path: str | os.PathLike[str],
     payload: Mapping[str, bytes],
@@ -103,13 +95,22 @@ def create_bundle(
     beside ``out_path`` and renamed into place, so a reader never sees half a bundle and a
     failure leaves nothing behind.
 
+    The archive is in the strict format of :mod:`edgeota_contract.archive` (plain ustar headers),
+    so every bundle written here passes :func:`verify_bundle`.
+
     Raises:
-        ContractError: the manifest fields or file names break the schema.
+        ContractError: the manifest fields or file names break the schema, or there are more than
+            :data:`MAX_PAYLOAD_FILES` files.
     """
     files = [
         FileEntry(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest())
         for name, data in sorted(payload.items())
     ]
+    if len(files) > MAX_PAYLOAD_FILES:
+        raise ContractError(
+            f"a bundle holds at most {MAX_PAYLOAD_FILES} files besides its manifest, not {len(files)}",
+            ReasonCode.MANIFEST_INVALID,
+        )
     try:
         manifest = BundleManifest(files=files, signing_key_id=key.key_id, **manifest_fields)
     except ValidationError as exc:
@@ -120,12 +121,10 @@ def create_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with open(tmp, "wb") as raw:
             sig_bytes = signature.model_dump_json().encode("utf-8")
-            for name, data in [(MANIFEST_FILE, manifest_bytes), (SIGNATURE_FILE, sig_bytes)]:
-                tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
-            for entry in files:
-                tar.addfile(_tar_info(entry.name, entry.size), io.BytesIO(payload[entry.name]))
+            members = [(MANIFEST_FILE, manifest_bytes), (SIGNATURE_FILE, sig_bytes)]
+            write_archive(raw, members + [(entry.name, payload[entry.name]) for entry in files])
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -133,69 +132,34 @@ def create_bundle(
     return manifest
 
 
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:
-    if member.size > limit:
-        raise BundleError(
-            f"{member.name} is {member.size} bytes, over the {limit} byte limit", ReasonCode.BUNDLE_INVALID
-        )
-    fh = tar.extractfile(member)
-    if fh is None:
-        raise BundleError(f"{member.name} is not a regular file", ReasonCode.UNSAFE_ARCHIVE)
-    return fh.read()
-
-
-def _next_regular(tar: tarfile.TarFile) -> tarfile.TarInfo | None:
-    member = tar.next()
-    if member is None:
-        return None
-    if not member.isreg():
-        kind = "link" if (member.issym() or member.islnk()) else "non-regular entry"
-        raise BundleError(f"archive entry {member.name!r} is a {kind}", ReasonCode.UNSAFE_ARCHIVE)
-    name = member.name
-    if name.startswith("/") or "/" in name or "\\" in name or name in ("", ".", ".."):
-        raise BundleError(f"archive entry {name!r} is not a flat file name", ReasonCode.UNSAFE_ARCHIVE)
-    return member
-
-
 def read_manifest(bundle_path: str | os.PathLike[str]) -> tuple[BundleManifest, DetachedSignature | None]:
-    """Read the manifest and signature of a bundle without verifying anything (for ``inspect``)."""
+    """Read the manifest and signature of a bundle without verifying anything (for ``inspect``).
+
+    Only the first two members are read, with the strict reader of :mod:`edgeota_contract.archive`,
+    so the work is bounded by :data:`MAX_MANIFEST_BYTES` and :data:`MAX_SIGNATURE_BYTES`.
+
+    Raises:
+        BundleError: unreadable, corrupt or unsafe archive (``bundle_invalid``, ``unsafe_archive``).
+        ContractError: the manifest does not parse (``manifest_invalid``).
+    """
     try:
-        with tarfile.open(bundle_path, mode="r:") as tar:
-            first = _next_regular(tar)
+        with open(bundle_path, "rb") as fh:
+            reader = ArchiveReader(fh)
+            first = reader.next_member()
             if first is None or first.name != MANIFEST_FILE:
                 raise BundleError("archive does not start with manifest.json", ReasonCode.BUNDLE_INVALID)
-            manifest = BundleManifest.parse(_read_member(tar, first, MAX_MANIFEST_BYTES))
-            second = _next_regular(tar)
+            manifest = BundleManifest.parse(reader.read_data(MAX_MANIFEST_BYTES))
+            second = reader.next_member()
             sig = None
             if second is not None and second.name == SIGNATURE_FILE:
-                sig = DetachedSignature.model_validate_json(_read_member(tar, second, MAX_SIGNATURE_BYTES))
+                sig = DetachedSignature.model_validate_json(reader.read_data(MAX_SIGNATURE_BYTES))
             return manifest, sig
-    except (tarfile.TarError, EOFError, ValidationError) as exc:
+    except ValidationError as exc:
         raise BundleError(f"not a readable bundle archive: {exc}", ReasonCode.BUNDLE_INVALID) from exc
     except OSError as exc:
         raise BundleError(
             f"cannot read bundle {bundle_path}: {exc.strerror or exc}", ReasonCode.BUNDLE_INVALID
         ) from exc
-
-
-class _HashingReader(io.RawIOBase):
-    """Wraps the archive file so the archive's own sha256 is computed in the same pass."""
-
-    def __init__(self, fh: IO[bytes]) -> None:
-        self._fh = fh
-        self.digest = hashlib.sha256()
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._fh.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        self.digest.update(data)
-        self.count += n
-        return n
 
 
 def verify_bundle(
@@ -212,7 +176,11 @@ def verify_bundle(
     manifest and its signature; the signature is by a trusted release key over the exact
     manifest bytes; the manifest parses; the hardware profile and release counter are as
     required; then every following member is a regular, flat-named file listed in the
-    manifest, seen once, with the listed size and sha256; and no listed file is missing.
+    manifest, seen once, with the listed size and sha256; no listed file is missing; and the
+    archive ends cleanly. The archive is held to the strict format of :mod:`edgeota_contract.archive`
+    (plain ustar, at most :data:`~edgeota_contract.archive.MAX_MEMBERS` members, no links, devices
+    or header extensions, each name once), so its time is linear in the archive size and its
+    memory bounded, whatever the headers claim.
 
     When ``extract_to`` is given, files are written there (the folder must be empty or
     absent) and fsynced; on any failure the folder is removed again.
@@ -246,59 +214,54 @@ def _verify_stream(
         raw = open(path, "rb")  # noqa: SIM115 - closed in finally
     except OSError as exc:
         raise BundleError(f"cannot read bundle {path}: {exc.strerror or exc}", ReasonCode.BUNDLE_INVALID) from exc
-    reader = _HashingReader(raw)
-    buffered = io.BufferedReader(reader, _CHUNK)
+    reader = ArchiveReader(raw)
     try:
-        with tarfile.open(fileobj=buffered, mode="r|") as tar:
-            first = _next_regular(tar)
-            if first is None or first.name != MANIFEST_FILE:
-                raise BundleError("archive does not start with manifest.json", ReasonCode.BUNDLE_INVALID)
-            manifest_bytes = _read_member(tar, first, MAX_MANIFEST_BYTES)
-            second = _next_regular(tar)
-            if second is None or second.name != SIGNATURE_FILE:
-                raise SignatureError("bundle has no manifest.sig", ReasonCode.SIGNATURE_MISSING)
-            try:
-                signature = DetachedSignature.model_validate_json(_read_member(tar, second, MAX_SIGNATURE_BYTES))
-            except ValidationError as exc:
-                raise BundleError("manifest.sig is malformed", ReasonCode.SIGNATURE_INVALID) from exc
-            key_id = verify_detached(manifest_bytes, signature, trusted)
-            manifest = BundleManifest.parse(manifest_bytes)
-            if manifest.signing_key_id != key_id:
-                raise BundleError("manifest names another signing key", ReasonCode.MANIFEST_INVALID)
-            _check_policy(manifest, expected_profile, min_release_counter)
-            expected = {f.name: f for f in manifest.files}
-            seen: set[str] = set()
-            while (member := _next_regular(tar)) is not None:
-                entry = expected.get(member.name)
-                if entry is None or member.name in seen:
-                    raise BundleError(
-                        f"archive entry {member.name!r} is not listed in the manifest", ReasonCode.BUNDLE_INVALID
-                    )
-                if member.size != entry.size:
-                    raise BundleError(
-                        f"{member.name} is {member.size} bytes, manifest says {entry.size}", ReasonCode.SIZE_MISMATCH
-                    )
-                _check_member(tar, member, entry, dest)
-                seen.add(member.name)
-            missing = sorted(set(expected) - seen)
-            if missing:
+        first = reader.next_member()
+        if first is None or first.name != MANIFEST_FILE:
+            raise BundleError("archive does not start with manifest.json", ReasonCode.BUNDLE_INVALID)
+        manifest_bytes = reader.read_data(MAX_MANIFEST_BYTES)
+        second = reader.next_member()
+        if second is None or second.name != SIGNATURE_FILE:
+            raise SignatureError("bundle has no manifest.sig", ReasonCode.SIGNATURE_MISSING)
+        try:
+            signature = DetachedSignature.model_validate_json(reader.read_data(MAX_SIGNATURE_BYTES))
+        except ValidationError as exc:
+            raise BundleError("manifest.sig is malformed", ReasonCode.SIGNATURE_INVALID) from exc
+        key_id = verify_detached(manifest_bytes, signature, trusted)
+        manifest = BundleManifest.parse(manifest_bytes)
+        if manifest.signing_key_id != key_id:
+            raise BundleError("manifest names another signing key", ReasonCode.MANIFEST_INVALID)
+        _check_policy(manifest, expected_profile, min_release_counter)
+        expected = {f.name: f for f in manifest.files}
+        seen: set[str] = set()
+        # The reader refuses repeated names, links, devices and unsafe names itself.
+        while (member := reader.next_member()) is not None:
+            entry = expected.get(member.name)
+            if entry is None:
                 raise BundleError(
-                    f"bundle lacks files named in the manifest: {', '.join(missing)}", ReasonCode.BUNDLE_INVALID
+                    f"archive entry {member.name!r} is not listed in the manifest", ReasonCode.BUNDLE_INVALID
                 )
-            # Drain trailing blocks so the archive digest covers the whole file.
-            while buffered.read(_CHUNK):
-                pass
-    except EdgeotaError:
-        raise
-    except (tarfile.TarError, EOFError) as exc:
-        raise BundleError(f"corrupt bundle archive: {exc}", ReasonCode.BUNDLE_INVALID) from exc
+            if member.size != entry.size:
+                raise BundleError(
+                    f"{member.name} is {member.size} bytes, manifest says {entry.size}", ReasonCode.SIZE_MISMATCH
+                )
+            _check_member(reader, entry, dest)
+            seen.add(member.name)
+        missing = sorted(set(expected) - seen)
+        if missing:
+            raise BundleError(
+                f"bundle lacks files named in the manifest: {', '.join(missing)}", ReasonCode.BUNDLE_INVALID
+            )
+    except OSError as exc:
+        raise BundleError(f"cannot read bundle {path}: {exc.strerror or exc}", ReasonCode.BUNDLE_INVALID) from exc
     finally:
         raw.close()
+    # next_member() returned None: the end of the archive was checked through to the end of the file.
     return VerifiedBundle(
         manifest=manifest,
         signing_key_id=key_id,
-        archive_sha256=reader.digest.hexdigest(),
-        archive_size=reader.count,
+        archive_sha256=reader.sha256,
+        archive_size=reader.size,
         extracted_to=dest,
     )
 
@@ -316,17 +279,14 @@ def _check_policy(manifest: BundleManifest, expected_profile: str | None, min_re
         )
 
 
-def _check_member(tar: tarfile.TarFile, member: tarfile.TarInfo, entry: FileEntry, dest: Path | None) -> None:
-    src = tar.extractfile(member)
-    if src is None:
-        raise BundleError(f"{member.name} is not a regular file", ReasonCode.UNSAFE_ARCHIVE)
+def _check_member(reader: ArchiveReader, entry: FileEntry, dest: Path | None) -> None:
     digest = hashlib.sha256()
     out = None
     if dest is not None:
         fd = os.open(dest / entry.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         out = os.fdopen(fd, "wb")
     try:
-        while chunk := src.read(_CHUNK):
+        for chunk in reader.iter_data():
             digest.update(chunk)
             if out is not None:
                 out.write(chunk)
@@ -337,4 +297,4 @@ def _check_member(tar: tarfile.TarFile, member: tarfile.TarInfo, entry: FileEntr
         if out is not None:
             out.close()
     if digest.hexdigest() != entry.sha256:
-        raise BundleError(f"{member.name} does not match its sha256 in the manifest", ReasonCode.DIGEST_MISMATCH)
+        raise BundleError(f"{entry.name} does not match its sha256 in the manifest", ReasonCode.DIGEST_MISMATCH)
