@@ -50,10 +50,17 @@ def _root(
 def keys_generate(
     out: Path = typer.Argument(..., help="Private key path, e.g. keys/release.pem; NAME.pub.pem is written beside it."),
 ) -> None:
-    """Generate an Ed25519 key pair (private key written with mode 0600; never overwritten)."""
+    """Generate an Ed25519 key pair (private key written with mode 0600; never overwritten).
+
+    Missing parent folders are created. On any failure: one ``error:`` line, exit 2, nothing written.
+    """
     from edgeota_contract.signing import load_private_key
 
-    priv, pub = write_keypair(out)
+    try:
+        priv, pub = write_keypair(out)
+    except EdgeotaError as exc:
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        raise typer.Exit(2) from None
     typer.echo(f"wrote {priv} and {pub} (key id {load_private_key(priv).key_id})")
 
 

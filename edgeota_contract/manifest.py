@@ -94,6 +94,25 @@ class Lineage(_Strict):
     created_by: str
 
 
+class GateOverrides(_Strict):
+    """Per-model gate thresholds that replaced the hardware profile's for this bundle (all optional).
+
+    ``latency_budget_ms`` is the device budget (it also becomes the ``latency_budget_ms`` metric the
+    agent checks on the device); the others are the quality thresholds of the profile's
+    ``accuracy`` section. A field left ``None`` kept the profile's value.
+    """
+
+    latency_budget_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_accuracy_drop: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    min_cosine: float | None = Field(default=None, ge=-1, le=1, allow_inf_nan=False)
+    min_sqnr_db: float | None = Field(default=None, allow_inf_nan=False)
+
+    def given(self) -> dict[str, float]:
+        """The thresholds that were set, by field name (empty: nothing overridden)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class BundleManifest(_Strict):
     """The signed description of one bundle: one model, one version, one hardware profile."""
 
@@ -112,6 +131,9 @@ class BundleManifest(_Strict):
     metrics: dict[str, float] = Field(default_factory=dict)
     lineage: Lineage
     signing_key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    gate_overrides: GateOverrides | None = Field(
+        default=None, description="per-model gate thresholds used instead of the profile's (absent: none)"
+    )
 
     @model_validator(mode="after")
     def _files_complete(self) -> BundleManifest:
@@ -130,8 +152,15 @@ class BundleManifest(_Strict):
         raise KeyError(name)
 
     def canonical_bytes(self) -> bytes:
-        """The exact bytes a release key signs."""
-        return canonical_json(self.model_dump(mode="json"))
+        """The exact bytes a release key signs.
+
+        ``gate_overrides`` is left out when it is ``None``, so a manifest without overrides is
+        byte for byte what it was before the field existed (and older readers accept it).
+        """
+        data = self.model_dump(mode="json")
+        if self.gate_overrides is None:
+            del data["gate_overrides"]
+        return canonical_json(data)
 
     @classmethod
     def parse(cls, data: bytes | str) -> BundleManifest:

@@ -12,6 +12,7 @@ those bytes by one of the trusted keys; otherwise it raises :class:`SignatureErr
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -193,15 +194,68 @@ def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
 
 
 def write_keypair(private_path: str | os.PathLike[str], key: SigningKey | None = None) -> tuple[Path, Path]:
-    """Write ``NAME.pem`` (0600) and ``NAME.pub.pem`` beside it; refuses to overwrite a key."""
+    """Write ``NAME.pem`` (0600) and ``NAME.pub.pem`` beside it, creating missing parent folders.
+
+    All or nothing: when either file cannot be written, neither key file nor any folder this call
+    created is left behind.
+
+    Raises:
+        SignatureError: either file already exists (a key is never overwritten), a parent is not a
+            folder, or the files cannot be written; the message is one line.
+    """
     key = key or SigningKey.generate()
     priv = Path(private_path)
     pub = priv.with_name(priv.name.removesuffix(".pem") + ".pub.pem")
-    if priv.exists():
-        raise SignatureError(f"refusing to overwrite existing key {priv}", ReasonCode.UNKNOWN_KEY)
-    priv.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key.private_pem())
-    pub.write_bytes(key.public_pem())
+    for path in (priv, pub):
+        if path.is_dir():
+            raise SignatureError(f"{path} is a folder, not a key file path", ReasonCode.UNKNOWN_KEY)
+        if path.exists():
+            raise SignatureError(f"refusing to overwrite existing key {path}", ReasonCode.UNKNOWN_KEY)
+    created = _make_parents(priv.parent)
+    written: list[Path] = []
+    try:
+        for path, data, mode in ((priv, key.private_pem(), 0o600), (pub, key.public_pem(), 0o644)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            written.append(path)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+    except OSError as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise SignatureError(
+            f"cannot write key file {exc.filename or priv}: {exc.strerror or exc}", ReasonCode.UNKNOWN_KEY
+        ) from exc
     return priv, pub
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return those created, outermost first.
+
+    Raises:
+        SignatureError: a parent exists but is not a folder, or a folder cannot be created.
+    """
+    missing: list[Path] = []
+    for parent in (folder, *folder.parents):
+        if parent.is_dir():
+            break
+        if parent.exists():
+            raise SignatureError(f"cannot create {folder}: {parent} is a file, not a folder", ReasonCode.UNKNOWN_KEY)
+        missing.append(parent)
+    created: list[Path] = []
+    for parent in reversed(missing):
+        try:
+            parent.mkdir()
+        except FileExistsError:
+            continue  # made meanwhile by someone else: not ours to remove
+        except OSError as exc:
+            for done in reversed(created):
+                with contextlib.suppress(OSError):
+                    done.rmdir()
+            raise SignatureError(
+                f"cannot create folder {parent}: {exc.strerror or exc}", ReasonCode.UNKNOWN_KEY
+            ) from exc
+        created.append(parent)
+    return created

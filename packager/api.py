@@ -38,7 +38,7 @@ from packager.ladder import (
     resolve_gate_metric,
 )
 from packager.onnx_utils import io_specs, load_onnx_file, sha256_bytes
-from packager.profiles import HardwareProfile, load_profiles
+from packager.profiles import HardwareProfile, load_profiles, with_gate_overrides
 from packager.progress import Reporter
 from packager.recipes import resolve_recipe
 from packager.request import EXPORTED_PROGRAM_SUFFIXES, TORCHSCRIPT_SUFFIXES, PackageRequest
@@ -60,6 +60,7 @@ class ProfileResult:
     bundle_size: int | None = None
     gate_metric: str | None = None
     gates_overridden: bool = False
+    gate_overrides: dict[str, float] = field(default_factory=dict)  # this model's thresholds over the profile's
     baseline: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     gates: list[GateResult] = field(default_factory=list)
@@ -140,15 +141,21 @@ def package_model(request: PackageRequest, *, on_event: EventFn | None = None) -
     precision the profile allows). ``enforce_gates=False`` is for demos and tests only: a profile
     whose ladder fails still gets a bundle, built from the last attempt that produced a model, with
     ``gates_overridden = 1`` in the manifest metrics and a warning in the model card.
+    ``gate_overrides`` (this model's latency budget and quality thresholds, with
+    ``profile_gate_overrides[profile id]`` over them) replace each profile's values before anything
+    is gated; they are recorded in that profile's manifest, model card and report entry.
 
     Raises:
-        EdgeotaError: unreadable model, key or data; unknown or broken profile; a recipe override the
-            profile does not allow; data that does not fit the model (nothing is written then).
+        EdgeotaError: an output folder that is a file; unreadable model, key or data; unknown or broken
+            profile; a recipe override the profile does not allow; data that does not fit the model or is
+            not finite (nothing is written then).
     """
     started = time.perf_counter()
+    check_out_dir(request.out_dir)
     profile_objs = load_profiles(list(request.profiles), request.profiles_dir)
     if request.recipes is not None:
         profile_objs = [_with_ladder(p, list(request.recipes)) for p in profile_objs]
+    profile_objs = [with_gate_overrides(p, request.gates_for(p.id)) for p in profile_objs]
     signing_key = _load_key(request.key)
     calibration, eval_data = request.calibration, request.eval_data
     if not calibration.is_file():
@@ -168,7 +175,10 @@ def package_model(request: PackageRequest, *, on_event: EventFn | None = None) -
     )
     for profile in profile_objs:  # a labelled gate without labels fails before any work
         resolve_gate_metric(profile, evald, request.gate_metric)
-    request.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        request.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PackagerError(f"cannot create output folder {request.out_dir}: {exc.strerror or exc}") from exc
 
     reporter = Reporter(profile_objs, request.progress, on_event)
     runners: dict[float | None, LadderRunner] = {None: LadderRunner(source, calib, evald, options, reporter.event)}
@@ -230,6 +240,20 @@ def package_model(request: PackageRequest, *, on_event: EventFn | None = None) -
     return report
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an output folder that is a file, or lies under one, before any work is done.
+
+    Raises:
+        PackagerError: ``out_dir`` or one of its parents exists and is not a folder.
+    """
+    for path in (out_dir, *out_dir.parents):
+        if path.is_dir():
+            return
+        if path.exists():
+            where = "is a file" if path == out_dir else f"is under {path}, which is a file"
+            raise PackagerError(f"output folder {out_dir} {where}, not a folder")
+
+
 def _with_ladder(profile: HardwareProfile, names: list[str]) -> HardwareProfile:
     """``profile`` with its ladder replaced by ``names``; raises ProfileError for a recipe it does not allow."""
     for entry in names:
@@ -264,7 +288,8 @@ class _Run:
 def _package_one(runners: list[LadderRunner], profile: HardwareProfile, run: _Run) -> ProfileResult:
     request, reporter = run.request, run.reporter
     started = time.perf_counter()
-    result = ProfileResult(profile=profile.id, ok=False)
+    own = request.gates_for(profile.id)
+    result = ProfileResult(profile=profile.id, ok=False, gate_overrides=own.given() if own is not None else {})
     target = request.out_dir / bundle_file_name(request.model_name, request.version, profile.id)
     try:
         attempts: list[Attempt] = []

@@ -28,6 +28,7 @@ from edgeota_contract.manifest import (
     REFERENCE_STATS_FILE,
     TEST_VECTORS_FILE,
     BundleManifest,
+    GateOverrides,
     Lineage,
     PassRecord,
 )
@@ -104,6 +105,7 @@ def model_card(
     lineage: Lineage,
     eval_role: str,
     eval_count: int,
+    gate_overrides: GateOverrides | None = None,
 ) -> str:
     chosen = outcome.chosen
     assert chosen is not None
@@ -150,6 +152,11 @@ def model_card(
         )
         + f"; latency budget {profile.latency.budget_ms:g} ms on the device, size <= {profile.max_bundle_bytes} bytes.",
         "",
+    ]
+    if gate_overrides is not None:
+        given = ", ".join(f"{k} {v:g}" for k, v in gate_overrides.given().items())
+        lines += [f"These thresholds include this model's own gate overrides ({given}) over the profile's.", ""]
+    lines += [
         "## Lineage",
         f"- source model sha256: `{lineage.source_model_sha256}`",
         f"- calibration data sha256: `{lineage.calibration_data_sha256}`",
@@ -213,6 +220,7 @@ def build_bundle(
         lineage=lineage,
         eval_role=eval_data.role,
         eval_count=eval_data.count,
+        gate_overrides=request.gates_for(profile.id),
     )
     payload = {
         MODEL_FILE: model_bytes,
@@ -237,6 +245,7 @@ def build_bundle(
         passes=[PassRecord.model_validate(p) if isinstance(p, dict) else p for p in outcome.pass_records],
         metrics=metrics,
         lineage=lineage,
+        gate_overrides=request.gates_for(profile.id),
     )
     return path, manifest
 

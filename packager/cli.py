@@ -131,12 +131,44 @@ def package(
     override_gates: bool = typer.Option(
         False, "--override-gates", help="DEMOS/TESTS ONLY: ship the last attempt even if it failed its gates."
     ),
+    model_config: Path | None = typer.Option(
+        None, "--model-config", help="YAML with this model's gate thresholds ('gates:'), see docs/packager.md."
+    ),
+    latency_budget_ms: float | None = typer.Option(
+        None, "--latency-budget-ms", help="This model's device latency budget (ms), over every profile's."
+    ),
+    max_accuracy_drop: float | None = typer.Option(
+        None, "--max-accuracy-drop", help="Allowed labelled-accuracy drop vs fp32 (0.02 = two points)."
+    ),
+    min_top1_agreement: float | None = typer.Option(
+        None, "--min-top1-agreement", help="Fidelity gate: minimum top-1 agreement with fp32 (0..1)."
+    ),
+    min_cosine: float | None = typer.Option(None, "--min-cosine", help="Fidelity gate: minimum mean cosine to fp32."),
+    min_sqnr_db: float | None = typer.Option(None, "--min-sqnr-db", help="Fidelity gate: minimum SQNR (dB) to fp32."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
-    """Package MODEL for each --profile: run the recipe ladder, gate, and write signed bundles."""
+    """Package MODEL for each --profile: run the recipe ladder, gate, and write signed bundles.
+
+    Gate thresholds given with --model-config or the options below it replace every profile's
+    (options win over the file) and are recorded in each manifest and the report.
+    """
     from packager.api import package_model
+    from packager.model_config import ModelConfig, load_model_config, merge_overrides
     from packager.request import PackageRequest, RequestError
 
+    config = load_model_config(model_config) if model_config is not None else ModelConfig()
+    thresholds = {
+        "latency_budget_ms": latency_budget_ms,
+        "max_accuracy_drop": max_accuracy_drop,
+        "min_top1_agreement": min_top1_agreement,
+        "min_cosine": min_cosine,
+        "min_sqnr_db": min_sqnr_db,
+    }
+    try:  # options win over the file, for every profile
+        overrides = merge_overrides(config.gates, **thresholds)
+        per_profile = {pid: merge_overrides(g, **thresholds) for pid, g in config.profiles.items()}
+    except RequestError as exc:
+        raise EdgeotaError(_in_option_terms(str(exc), exc.field), exc.reason) from None
     try:
         request = PackageRequest(
             model=model,
@@ -156,6 +188,8 @@ def package(
             created_at=created_at,
             recipes=recipe or None,
             enforce_gates=not override_gates,
+            gate_overrides=overrides,
+            profile_gate_overrides=per_profile,
         )
     except RequestError as exc:
         raise EdgeotaError(_in_option_terms(str(exc), exc.field), exc.reason) from None
@@ -217,6 +251,10 @@ def _print_report(report: PackagingReport) -> None:
             escape(str(r.bundle_path.name)) if r.bundle_path else "-",
         )
     console.print(table)
+    for r in report.results.values():
+        if r.gate_overrides:
+            given = ", ".join(f"{k} {v:g}" for k, v in r.gate_overrides.items())
+            console.print(f"{escape(r.profile)}: this model's gate overrides: {escape(given)}")
     console.print(f"report: {escape(str(report.report_path))}")
     for r in report.results.values():
         if r.gates_overridden:
@@ -299,6 +337,9 @@ def bundle_inspect(
     for k in sorted(manifest.metrics):
         metrics.add_row(escape(k), f"{manifest.metrics[k]:g}")
     console.print(metrics)
+    if manifest.gate_overrides is not None:
+        given = ", ".join(f"{k} {v:g}" for k, v in manifest.gate_overrides.given().items())
+        console.print(f"gate overrides (this model's thresholds over the profile's): {escape(given)}")
     console.print("passes: " + escape(" -> ".join(p.name for p in manifest.passes)))
     lin = manifest.lineage
     console.print(

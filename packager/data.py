@@ -1,7 +1,7 @@
 """Calibration and evaluation data: ``.npz`` files keyed by model input name, plus ``labels``.
 
 Data is checked against the model before any work starts (names, dtypes, non-batch shapes,
-label count) so a mismatch is one clear error. Calibration is streamed to ONNX Runtime's
+label count, finite values) so a mismatch is one clear error. Calibration is streamed to ONNX Runtime's
 calibrators in small batches and capped at a sample count (:class:`CappedReader`).
 
 Sample axes. Arrays are stored in the model's own layout. The samples of an input are on
@@ -30,6 +30,8 @@ from packager.errors import DataError
 from packager.onnx_utils import IOSpec
 
 LABELS_KEY = "labels"
+ZIP_MAGIC = b"PK"  # an .npz is a zip archive (local file header, or the end record of an empty one)
+NPY_MAGIC = b"\x93NUMPY"  # a single .npy array: refused below with its own message
 
 
 @dataclass
@@ -91,10 +93,20 @@ def load_dataset(path: Path, specs: list[IOSpec], role: str = "calibration") -> 
     """Load ``path`` and check it against the model inputs ``specs``; one-line :class:`DataError` on defects."""
     path = Path(path)
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(NPY_MAGIC))
+        if not head.startswith(ZIP_MAGIC) and head != NPY_MAGIC:
+            # numpy would try to unpickle it and answer with a hint about allow_pickle.
+            raise DataError(
+                f"{role} data {path} is not a readable .npz file: not a zip archive of arrays "
+                "(write one with numpy.savez(path, <input name>=array, ...))"
+            )
         digest = sha256_file(path)
         npz = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise DataError(f"{role} data {path} does not exist") from None
+    except IsADirectoryError:
+        raise DataError(f"{role} data {path} is a folder, not an .npz file") from None
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise DataError(f"{role} data {path} is not a readable .npz file: {exc}") from exc
     if not isinstance(npz, np.lib.npyio.NpzFile):
@@ -147,6 +159,7 @@ def check_dataset(
                 arr = arr.astype(want)
             else:
                 raise DataError(f"{label}: input {spec.name!r} is {arr.dtype}, the model expects {want}")
+        _check_finite(arr, spec.name, label)
         if not spec.shape:
             shared[spec.name] = arr
             continue
@@ -180,6 +193,20 @@ def check_dataset(
         labels = labels.astype(np.int64)
     extra = sorted(set(arrays) - {s.name for s in specs} - {LABELS_KEY})
     return Dataset(inputs, labels, sha256, path, role, extra, axes=axes, shared=shared)
+
+
+def _check_finite(arr: np.ndarray, name: str, label: str) -> None:
+    """Refuse NaN or infinity in a float input: calibration ranges and every gate would be meaningless."""
+    if arr.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        count, first = int(bad.sum()), tuple(int(i) for i in np.unravel_index(int(bad.argmax()), bad.shape))
+        what = "every value" if count == arr.size else f"{count} of {arr.size} values"
+        raise DataError(
+            f"{label}: input {name!r} has NaN or infinite values ({what}, the first at index {first}); "
+            "the data must be finite"
+        )
 
 
 def _batch_like(dim: Any) -> bool:

@@ -112,6 +112,24 @@ def parse_onnx_bytes(data: bytes, label: str = "model") -> onnx.ModelProto:
         raise ModelInputError(f"{label} fails the ONNX checker: {first[:300]}") from exc
     if not io_specs(model, "input"):
         raise ModelInputError(f"{label} has no graph inputs")
+    return unknown_placeholder_dims(model)
+
+
+def unknown_placeholder_dims(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Make every graph input, output and value_info dimension stored as a number below 1 unknown, in place.
+
+    Some exporters write ``-1`` (or ``0``) for a dynamic dimension instead of a symbolic name;
+    to ONNX Runtime both mean "any size" for a graph input, so they are treated as unknown here
+    (a batch of -1 would otherwise be taken for a fixed batch). A real zero-length graph
+    input could not carry samples anyway.
+    """
+    graph = model.graph
+    for vi in (*graph.input, *graph.output, *graph.value_info):
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value < 1:
+                dim.Clear()
     return model
 
 

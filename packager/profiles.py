@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edgeota_contract.manifest import GateOverrides
 from packager.errors import ProfileError
 from packager.recipes import Precision, RecipeSpec, resolve_recipe
 
@@ -173,6 +174,23 @@ class HardwareProfile(_Strict):
             "max_bundle_bytes": self.max_bundle_bytes,
             "latency_budget_ms": self.latency.budget_ms,
         }
+
+
+def with_gate_overrides(profile: HardwareProfile, overrides: GateOverrides | None) -> HardwareProfile:
+    """``profile`` with the thresholds set in ``overrides`` in place of its own (a copy; ``None``: unchanged).
+
+    ``latency_budget_ms`` replaces ``latency.budget_ms``; the others replace the fields of the same
+    name in ``accuracy``. Everything downstream (gates, manifest metrics, model card) then sees
+    the model's values.
+    """
+    given = overrides.given() if overrides is not None else {}
+    if not given:
+        return profile
+    latency = profile.latency
+    if "latency_budget_ms" in given:
+        latency = latency.model_copy(update={"budget_ms": given.pop("latency_budget_ms")})
+    accuracy = profile.accuracy.model_copy(update=given)
+    return profile.model_copy(update={"latency": latency, "accuracy": accuracy})
 
 
 def default_profiles_dir() -> Path:

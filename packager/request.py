@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from edgeota_contract.manifest import NAME_PATTERN, SEMVER_PATTERN, release_counter_from_version
+from edgeota_contract.manifest import NAME_PATTERN, SEMVER_PATTERN, GateOverrides, release_counter_from_version
 from edgeota_contract.signing import SigningKey
 from packager.errors import PackagerError
 from packager.evaluate import LatencySettings
@@ -97,6 +97,14 @@ class PackageRequest(BaseModel):
     enforce_gates: bool = Field(
         default=True, description="False (demos and tests only): ship the last attempt even if it failed its gates"
     )
+    gate_overrides: GateOverrides | None = Field(
+        default=None,
+        description="this model's gate thresholds (latency budget, accuracy tolerance, fidelity) over every profile's",
+    )
+    profile_gate_overrides: dict[str, GateOverrides] = Field(
+        default_factory=dict,
+        description="per profile id: thresholds over gate_overrides for that profile (other ids are ignored)",
+    )
     latency: LatencySettings = Field(default_factory=LatencySettings, description="host latency measurement")
     measure_memory: bool = Field(default=True, description="measure each attempt's peak session memory")
     # -- how to run
@@ -163,6 +171,21 @@ class PackageRequest(BaseModel):
             raise ValueError(f"gate_metric must be accuracy or fidelity, not {value!r}")
         return value
 
+    @field_validator("gate_overrides", mode="before")
+    @classmethod
+    def _gate_overrides(cls, value: Any) -> Any:
+        return _as_overrides(value, "gate_overrides")
+
+    @field_validator("profile_gate_overrides", mode="before")
+    @classmethod
+    def _profile_gate_overrides(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"profile_gate_overrides must map profile ids to thresholds, not {type(value).__name__}")
+        checked = {str(pid): _as_overrides(v, f"gate_overrides of profile {pid}") for pid, v in value.items()}
+        return {pid: v for pid, v in checked.items() if v is not None}
+
     @field_validator("jobs")
     @classmethod
     def _jobs(cls, value: int) -> int:
@@ -207,6 +230,13 @@ class PackageRequest(BaseModel):
         assert self.model_path is not None  # checked on construction
         return re.sub(r"[^A-Za-z0-9_.-]", "-", self.model_path.stem).strip("-.") or "model"
 
+    def gates_for(self, profile_id: str) -> GateOverrides | None:
+        """This model's thresholds for ``profile_id``: ``gate_overrides`` with the profile's own entry over it."""
+        values = self.gate_overrides.given() if self.gate_overrides is not None else {}
+        own = self.profile_gate_overrides.get(profile_id)
+        values.update(own.given() if own is not None else {})
+        return GateOverrides(**values) if values else None
+
     @property
     def counter(self) -> int:
         """``release_counter``, else the default derived from ``version``."""
@@ -231,3 +261,30 @@ def _request_error(exc: ValidationError) -> RequestError:
     else:
         message = f"{where}: {err.get('msg', 'invalid')}"
     return RequestError(message + more, field)
+
+
+def _as_overrides(value: Any, label: str) -> GateOverrides | None:
+    """``value`` (a mapping or a :class:`GateOverrides`) checked; ``None`` when it sets nothing.
+
+    Raises ``ValueError`` naming the threshold (pydantic's own message would name only the field).
+    """
+    if value is None or isinstance(value, GateOverrides):
+        overrides = value
+    elif isinstance(value, dict):
+        try:
+            overrides = GateOverrides.model_validate(value)
+        except ValidationError as exc:
+            raise ValueError(f"{label}: {gate_override_error(exc)}") from None
+    else:
+        raise ValueError(f"{label} must be a mapping of thresholds, not {type(value).__name__}")
+    return overrides if overrides is not None and overrides.given() else None
+
+
+def gate_override_error(exc: ValidationError) -> str:
+    """``<threshold>: <what is wrong>`` for the first error of validating a :class:`GateOverrides`."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ())) or "gate overrides"
+    if err.get("type") == "extra_forbidden":
+        known = ", ".join(GateOverrides.model_fields)
+        return f"{loc}: unknown threshold (known: {known})"
+    return f"{loc}: {str(err.get('msg', 'invalid')).lower()}"

@@ -24,13 +24,16 @@ Reference statistics (``reference_stats.json``), computed from the calibration d
 
 Test vectors (``test_vectors.npz``): the first rows of the evaluation data (4 rows, or the
 model's fixed batch), ``in.<input>``, and the bundled model's outputs for them on this host,
-``out.<output>``. The ``.npz`` is written with fixed zip timestamps so bundles are reproducible.
+``out.<output>``. The ``.npz`` is deflate-compressed, with fixed zip timestamps so bundles are
+reproducible, and bounded: a dynamic-batch model gets fewer rows (at least one) when the file
+would exceed the larger of 1 MiB and a quarter of the model's bytes (:func:`max_test_vector_bytes`).
 """
 
 from __future__ import annotations
 
 import io
 import zipfile
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +49,10 @@ from packager.data import Dataset
 from packager.evaluate import make_session, run_dataset, session_batch
 
 TEST_VECTOR_ROWS = 4
+# test_vectors.npz takes at most the larger of these beside the model (but always one row):
+# a bundle of a model with large inputs must not be mostly test data.
+TEST_VECTOR_MIN_CAP_BYTES = 1 << 20
+TEST_VECTOR_MODEL_SHARE = 0.25
 REFERENCE_MAX_SAMPLES = 10_000
 
 
@@ -133,22 +140,44 @@ def reference_stats(model_bytes: bytes, data: Dataset) -> ReferenceStats:
 
 
 def write_npz_reproducible(arrays: dict[str, np.ndarray]) -> bytes:
-    """An ``.npz`` (readable by ``numpy.load``) with fixed timestamps and sorted members."""
+    """A compressed ``.npz`` (readable by ``numpy.load``) with fixed timestamps and sorted members."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
         for key in sorted(arrays):
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
             member = io.BytesIO()
             np.lib.format.write_array(member, np.array(arrays[key], order="C"), allow_pickle=False)  # keeps 0-d
-            zf.writestr(info, member.getvalue())
+            zf.writestr(info, member.getvalue(), compresslevel=6)
     return buf.getvalue()
 
 
+def max_test_vector_bytes(model_size: int) -> int:
+    """The most bytes ``test_vectors.npz`` may take beside a model of ``model_size`` bytes."""
+    return max(TEST_VECTOR_MIN_CAP_BYTES, int(model_size * TEST_VECTOR_MODEL_SHARE))
+
+
 def test_vectors(model_bytes: bytes, data: Dataset) -> tuple[bytes, dict[str, np.ndarray]]:
+    """``test_vectors.npz`` for the bundled model and the arrays in it (see the module doc).
+
+    At most :data:`TEST_VECTOR_ROWS` rows, fewer when the compressed file would pass
+    :func:`max_test_vector_bytes`; never fewer than one row (or the model's fixed batch), which the
+    device's smoke test needs.
+    """
     session = make_session(model_bytes, 1)
-    rows = session_batch(session, data) or TEST_VECTOR_ROWS
-    feed = data.feed(0, rows, pad_to=rows)  # fewer samples than a fixed batch: the last one repeats
+    fixed = session_batch(session, data)
+    rows = fixed or TEST_VECTOR_ROWS
+    cap = max_test_vector_bytes(len(model_bytes))
+    while True:
+        blob, arrays = _vectors_of(session, data, rows)
+        if len(blob) <= cap or fixed or rows == 1:
+            return blob, arrays
+        rows = max(1, min(rows - 1, rows * cap // len(blob)))
+
+
+def _vectors_of(session: Any, data: Dataset, rows: int) -> tuple[bytes, dict[str, np.ndarray]]:
+    feed = data.feed(0, rows, pad_to=rows)  # fewer samples than rows: the last one repeats
     names = [o.name for o in session.get_outputs()]
     outs = session.run(names, feed)
     arrays = {TEST_VECTOR_INPUT_PREFIX + k: v for k, v in feed.items()}
