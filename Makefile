@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml setup.py device_agent/_telemetry_native.c
 	@# The CPU build of torch first: then the [torch] range installs nothing more (no CUDA wheels).
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	@# Only the ONNX file of this wheel is read (a real text detector for packager tests); its own imports need OpenCV.
+	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4
 	@touch $(STAMP)
 
 demo: venv

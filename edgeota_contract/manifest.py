@@ -107,10 +107,18 @@ class GateOverrides(_Strict):
     min_top1_agreement: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     min_cosine: float | None = Field(default=None, ge=-1, le=1, allow_inf_nan=False)
     min_sqnr_db: float | None = Field(default=None, allow_inf_nan=False)
+    # Task-aware fidelity (added for issue 19): score maps/masks, detections, their score threshold.
+    min_mask_iou: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    min_box_iou: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    min_score_agreement: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    score_threshold: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
 
     def given(self) -> dict[str, float]:
         """The thresholds that were set, by field name (empty: nothing overridden)."""
         return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+TASK_GATE_FIELDS = ("min_mask_iou", "min_box_iou", "min_score_agreement", "score_threshold")
 
 
 class BundleManifest(_Strict):
@@ -160,6 +168,10 @@ class BundleManifest(_Strict):
         data = self.model_dump(mode="json")
         if self.gate_overrides is None:
             del data["gate_overrides"]
+        else:  # thresholds added later are left out when unset: older readers refuse unknown keys
+            for key in TASK_GATE_FIELDS:
+                if data["gate_overrides"].get(key) is None:
+                    data["gate_overrides"].pop(key, None)
         return canonical_json(data)
 
     @classmethod

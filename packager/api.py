@@ -61,6 +61,8 @@ class ProfileResult:
     gate_metric: str | None = None
     gates_overridden: bool = False
     gate_overrides: dict[str, float] = field(default_factory=dict)  # this model's thresholds over the profile's
+    output_kinds: dict[str, str] = field(default_factory=dict)  # fidelity kind of each output (packager.fidelity)
+    mixed_precision: dict[str, Any] | None = None  # the chosen attempt's mixed-precision search, if it ran one
     baseline: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     gates: list[GateResult] = field(default_factory=list)
@@ -156,6 +158,8 @@ def package_model(request: PackageRequest, *, on_event: EventFn | None = None) -
     if request.recipes is not None:
         profile_objs = [_with_ladder(p, list(request.recipes)) for p in profile_objs]
     profile_objs = [with_gate_overrides(p, request.gates_for(p.id)) for p in profile_objs]
+    if request.mixed_precision_budget_s is not None:
+        profile_objs = [_with_budget(p, request.mixed_precision_budget_s) for p in profile_objs]
     signing_key = _load_key(request.key)
     calibration, eval_data = request.calibration, request.eval_data
     if not calibration.is_file():
@@ -165,6 +169,10 @@ def package_model(request: PackageRequest, *, on_event: EventFn | None = None) -
 
     source = load_source(request.model, request.example_inputs, calibration)
     specs = io_specs(source.model, "input")
+    outputs = [o.name for o in source.model.graph.output]
+    for name in request.output_kinds:
+        if name not in outputs:
+            raise PackagerError(f"output_kinds names {name!r}, which is not an output (outputs: {', '.join(outputs)})")
     calib = load_dataset(calibration, specs, "calibration")
     evald = load_dataset(eval_data, specs, "evaluation") if eval_data is not None else calib
     options = RunOptions(
@@ -172,6 +180,7 @@ def package_model(request: PackageRequest, *, on_event: EventFn | None = None) -
         measure_memory=request.measure_memory,
         gate_metric=request.gate_metric,
         enforce_gates=request.enforce_gates,
+        output_kinds=dict(request.output_kinds),
     )
     for profile in profile_objs:  # a labelled gate without labels fails before any work
         resolve_gate_metric(profile, evald, request.gate_metric)
@@ -263,6 +272,12 @@ def _with_ladder(profile: HardwareProfile, names: list[str]) -> HardwareProfile:
     return profile.model_copy(update={"recipes": names})
 
 
+def _with_budget(profile: HardwareProfile, budget_s: float) -> HardwareProfile:
+    """``profile`` with its mixed-precision search budget replaced by ``budget_s``."""
+    spec = profile.mixed_precision.model_copy(update={"budget_s": budget_s})
+    return profile.model_copy(update={"mixed_precision": spec})
+
+
 def _structured_ratio(profile: HardwareProfile, request: PackageRequest) -> float | None:
     """Channel-pruning ratio for this profile: PyTorch input only, when the profile enables it."""
     sp = profile.pruning.structured
@@ -303,11 +318,13 @@ def _package_one(runners: list[LadderRunner], profile: HardwareProfile, run: _Ru
         result.attempts = outcome.attempts
         result.baseline = outcome.baseline
         result.gate_metric = outcome.gate_metric
+        result.output_kinds = dict(outcome.output_kinds)
         if outcome.chosen is None:
             result.error = failure_message(outcome)
             result.gates = outcome.attempts[-1].gates if outcome.attempts else []
         else:
             result.recipe = outcome.chosen.label
+            result.mixed_precision = outcome.chosen.search
             result.gates_overridden = outcome.gates_overridden
             result.metrics = outcome.chosen.metrics
             result.gates = outcome.chosen.gates

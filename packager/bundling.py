@@ -35,6 +35,7 @@ from edgeota_contract.manifest import (
 from edgeota_contract.signing import SigningKey, canonical_json
 from edgeota_contract.version import __version__
 from packager.data import Dataset
+from packager.gates import TASK_GATES, GateResult
 from packager.ladder import LadderOutcome
 from packager.onnx_utils import io_specs, main_opset
 from packager.profiles import HardwareProfile
@@ -85,7 +86,10 @@ def manifest_metrics(outcome: LadderOutcome, profile: HardwareProfile, atol: flo
     }
     if outcome.gates_overridden:
         metrics["gates_overridden"] = 1.0
-    for key in ("accuracy", "top1_agreement", "cosine_mean", "sqnr_db"):
+    # Task measures and a mixed-precision search's outcome appear only for the models they apply to.
+    task = ("mask_iou", "mask_agreement", "box_iou", "score_agreement", "embedding_cosine")
+    mixed = ("float_nodes", "int8_weight_share", "full_int8_model_bytes")
+    for key in ("accuracy", "top1_agreement", "cosine_mean", "sqnr_db", *task, *mixed):
         if key in m and np.isfinite(m[key]):
             metrics[key] = _round(m[key])
     if "accuracy" in outcome.baseline:
@@ -93,6 +97,15 @@ def manifest_metrics(outcome: LadderOutcome, profile: HardwareProfile, atol: flo
         if "accuracy" in m:
             metrics["accuracy_drop"] = _round(outcome.baseline["accuracy"] - m["accuracy"])
     return metrics
+
+
+def _task_gates(gates: list[GateResult], kinds: dict[str, str]) -> str:
+    """``, fidelity_mask_iou >= 0.9; output kinds: out score_map`` when task gates applied, else nothing."""
+    names = {g[1] for g in TASK_GATES}
+    task = [f", {g.name} >= {g.threshold:g}" for g in gates if g.name in names and g.threshold is not None]
+    if not task:
+        return ""
+    return "".join(task) + "; output kinds: " + ", ".join(f"{name} {kind}" for name, kind in kinds.items())
 
 
 def model_card(
@@ -148,7 +161,7 @@ def model_card(
             f" (max drop {profile.accuracy.max_accuracy_drop * 100:g} points)"
             if outcome.gate_metric == "accuracy"
             else f" (top-1 >= {profile.accuracy.min_top1_agreement}, cosine >= {profile.accuracy.min_cosine}, "
-            f"SQNR >= {profile.accuracy.min_sqnr_db} dB)"
+            f"SQNR >= {profile.accuracy.min_sqnr_db} dB" + _task_gates(chosen.gates, outcome.output_kinds) + ")"
         )
         + f"; latency budget {profile.latency.budget_ms:g} ms on the device, size <= {profile.max_bundle_bytes} bytes.",
         "",

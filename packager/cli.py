@@ -145,6 +145,18 @@ def package(
     ),
     min_cosine: float | None = typer.Option(None, "--min-cosine", help="Fidelity gate: minimum mean cosine to fp32."),
     min_sqnr_db: float | None = typer.Option(None, "--min-sqnr-db", help="Fidelity gate: minimum SQNR (dB) to fp32."),
+    min_mask_iou: float | None = typer.Option(
+        None, "--min-mask-iou", help="Fidelity gate for score maps/masks: minimum mean mask IoU to fp32 (0..1)."
+    ),
+    output_kind: list[str] | None = typer.Option(
+        None,
+        "--output-kind",
+        help="NAME=KIND: how an output is judged (class_scores, score_map, mask, detection_boxes, "
+        "detection_scores, embedding, generic); repeatable; others are inferred.",
+    ),
+    mixed_precision_budget_s: float | None = typer.Option(
+        None, "--mixed-precision-budget-s", help="Time budget (s) of each mixed-precision search, over the profiles'."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
     """Package MODEL for each --profile: run the recipe ladder, gate, and write signed bundles.
@@ -163,7 +175,14 @@ def package(
         "min_top1_agreement": min_top1_agreement,
         "min_cosine": min_cosine,
         "min_sqnr_db": min_sqnr_db,
+        "min_mask_iou": min_mask_iou,
     }
+    kinds = dict(config.output_kinds)
+    for entry in output_kind or []:
+        out_name, sep, kind = entry.partition("=")
+        if not sep or not out_name or not kind:
+            raise EdgeotaError(f"--output-kind {entry!r}: expected NAME=KIND")
+        kinds[out_name] = kind
     try:  # options win over the file, for every profile
         overrides = merge_overrides(config.gates, **thresholds)
         per_profile = {pid: merge_overrides(g, **thresholds) for pid, g in config.profiles.items()}
@@ -190,6 +209,8 @@ def package(
             enforce_gates=not override_gates,
             gate_overrides=overrides,
             profile_gate_overrides=per_profile,
+            output_kinds=kinds,
+            mixed_precision_budget_s=mixed_precision_budget_s,
         )
     except RequestError as exc:
         raise EdgeotaError(_in_option_terms(str(exc), exc.field), exc.reason) from None
@@ -237,6 +258,10 @@ def _print_report(report: PackagingReport) -> None:
         quality = (
             f"acc {m['accuracy']:.4f}"
             if "accuracy" in m
+            else f"mask IoU {m['mask_iou']:.4f}"
+            if "mask_iou" in m
+            else f"box IoU {m['box_iou']:.4f}"
+            if "box_iou" in m
             else f"cos {m['cosine_mean']:.4f}"
             if "cosine_mean" in m
             else "-"

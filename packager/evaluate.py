@@ -105,16 +105,35 @@ def _row_major(outputs: list[np.ndarray]) -> np.ndarray:
 
 
 def quality_metrics(
-    outputs: list[np.ndarray], reference: list[np.ndarray], labels: np.ndarray | None
+    outputs: list[np.ndarray],
+    reference: list[np.ndarray],
+    labels: np.ndarray | None,
+    kinds: list[str] | None = None,
+    score_threshold: float = 0.5,
 ) -> dict[str, float]:
-    """Accuracy (when labels), and fidelity of ``outputs`` against the fp32 ``reference``."""
+    """Accuracy (when labels), and fidelity of ``outputs`` against the fp32 ``reference``.
+
+    ``kinds`` (one :data:`packager.fidelity.OutputKind` per output) adds the task measures of
+    :func:`packager.fidelity.task_metrics`; then ``cosine_mean``/``sqnr_db`` cover only the outputs
+    judged as tensors (generic, class scores) when there are any, else every output.
+    """
     metrics: dict[str, float] = {}
-    cand = _row_major(outputs)
-    ref = _row_major(reference)
-    nan_rows = int((~np.isfinite(cand)).any(axis=1).sum())
+    task: dict[str, float] = {}
+    from packager.fidelity import TENSOR_KINDS, task_metrics
+
+    tensor_idx = list(range(len(outputs)))
+    if kinds is not None:
+        names = [str(i) for i in range(len(outputs))]
+        task = task_metrics(outputs, reference, names, dict(zip(names, kinds, strict=True)), score_threshold)  # type: ignore[arg-type]
+        tensor_idx = [i for i, k in enumerate(kinds) if k in TENSOR_KINDS] or tensor_idx
+    cand = _row_major([outputs[i] for i in tensor_idx])
+    ref = _row_major([reference[i] for i in tensor_idx])
+    nan_rows = int((~np.isfinite(_row_major(outputs))).any(axis=1).sum())
     metrics["nonfinite_rows"] = float(nan_rows)
     first, first_ref = outputs[0], reference[0]
-    if first.ndim == 2 and first.shape[1] > 1:
+    if kinds is not None and kinds[0] not in TENSOR_KINDS:
+        pass  # the first output has its own task measure (in ``task``)
+    elif first.ndim == 2 and first.shape[1] > 1:
         pred = np.nan_to_num(first, nan=-np.inf).argmax(axis=1)
         metrics["top1_agreement"] = float((pred == first_ref.argmax(axis=1)).mean())
         if labels is not None:
@@ -122,6 +141,7 @@ def quality_metrics(
     elif _is_probability(first_ref):
         # One probability per sample (a binary classifier such as a VAD): top-1 is the 0.5 decision.
         metrics["top1_agreement"] = float(((first.reshape(len(first)) >= 0.5) == (first_ref.reshape(-1) >= 0.5)).mean())
+    metrics.update(task)
     if nan_rows:
         metrics["cosine_mean"] = float("nan")
         metrics["sqnr_db"] = float("nan")

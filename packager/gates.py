@@ -9,7 +9,16 @@ from packager.errors import DataError
 from packager.profiles import HardwareProfile
 from packager.recipes import RecipeSpec
 
-QUALITY_GATES = frozenset({"accuracy", "fidelity_top1", "fidelity_cosine", "fidelity_sqnr", "finite_outputs"})
+# Task measures (packager.fidelity): metric key, gate name, threshold field of the profile's accuracy, label.
+TASK_GATES = (
+    ("mask_iou", "fidelity_mask_iou", "min_mask_iou", "mask IoU"),
+    ("box_iou", "fidelity_box_iou", "min_box_iou", "matched-box IoU"),
+    ("score_agreement", "fidelity_score_agreement", "min_score_agreement", "box score agreement"),
+    ("embedding_cosine", "fidelity_embedding_cosine", "min_cosine", "embedding cosine"),
+)
+QUALITY_GATES = frozenset(
+    {"accuracy", "fidelity_top1", "fidelity_cosine", "fidelity_sqnr", "finite_outputs"} | {g[1] for g in TASK_GATES}
+)
 SIZE_HEADROOM_BYTES = 65536  # room for the card, reference stats and test vectors beside the model
 
 
@@ -30,7 +39,7 @@ def evaluate_gates(
     base_acc: float | None,
     gate_metric: str,
 ) -> list[GateResult]:
-    acc = profile.accuracy
+    """Every gate of one attempt: op support, :func:`quality_gates`, size, latency, speed-up, memory."""
     gates: list[GateResult] = []
     gates.append(
         GateResult(
@@ -43,39 +52,7 @@ def evaluate_gates(
             else "all ops, shapes and opset supported",
         )
     )
-    nonfinite = m.get("nonfinite_rows", 0.0)
-    gates.append(
-        GateResult("finite_outputs", nonfinite == 0, nonfinite, 0.0, f"{int(nonfinite)} rows with NaN/Inf outputs")
-    )
-    if gate_metric == "accuracy" and base_acc is not None and "accuracy" in m:
-        drop = base_acc - m["accuracy"]
-        gates.append(
-            GateResult(
-                "accuracy",
-                drop <= acc.max_accuracy_drop + 1e-12,
-                m["accuracy"],
-                base_acc - acc.max_accuracy_drop,
-                f"accuracy {m['accuracy']:.4f} vs fp32 {base_acc:.4f} (drop {drop * 100:.2f} points, "
-                f"allowed {acc.max_accuracy_drop * 100:.2f})",
-            )
-        )
-    else:
-        if "top1_agreement" in m:
-            v = m["top1_agreement"]
-            gates.append(
-                GateResult(
-                    "fidelity_top1",
-                    v >= acc.min_top1_agreement,
-                    v,
-                    acc.min_top1_agreement,
-                    f"top-1 agreement {v:.4f}",
-                )
-            )
-        cos, sq = m.get("cosine_mean", float("nan")), m.get("sqnr_db", float("nan"))
-        gates.append(
-            GateResult("fidelity_cosine", bool(cos >= acc.min_cosine), cos, acc.min_cosine, f"mean cosine {cos:.5f}")
-        )
-        gates.append(GateResult("fidelity_sqnr", bool(sq >= acc.min_sqnr_db), sq, acc.min_sqnr_db, f"SQNR {sq:.1f} dB"))
+    gates += quality_gates(profile, m, base_acc, gate_metric)
     size = m["model_bytes"]
     gates.append(
         GateResult(
@@ -114,6 +91,61 @@ def evaluate_gates(
                 f"session memory ~{mem / 2**20:.1f} MiB vs budget {profile.ram_budget_bytes / 2**20:.0f} MiB",
             )
         )
+    return gates
+
+
+def quality_gates(
+    profile: HardwareProfile, m: dict[str, float], base_acc: float | None, gate_metric: str
+) -> list[GateResult]:
+    """The quality gates alone (finite outputs; labelled accuracy, or the fidelity gates) over measured figures.
+
+    Fidelity: top-1 agreement when measured; each task measure present in ``m`` (:data:`TASK_GATES`);
+    cosine and SQNR unless ``m["tensor_outputs"]`` says no output is judged as a raw tensor.
+    """
+    acc = profile.accuracy
+    gates: list[GateResult] = []
+    nonfinite = m.get("nonfinite_rows", 0.0)
+    gates.append(
+        GateResult("finite_outputs", nonfinite == 0, nonfinite, 0.0, f"{int(nonfinite)} rows with NaN/Inf outputs")
+    )
+    if gate_metric == "accuracy" and base_acc is not None and "accuracy" in m:
+        drop = base_acc - m["accuracy"]
+        gates.append(
+            GateResult(
+                "accuracy",
+                drop <= acc.max_accuracy_drop + 1e-12,
+                m["accuracy"],
+                base_acc - acc.max_accuracy_drop,
+                f"accuracy {m['accuracy']:.4f} vs fp32 {base_acc:.4f} (drop {drop * 100:.2f} points, "
+                f"allowed {acc.max_accuracy_drop * 100:.2f})",
+            )
+        )
+    else:
+        if "top1_agreement" in m:
+            v = m["top1_agreement"]
+            gates.append(
+                GateResult(
+                    "fidelity_top1",
+                    v >= acc.min_top1_agreement,
+                    v,
+                    acc.min_top1_agreement,
+                    f"top-1 agreement {v:.4f}",
+                )
+            )
+        for key, gate, field, label in TASK_GATES:
+            if key in m:
+                v, threshold = m[key], float(getattr(acc, field))
+                gates.append(GateResult(gate, bool(v >= threshold), v, threshold, f"{label} {v:.4f}"))
+        if m.get("tensor_outputs", 1.0) > 0:
+            cos, sq = m.get("cosine_mean", float("nan")), m.get("sqnr_db", float("nan"))
+            gates.append(
+                GateResult(
+                    "fidelity_cosine", bool(cos >= acc.min_cosine), cos, acc.min_cosine, f"mean cosine {cos:.5f}"
+                )
+            )
+            gates.append(
+                GateResult("fidelity_sqnr", bool(sq >= acc.min_sqnr_db), sq, acc.min_sqnr_db, f"SQNR {sq:.1f} dB")
+            )
     return gates
 
 

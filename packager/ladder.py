@@ -34,12 +34,15 @@ from packager.evaluate import (
     reference_accuracy,
     run_dataset,
 )
-from packager.gates import QUALITY_GATES, evaluate_gates, resolve_gate_metric
+from packager.fidelity import output_kinds
+from packager.gates import QUALITY_GATES, evaluate_gates, quality_gates, resolve_gate_metric
 from packager.onnx_utils import fixed_batch, io_specs, main_opset, name_nodes, serialize, sha256_bytes
-from packager.passes.base import Pass, PassContext, PassFailed
+from packager.passes.base import Pass, PassContext, PassFailed, Verdict
 from packager.passes.graph import (
     ConvertOpset,
     ConvertOpsetConfig,
+    Finalize,
+    FinalizeConfig,
     FixShapes,
     FixShapesConfig,
     LoadOnnx,
@@ -49,7 +52,7 @@ from packager.passes.graph import (
     Simplify,
     SimplifyConfig,
 )
-from packager.pipeline import recipe_passes
+from packager.pipeline import recipe_passes, search_summary
 from packager.profiles import HardwareProfile
 from packager.recipes import RecipeSpec
 from packager.selection import (  # re-exported: callers import them from here
@@ -73,6 +76,7 @@ class RunOptions:
     eval_batch: int = 64
     gate_metric: str | None = None  # override every profile's accuracy.metric
     enforce_gates: bool = True  # False: ship the last buildable attempt even when it failed gates (demos only)
+    output_kinds: dict[str, str] = field(default_factory=dict)  # declared kinds by output name (packager.fidelity)
     work_dir: Path | None = None
 
 
@@ -200,23 +204,65 @@ class LadderRunner:
         return result
 
     # ---- recipes --------------------------------------------------------------------------
+    def output_kinds(self, model: onnx.ModelProto, reference: list[np.ndarray]) -> list[str]:
+        """Every output's kind (declared in the options, else inferred), in output order."""
+        names = [o.name for o in model.graph.output]
+        kinds = output_kinds(names, reference, self.options.output_kinds)
+        return [kinds[n] for n in names]
+
+    def judge(
+        self, profile: HardwareProfile, pre: onnx.ModelProto, pre_bytes: bytes, gate_metric: str
+    ) -> Callable[[onnx.ModelProto], Verdict]:
+        """The quality gates of ``profile`` as a function of a candidate model (for accuracy-aware passes)."""
+        ref_outputs = self.outputs(pre_bytes)
+        base_acc = reference_accuracy(ref_outputs, self.eval_data.labels)
+        kinds = self.output_kinds(pre, ref_outputs)
+
+        def verdict(model: onnx.ModelProto) -> Verdict:
+            try:  # not cached: a search judges many candidates and keeps none of their outputs
+                outputs = run_dataset(make_session(serialize(model), 1), self.eval_data, self.options.eval_batch)
+            except PackagerError as exc:
+                return Verdict(False, {}, f"does not run on the host: {exc}")
+            m = quality_metrics(outputs, ref_outputs, self.eval_data.labels, kinds, profile.accuracy.score_threshold)
+            gates = quality_gates(profile, m, base_acc, gate_metric)
+            failed = [g for g in gates if not g.ok]
+            figures = {g.name: float(g.value) for g in gates if g.value is not None and g.name != "finite_outputs"}
+            return Verdict(not failed, figures, "; ".join(f"{g.name}: {g.detail}" for g in failed))
+
+        return verdict
+
     def build_candidate(
-        self, profile: HardwareProfile, recipe: RecipeSpec, pruned: bool, pre: onnx.ModelProto, pre_bytes: bytes
-    ) -> tuple[onnx.ModelProto, bytes, list[PassRecord], list[str]]:
-        passes = recipe_passes(profile, recipe, pruned, self.model_batch)
+        self,
+        profile: HardwareProfile,
+        recipe: RecipeSpec,
+        pruned: bool,
+        pre: onnx.ModelProto,
+        pre_bytes: bytes,
+        gate_metric: str | None = None,
+    ) -> tuple[onnx.ModelProto, bytes, list[PassRecord], list[str], dict[str, Any]]:
+        """Run one recipe's passes (cached per configuration); returns model, bytes, records, op problems, extras.
+
+        ``extras`` holds run-dependent results of passes for the report (a mixed-precision search's timings).
+        """
+        passes = recipe_passes(profile, recipe, pruned, self.model_batch, gate_metric)
         key = _key("cand", sha256_bytes(pre_bytes), [(p.name, p.config.model_dump(mode="json")) for p in passes])
 
-        def make() -> tuple[onnx.ModelProto, bytes, list[PassRecord], list[str]]:
+        def make() -> tuple[onnx.ModelProto, bytes, list[PassRecord], list[str], dict[str, Any]]:
             model = pre
-            ctx = PassContext(self._work_dir(recipe.name), self.calibration, lambda m: self.on_event(profile.id, m))
+            judge = self.judge(profile, pre, pre_bytes, gate_metric) if gate_metric is not None else None
+            ctx = PassContext(
+                self._work_dir(recipe.name), self.calibration, lambda m: self.on_event(profile.id, m), judge
+            )
+            extras: dict[str, Any] = {}
             for p in passes:
                 self.on_event(profile.id, f"{recipe.name}: pass {p.name}")
                 model = p.run(model, ctx)
+                extras.update(getattr(p, "extras", {}))
             check = passes[-1]
             problems = list(check.notes.get("problems", []))
-            return model, serialize(model), [p.record() for p in passes], problems
+            return model, serialize(model), [p.record() for p in passes], problems, extras
 
-        result: tuple[onnx.ModelProto, bytes, list[PassRecord], list[str]] = self.cache.get(key, make)
+        result: tuple[onnx.ModelProto, bytes, list[PassRecord], list[str], dict[str, Any]] = self.cache.get(key, make)
         return result
 
     # ---- the ladder -----------------------------------------------------------------------
@@ -231,6 +277,8 @@ class LadderRunner:
         if base_acc is not None:
             baseline["accuracy"] = base_acc
         outcome = LadderOutcome(profile.id, None, [], baseline, gate_metric, preprocessed=pre)
+        names = [o.name for o in pre.graph.output]
+        outcome.output_kinds = dict(zip(names, self.output_kinds(pre, ref_outputs), strict=True))
         outcome.refused = unfixable_problem(pre, profile)
         if outcome.refused:
             self.on_event(profile.id, f"refused: {outcome.refused}")
@@ -260,7 +308,9 @@ class LadderRunner:
             chosen, recipe = passing[index]
             chosen.accepted = True
             chosen.reason = why or None
-            model, model_bytes, records, _ = self.build_candidate(profile, recipe, chosen.pruned, pre, pre_bytes)
+            model, model_bytes, records, _, _ = self.build_candidate(
+                profile, recipe, chosen.pruned, pre, pre_bytes, gate_metric
+            )
             outcome.chosen = chosen
             outcome.model, outcome.model_bytes = model, model_bytes
             outcome.pass_records = pre_records + records
@@ -283,7 +333,9 @@ class LadderRunner:
             if not attempt.passes:
                 continue
             recipe = next(r for r in profile.ladder if r.name == attempt.recipe)
-            model, model_bytes, records, _ = self.build_candidate(profile, recipe, attempt.pruned, pre, pre_bytes)
+            model, model_bytes, records, _, _ = self.build_candidate(
+                profile, recipe, attempt.pruned, pre, pre_bytes, outcome.gate_metric
+            )
             outcome.chosen = attempt
             outcome.model, outcome.model_bytes = model, model_bytes
             outcome.pass_records = pre_records + records
@@ -306,9 +358,12 @@ class LadderRunner:
         started = time.perf_counter()
         self.on_event(profile.id, f"trying {attempt.label}")
         try:
-            _model, model_bytes, records, problems = self.build_candidate(profile, recipe, pruned, pre, pre_bytes)
+            _model, model_bytes, records, problems, extras = self.build_candidate(
+                profile, recipe, pruned, pre, pre_bytes, gate_metric
+            )
         except PassFailed as exc:
             attempt.reason = str(exc)
+            attempt.search = exc.details
             attempt.seconds = time.perf_counter() - started
             return attempt
         attempt.passes = [r.model_dump(mode="json") for r in records]
@@ -318,10 +373,16 @@ class LadderRunner:
             attempt.reason = f"candidate does not run on the host: {exc}"
             attempt.seconds = time.perf_counter() - started
             return attempt
-        metrics = quality_metrics(outputs, ref_outputs, self.eval_data.labels)
+        kinds = self.output_kinds(pre, ref_outputs)
+        metrics = quality_metrics(outputs, ref_outputs, self.eval_data.labels, kinds, profile.accuracy.score_threshold)
         metrics["model_bytes"] = float(len(model_bytes))
         self.on_event(profile.id, f"{attempt.label}: measuring latency")
         metrics.update(self.latency(model_bytes, pre_bytes, profile.latency.threads))
+        if "full_int8_model" in extras:
+            full = serialize(Finalize(FinalizeConfig()).run(extras["full_int8_model"], PassContext(self.work_root)))
+            lat = self.latency(full, pre_bytes, profile.latency.threads)
+            attempt.search = search_summary(extras, records, len(model_bytes), len(pre_bytes), len(full), lat)
+            metrics.update(attempt.search["metrics"])
         metrics["est_device_latency_p95_ms"] = metrics["host_latency_p95_ms"] * profile.latency.host_scale
         if self.options.measure_memory:
             metrics["session_memory_bytes"] = float(self.memory(model_bytes, profile.latency.threads))

@@ -9,6 +9,9 @@ class, so one hardware profile can serve many models. The file (YAML, or JSON, w
       min_top1_agreement: 0.97     # fidelity gates (no labels)
       min_cosine: 0.98
       min_sqnr_db: 15
+      min_mask_iou: 0.9            # score maps / masks (task-aware fidelity, packager.fidelity)
+    output_kinds:                  # how outputs are judged (others inferred from their shape)
+      sigmoid_0.tmp_0: score_map
     profiles:                      # per profile id, over `gates` (ids not packaged are ignored)
       rpi4:
         gates:
@@ -29,10 +32,11 @@ from pydantic import ValidationError
 
 from edgeota_contract.manifest import GateOverrides
 from packager.errors import PackagerError
+from packager.fidelity import check_kind
 from packager.profiles import PROFILE_ID_PATTERN
 from packager.request import RequestError, gate_override_error
 
-MODEL_CONFIG_KEYS = ("gates", "profiles")
+MODEL_CONFIG_KEYS = ("gates", "profiles", "output_kinds")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class ModelConfig:
 
     gates: GateOverrides | None = None
     profiles: dict[str, GateOverrides] = field(default_factory=dict)
+    output_kinds: dict[str, str] = field(default_factory=dict)  # output name -> packager.fidelity kind
 
 
 def parse_model_config(data: Any, label: str = "model config") -> ModelConfig:
@@ -65,7 +70,13 @@ def parse_model_config(data: Any, label: str = "model config") -> ModelConfig:
         gates = _gates(section.get("gates"), f"{label}: profiles.{pid}.gates")
         if gates is not None:
             per_profile[pid] = gates
-    return ModelConfig(_gates(data.get("gates"), f"{label}: gates"), per_profile)
+    kinds = data.get("output_kinds") or {}
+    if not isinstance(kinds, dict):
+        raise PackagerError(f"{label}: 'output_kinds' must map output names to kinds")
+    checked: dict[str, str] = {
+        str(name): check_kind(str(kind), f"{label}: output_kinds.{name}") for name, kind in kinds.items()
+    }
+    return ModelConfig(_gates(data.get("gates"), f"{label}: gates"), per_profile, checked)
 
 
 def _keys(data: Any, known: tuple[str, ...], label: str) -> None:

@@ -108,6 +108,23 @@ class AccuracySpec(_Strict):
     min_top1_agreement: float = Field(default=0.98, ge=0, le=1)
     min_cosine: float = Field(default=0.99, ge=-1, le=1)
     min_sqnr_db: float = Field(default=20.0)
+    # Task measures (packager.fidelity), used for outputs of those kinds only.
+    score_threshold: float = Field(
+        default=0.3, ge=0, le=1, description="score maps and detections: a pixel/box counts at or above this score"
+    )
+    min_mask_iou: float = Field(default=0.9, ge=0, le=1, description="score maps and masks: mean per-sample IoU")
+    min_box_iou: float = Field(default=0.9, ge=0, le=1, description="detections: matched-box IoU")
+    min_score_agreement: float = Field(default=0.95, ge=0, le=1, description="detections: 1 - |score diff|, matched")
+
+
+class MixedPrecisionSpec(_Strict):
+    """The adaptive mixed-precision search of recipes with ``quantization.mixed_precision`` (issue 19)."""
+
+    budget_s: float = Field(default=180.0, gt=0, le=86400, description="wall-time budget of one search")
+    max_float_nodes: int = Field(default=64, ge=1, le=4096, description="never keep more nodes than this in float")
+    float_type: Literal["fp32", "fp16"] = Field(
+        default="fp32", description="precision of the nodes kept in float (fp16 needs fp16 in allowed_precisions)"
+    )
 
 
 class HardwareProfile(_Strict):
@@ -133,6 +150,7 @@ class HardwareProfile(_Strict):
     latency: LatencySpec
     accuracy: AccuracySpec = AccuracySpec()
     pruning: PruningSpec = PruningSpec()
+    mixed_precision: MixedPrecisionSpec = MixedPrecisionSpec()
 
     @field_validator("allowed_precisions")
     @classmethod
@@ -154,6 +172,8 @@ class HardwareProfile(_Strict):
             names.add(recipe.name)
             if recipe.precision not in self.allowed_precisions:
                 raise ValueError(f"recipe {recipe.name!r} has precision {recipe.precision}, not in allowed_precisions")
+        if self.mixed_precision.float_type == "fp16" and "fp16" not in self.allowed_precisions:
+            raise ValueError("mixed_precision.float_type fp16 needs fp16 in allowed_precisions")
         return self
 
     @property

@@ -45,6 +45,11 @@ class QuantizationSpec(_Strict):
         default_factory=list,
         description="keep the first / last weight-bearing node (Conv, MatMul, Gemm, LSTM...) in float (static only)",
     )
+    mixed_precision: bool = Field(
+        default=False,
+        description="static QDQ only: search the fewest nodes to keep in float for the quality gates to pass "
+        "(the profile's mixed_precision settings; packager.passes.mixed)",
+    )
     int4_block_size: int = Field(default=32, ge=16, le=256)
     keep_io_types: bool = True
 
@@ -102,6 +107,13 @@ BUILTIN_RECIPES: dict[str, RecipeSpec] = {
             precision="int8",
             quantization=_Q(mode="static", format="qdq", per_channel=True, calibration="minmax", exclude_top_k=2),
             description="as int8-qdq, keeping in float the 2 nodes with the worst activation SQNR (fp32 vs int8)",
+        ),
+        RecipeSpec(
+            name="int8-qdq-mixed",
+            precision="int8",
+            quantization=_Q(mode="static", format="qdq", per_channel=True, calibration="minmax", mixed_precision=True),
+            description="as int8-qdq, keeping in float the fewest nodes (ranked by sensitivity, searched within the "
+            "profile's mixed_precision budget) that make the quality gates pass",
         ),
         RecipeSpec(
             name="int8-qdq-entropy",

@@ -105,6 +105,13 @@ class PackageRequest(BaseModel):
         default_factory=dict,
         description="per profile id: thresholds over gate_overrides for that profile (other ids are ignored)",
     )
+    output_kinds: dict[str, str] = Field(
+        default_factory=dict,
+        description="fidelity kind per output name (packager.fidelity.OUTPUT_KINDS); others are inferred",
+    )
+    mixed_precision_budget_s: float | None = Field(
+        default=None, description="time budget (s) of each mixed-precision search, over every profile's"
+    )
     latency: LatencySettings = Field(default_factory=LatencySettings, description="host latency measurement")
     measure_memory: bool = Field(default=True, description="measure each attempt's peak session memory")
     # -- how to run
@@ -185,6 +192,23 @@ class PackageRequest(BaseModel):
             raise ValueError(f"profile_gate_overrides must map profile ids to thresholds, not {type(value).__name__}")
         checked = {str(pid): _as_overrides(v, f"gate_overrides of profile {pid}") for pid, v in value.items()}
         return {pid: v for pid, v in checked.items() if v is not None}
+
+    @field_validator("output_kinds")
+    @classmethod
+    def _output_kinds(cls, value: dict[str, str]) -> dict[str, str]:
+        from packager.fidelity import OUTPUT_KINDS
+
+        for name, kind in value.items():
+            if kind not in OUTPUT_KINDS:
+                raise ValueError(f"output {name}: unknown output kind {kind!r} (known: {', '.join(OUTPUT_KINDS)})")
+        return value
+
+    @field_validator("mixed_precision_budget_s")
+    @classmethod
+    def _budget(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value <= 86400:
+            raise ValueError(f"mixed_precision_budget_s must be above 0 and at most 86400 seconds, not {value}")
+        return value
 
     @field_validator("jobs")
     @classmethod

@@ -35,6 +35,7 @@ class Attempt:
     gates: list[GateResult] = field(default_factory=list)
     passes: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    search: dict[str, Any] | None = None  # a mixed-precision search: steps, nodes kept in float, full-int8 figures
 
     @property
     def label(self) -> str:
@@ -60,6 +61,7 @@ class LadderOutcome:
     preprocessed: onnx.ModelProto | None = None
     gates_overridden: bool = False
     refused: str | None = None  # why no recipe was tried (the model breaks a constraint no recipe can fix)
+    output_kinds: dict[str, str] = field(default_factory=dict)  # each output's fidelity kind (packager.fidelity)
 
 
 def _quality(a: Attempt, gate_metric: str) -> float:

@@ -23,7 +23,14 @@ C = TypeVar("C", bound=PassConfig)
 
 
 class PassFailed(PackagerError):
-    """A pass could not produce a model for this recipe (the ladder moves on)."""
+    """A pass could not produce a model for this recipe (the ladder moves on).
+
+    ``details`` holds what the pass measured before failing, for the report (e.g. a search's steps).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.details: dict[str, Any] | None = None
 
 
 @dataclass
@@ -33,6 +40,17 @@ class PassContext:
     work_dir: Path
     calibration: Any = None  # packager.data.Dataset
     log: Callable[[str], None] = field(default=lambda _msg: None)
+    # Accuracy-aware passes (mixed precision) ask this whether a candidate passes the quality gates.
+    judge: Callable[[onnx.ModelProto], Verdict] | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A candidate judged by the quality gates: passed or not, the gated figures, and why it failed."""
+
+    ok: bool
+    metrics: dict[str, float]
+    detail: str = ""
 
 
 class Pass(ABC, Generic[C]):

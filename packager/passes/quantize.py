@@ -118,7 +118,12 @@ class StaticQuantize(Pass[StaticQuantizeConfig]):
         _require_quantized(quantized, "static")
         return quantized
 
-    def _quantize(self, src: Path, ctx: PassContext, dst: Path, exclude: list[str]) -> Path:
+    def _quantize(self, src: Path, ctx: PassContext, dst: Path, exclude: list[str], cache: Path | None = None) -> Path:
+        """Quantize ``src`` into ``dst`` keeping ``exclude`` in float.
+
+        ``cache`` (a JSON file path) keeps the calibrated ranges: the first call writes it, later calls
+        with other exclusions reuse it instead of calibrating again.
+        """
         from onnxruntime.quantization import QuantFormat, quantize_static
 
         from packager.data import make_reader
@@ -156,6 +161,7 @@ class StaticQuantize(Pass[StaticQuantizeConfig]):
                     nodes_to_exclude=exclude or None,
                     calibrate_method=_calib_method(cfg.calibration),
                     extra_options=extra,
+                    calibration_cache_path=cache,
                 )
         except Exception as exc:
             raise PassFailed(f"static quantization failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
@@ -180,7 +186,7 @@ class StaticQuantize(Pass[StaticQuantizeConfig]):
         producer = {out: node for node in nodes for out in node.output}
         scored: list[tuple[float, str]] = []
         for tensor, err in errors.items():
-            node = _compute_producer(tensor, producer)
+            node = compute_producer(tensor, producer)
             sqnr = err.get("qdq_err")
             if node is None or sqnr is None or not np.isfinite(sqnr):
                 continue
@@ -218,7 +224,7 @@ def kept_float_nodes(model: onnx.ModelProto, which: Sequence[str]) -> list[str]:
 
 # Ops whose output quantization is decided by their producer (fused or pass-through in QDQ):
 # an error seen on their output is charged to the nearest compute node upstream.
-_PASS_THROUGH = frozenset(
+PASS_THROUGH_OPS = frozenset(
     {
         "Relu",
         "Clip",
@@ -235,13 +241,13 @@ _PASS_THROUGH = frozenset(
 )
 
 
-def _compute_producer(tensor: str, producer: dict[str, onnx.NodeProto]) -> str | None:
+def compute_producer(tensor: str, producer: dict[str, onnx.NodeProto]) -> str | None:
     node = producer.get(tensor)
     for _ in range(16):
-        if node is None or node.op_type not in _PASS_THROUGH or not node.input:
+        if node is None or node.op_type not in PASS_THROUGH_OPS or not node.input:
             break
         node = producer.get(node.input[0])
-    return node.name if node is not None and node.op_type not in _PASS_THROUGH else None
+    return node.name if node is not None and node.op_type not in PASS_THROUGH_OPS else None
 
 
 class DynamicQuantizeConfig(PassConfig):

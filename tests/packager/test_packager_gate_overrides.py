@@ -168,7 +168,7 @@ def test_quality_overrides_are_applied(
         (None, "does not exist"),
         ("gates:\n  min_cosine: 0.9\n bad: [\n", "is not valid YAML (line 3)"),
         ("- 1\n", "expected a mapping with 'gates' or 'profiles'"),
-        ("gate:\n  latency_budget_ms: 4\n", "unknown key 'gate' (known: gates, profiles)"),
+        ("gate:\n  latency_budget_ms: 4\n", "unknown key 'gate' (known: gates, profiles, output_kinds)"),
         ("gates:\n  latency_ms: 4\n", "gates.latency_ms: unknown threshold (known: latency_budget_ms,"),
         ("gates:\n  min_cosine: 3\n", "gates.min_cosine: input should be less than or equal to 1"),
         ("gates: 5\n", "gates must be a mapping of thresholds"),
