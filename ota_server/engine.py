@@ -3,7 +3,9 @@
 The lease is a row in ``engine_lease`` (works on SQLite and PostgreSQL alike): a process may
 act only while its unexpired lease is in the database, so with several server processes one
 engine acts at a time. Every decision comes from the pure :mod:`ota_server.rollout.engine_logic`
-over state read from the database, so a restarted server resumes exactly where it stopped.
+over state read from the database, so a restarted server resumes exactly where it stopped. Each
+rollout's step is one unit of work (:func:`ota_server.rollout.unit_of_work.unit_of_work`): lock,
+decide and apply (:func:`ota_server.services.rollouts.advance`), commit, then send.
 """
 
 from __future__ import annotations
@@ -17,14 +19,11 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from edgeota_contract.logs import log_event
-from edgeota_contract.states import RolloutState
+from edgeota_contract.states import DeploymentState, RolloutState
 from ota_server.context import ServerContext
-from ota_server.models import EngineLease, Rollout, utcnow
-from ota_server.rollout import engine_logic as el
+from ota_server.models import Deployment, EngineLease, Rollout, utcnow
+from ota_server.rollout.unit_of_work import lock_rollout, unit_of_work
 from ota_server.services import rollouts as svc
-from ota_server.services.deployments import take_shadow_stops
-from ota_server.services.dispatch import send_pending, send_shadow_stops
-from ota_server.services.telemetry import rollout_telemetry_failure
 
 log = logging.getLogger("edgeota.server.engine")
 LEASE_NAME = "rollout-engine"
@@ -61,38 +60,29 @@ def release_lease(ctx: ServerContext, holder: str) -> None:
 
 
 def tick(ctx: ServerContext, actor: str = "engine") -> int:
-    """Run every running rollout one step; returns the number of effects applied."""
+    """Run every running rollout one step, each in its own unit of work; returns the number of effects applied."""
     applied = 0
-    with svc.ROLLOUT_LOCK, ctx.sessions() as session, session.begin():
-        applied += len(svc.start_due(session, utcnow(), actor))
+    with unit_of_work(ctx) as unit:
+        applied += len(svc.start_due(unit.session, utcnow(), actor, unit.outbox))
     with ctx.sessions() as session:
         ids = list(session.scalars(select(Rollout.id).where(Rollout.state == RolloutState.RUNNING.value)))
     for rollout_id in ids:
-        to_send: list[str] = []
-        stops: list[tuple[str, str]] = []
-        with svc.ROLLOUT_LOCK, ctx.sessions() as session, session.begin():
-            rollout = svc.lock_rollout(session, rollout_id)
-            if rollout is None or rollout.state != RolloutState.RUNNING.value:
-                continue
-            now = utcnow()
-            telemetry_failure = rollout_telemetry_failure(session, ctx.store, rollout)
-            # Effects describe state, so loop until the rollout is stable within this tick.
-            for _ in range(10):
-                effects = el.decide(svc.load_view(session, rollout, telemetry_failure), now)
-                if not effects:
-                    break
-                applied += len(effects)
-                to_send.extend(svc.apply_effects(session, rollout, effects, actor, now))
-                session.flush()
-                if any(isinstance(e, el.Assign | el.Retry | el.StartSoak | el.TimeOut) for e in effects):
-                    break
-            stops = take_shadow_stops(session)
-        if to_send:
-            send_pending(ctx)
-        send_shadow_stops(ctx, stops)
-    # Also whatever a crash left pending between its commit and its publish.
+        with unit_of_work(ctx) as unit:
+            rollout = lock_rollout(unit.session, rollout_id)
+            if rollout is not None and rollout.state == RolloutState.RUNNING.value:
+                applied += svc.advance(unit.session, ctx.store, rollout, actor, unit.outbox, ctx.metrics)
     send_pending(ctx)
     return applied
+
+
+def send_pending(ctx: ServerContext) -> int:
+    """Send every deployment still ``pending`` (left by a crash between a commit and its publish)."""
+    with unit_of_work(ctx, lock=False) as unit:
+        unit.outbox.deployments.extend(
+            unit.session.scalars(select(Deployment.id).where(Deployment.state == DeploymentState.PENDING.value))
+        )
+        count = len(unit.outbox.deployments)
+    return count
 
 
 class EngineLoop:

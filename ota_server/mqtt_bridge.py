@@ -1,11 +1,10 @@
 """The one module that talks MQTT (paho-mqtt 2.x).
 
 Subscribes to every device's report channels and hands each message to the ingest writers
-(:mod:`ota_server.ingest_queue`), which apply them in batches, one transaction each, and only
+(:mod:`ota_server.ingest_queue`), which apply them in batches, one unit of work each, and only
 after the commit acknowledge them and publish what they caused (re-sent assignments); the
 network thread only parses the topic and queues, blocking while the writer's queue is full.
-With ``ingest_batch_max = 0`` the old path runs instead: :func:`process_message`, one
-transaction per message on the network thread. Commands go out QoS 1, signed by the server key. Protocol ``auto``
+That is the only ingest path. Commands go out QoS 1, signed by the server key. Protocol ``auto``
 tries MQTT 5 and falls back to 3.1.1 (the embedded demo broker speaks only 3.1.1).
 Malformed payloads, unknown devices and reports for unknown deployments are logged,
 counted and dropped; the network thread never dies on a bad message.
@@ -16,7 +15,6 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -24,63 +22,15 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgeota_contract.errors import ContractError, EdgeotaError
 from edgeota_contract.logs import log_event
-from edgeota_contract.messages import Presence, parse_device_message
-from edgeota_contract.topics import Channel, device_topic, parse_device_topic, server_subscriptions
+from edgeota_contract.topics import Channel, device_topic, server_subscriptions
 from ota_server.context import ServerContext
 from ota_server.ingest_queue import IngestWriters
-from ota_server.services import ingest
-from ota_server.services.dispatch import publish_deployments, send_ack
 
 log = logging.getLogger("edgeota.server.mqtt")
 # QoS 1 commands (acks, assignments) in flight on the server's connection (paho's default is 20). Not
 # more: paho scans its in-flight messages on every PUBACK, which at 1,000 took 11% of the server's samples.
 MAX_INFLIGHT = 100
-
-
-def process_message(ctx: ServerContext, topic: str, payload: bytes) -> str:
-    """Apply one device message; returns an outcome label (``ok``, ``duplicate``, ``malformed`` ...).
-
-    Never raises for bad input: the outcome is logged and counted in ``ctx.metrics``.
-    """
-    try:
-        device_id, channel = parse_device_topic(topic)
-        if channel == Channel.CMD:
-            return "ignored_cmd"
-        if ctx.limiter is not None and not ctx.limiter.allow(device_id, time.monotonic()):
-            # Not acked: the device keeps the message and re-sends it later.
-            ctx.metrics.inc("ingest_rate_limited")
-            return "rate_limited"
-        message = parse_device_message(channel, payload)
-    except ContractError as exc:
-        ctx.metrics.inc("ingest_malformed")
-        log_event(log, "ingest_malformed", logging.WARNING, topic=topic, error=str(exc))
-        return "malformed"
-    try:
-        with ctx.sessions() as session, session.begin():
-            result = ingest.apply_message(session, device_id, message)
-    except ingest.UnknownDevice as exc:
-        ctx.metrics.inc("ingest_unknown_device")
-        log_event(log, "ingest_unknown_device", logging.WARNING, topic=topic, error=str(exc))
-        return "unknown_device"
-    except Exception as exc:
-        if ingest.is_integrity_error(exc) and not isinstance(message, Presence):
-            # A concurrent copy of the same report won the insert: it is stored, so ack it.
-            send_ack(ctx, device_id, [message.msg_id])
-            ctx.metrics.inc("ingest_duplicate")
-            return "duplicate"
-        ctx.metrics.inc("ingest_error")
-        log_event(log, "ingest_error", logging.ERROR, topic=topic, error=repr(exc))
-        return "error"
-    send_ack(ctx, device_id, result.ack)
-    if result.send:
-        publish_deployments(ctx, result.send)
-    outcome = result.ignored or "ok"
-    ctx.metrics.inc(f"ingest_{outcome}")
-    if result.ignored:
-        log_event(log, f"ingest_{outcome}", logging.INFO, topic=topic)
-    return outcome
 
 
 class MqttBridge:
@@ -93,7 +43,7 @@ class MqttBridge:
         self.connected = threading.Event()
         self._stopping = False
         self._refused = threading.Event()
-        self.writers = IngestWriters(ctx) if ctx.settings.ingest_batch_max > 0 else None
+        self.writers = IngestWriters(ctx)
 
     # ---------------------------------------------------------------- connection
 
@@ -151,8 +101,7 @@ class MqttBridge:
 
     def start(self, timeout: float = 10.0) -> bool:
         """Connect (MQTT 5 first when ``auto``) and start the network thread; False if the broker refused."""
-        if self.writers is not None:
-            self.writers.start()
+        self.writers.start()
         wanted = self.ctx.settings.mqtt_protocol
         attempts = {"5": [mqtt.MQTTv5], "3.1.1": [mqtt.MQTTv311], "auto": [mqtt.MQTTv5, mqtt.MQTTv311]}[wanted]
         for protocol in attempts:
@@ -175,8 +124,7 @@ class MqttBridge:
     def stop(self) -> None:
         """Stop intake, apply what is queued (up to 5 s; the rest is abandoned unacked), then disconnect."""
         self._stopping = True
-        if self.writers is not None:
-            self.writers.stop()
+        self.writers.stop()
         if self.client is not None:
             self.client.disconnect()
             self.client.loop_stop()
@@ -199,12 +147,7 @@ class MqttBridge:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            if self.writers is not None:
-                self.writers.submit(msg.topic, bytes(msg.payload))
-            else:
-                process_message(self.ctx, msg.topic, bytes(msg.payload))
-        except EdgeotaError as exc:  # pragma: no cover - process_message already catches these
-            log_event(log, "ingest_error", logging.ERROR, error=str(exc))
+            self.writers.submit(msg.topic, bytes(msg.payload))
         except Exception as exc:  # keep the network thread alive whatever happens
             self.ctx.metrics.inc("ingest_error")
             log_event(log, "ingest_error", logging.ERROR, error=repr(exc))

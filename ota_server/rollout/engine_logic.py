@@ -1,22 +1,79 @@
 """The rollout state machine: pure transition functions over plain data.
 
-:func:`decide` looks at a running rollout and the deployments it has made and returns the
-effects to apply (assign devices, time deployments out, advance, complete, pause, roll back).
-:func:`apply_command` does the same for a manual command. Neither does any I/O, so the engine
-can be tested by feeding views and events; the caller persists the effects in one transaction.
-Applying the effects and calling again is idempotent: effects describe state, not increments.
+Two sources change a rollout: the engine tick (:func:`decide`, which looks at a running rollout and
+the deployments it has made and returns the effects to apply: assign devices, time deployments out,
+advance, complete, pause, roll back) and an operator (:func:`apply_command`, whose allowed from-states
+are the plain table :data:`COMMAND_FROM`). Devices change deployments, not rollouts: their rules are in
+:mod:`ota_server.rollout.deployment_rules`. Nothing here does I/O, so the engine can be tested by
+feeding views and events; :mod:`ota_server.rollout.apply` persists the effects in one unit of work
+(:mod:`ota_server.rollout.unit_of_work`). Applying the effects and calling again is idempotent:
+effects describe state, not increments.
+
+The effects are the dataclasses of :mod:`ota_server.rollout.effects` (re-exported here). Facts that later
+decisions read are typed fields of :class:`SetState`, never words of its ``detail``:
+``halted_by`` names the gate that fired (:class:`Gate`), ``revert_ordered`` says that the devices
+were ordered back to their previous bundle (a late commit is then reverted too).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
-from edgeota_contract.errors import EdgeotaError
-from edgeota_contract.states import DeploymentState, ReasonCode, RolloutState, deployment_transition_allowed
-from ota_server.rollout.plan import Plan
+from edgeota_contract.states import DeploymentState, ReasonCode, RolloutState
+from ota_server.errors import Conflict
+from ota_server.rollout.deployment_rules import apply_report
+from ota_server.rollout.effects import (
+    ApproveStage,
+    Assign,
+    CancelDeployments,
+    Effect,
+    EnterStage,
+    Gate,
+    Retry,
+    RevertDevices,
+    Schedule,
+    SetState,
+    StartSoak,
+    TimeOut,
+)
+from ota_server.rollout.gate_results import GateResult, data_timeout_seconds, failed, not_evaluated
+from ota_server.rollout.plan import Plan, Stage
+
+__all__ = [  # the effects (ota_server.rollout.effects) are re-exported: decide and apply_command return them
+    "COMMAND_FROM",
+    "DS",
+    "FAILED_STATES",
+    "RETRYABLE_REASONS",
+    "SCHEDULE_FROM",
+    "UPDATED_STATES",
+    "ApproveStage",
+    "Assign",
+    "CancelDeployments",
+    "Command",
+    "Counts",
+    "DeploymentView",
+    "Effect",
+    "EnterStage",
+    "Gate",
+    "Retry",
+    "RevertDevices",
+    "RolloutView",
+    "Schedule",
+    "SetState",
+    "StartSoak",
+    "TimeOut",
+    "TransitionError",
+    "apply_command",
+    "apply_report",
+    "count",
+    "decide",
+    "retry_due",
+    "schedule",
+    "will_retry",
+]
 
 DS = DeploymentState
 UPDATED_STATES = frozenset({DS.INSTALLING, DS.TRIAL, DS.COMMITTED})
@@ -36,8 +93,8 @@ device. A bad bundle (signature, manifest, profile), a failed smoke test or heal
 ``rolled_back`` is never retried: the same bundle would fail the same way."""
 
 
-class TransitionError(EdgeotaError):
-    """A manual command that the rollout's current state does not allow."""
+class TransitionError(Conflict):
+    """A manual command that the rollout's current state does not allow (the API answers 409)."""
 
     default_reason = ReasonCode.MANUAL
 
@@ -66,68 +123,10 @@ class RolloutView:
     approved_stages: frozenset[int]
     deployments: Mapping[str, DeploymentView] = field(default_factory=dict)
     """Install deployments of this rollout, by device id."""
-    telemetry_failure: str | None = None
-    """Why the release's telemetry fails a gate (see telemetry_gates), or None."""
-
-
-# ------------------------------------------------------------------ effects
-
-
-@dataclass(frozen=True)
-class Assign:
-    device_ids: tuple[str, ...]
-    stage: int
-
-
-@dataclass(frozen=True)
-class TimeOut:
-    device_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Retry:
-    """Re-assign each device a new attempt (a new deployment) of the same bundle; the failed one stays in history."""
-
-    device_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class EnterStage:
-    stage: int
-
-
-@dataclass(frozen=True)
-class StartSoak:
-    at: datetime
-
-
-@dataclass(frozen=True)
-class ApproveStage:
-    stage: int
-
-
-@dataclass(frozen=True)
-class RevertDevices:
-    """Send each device a rollback to the bundle it ran before this rollout."""
-
-    device_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class CancelDeployments:
-    """Stop deployments not yet running the new bundle (state -> failed, reason cancelled)."""
-
-    device_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class SetState:
-    state: RolloutState
-    reason: ReasonCode = ReasonCode.OK
-    detail: str = ""
-
-
-Effect = Assign | TimeOut | Retry | EnterStage | StartSoak | ApproveStage | RevertDevices | CancelDeployments | SetState
+    gate_results: tuple[GateResult, ...] = ()
+    """This tick's verdict of every telemetry gate the plan sets (:func:`~ota_server.rollout.gate_results.evaluate_gates`)."""
+    halted_by: Gate | None = None
+    """The gate that halted the rollout last (``Rollout.halted_by``)."""
 
 
 @dataclass(frozen=True)
@@ -164,10 +163,16 @@ def retry_due(d: DeploymentView, plan: Plan, now: datetime) -> bool:
     return will_retry(d, plan.max_retries) and (now - d.last_change).total_seconds() >= backoff
 
 
-def _halt(view: RolloutView, deployments: Mapping[str, DeploymentView], detail: str) -> list[Effect]:
+def _halt(view: RolloutView, deployments: Mapping[str, DeploymentView], gate: Gate, detail: str) -> list[Effect]:
+    gates = view.gate_results
     if view.plan.on_failure == "pause":
-        return [SetState(RolloutState.PAUSED, ReasonCode.GATE_FAILED, detail)]
-    return [*_revert(deployments), SetState(RolloutState.ROLLED_BACK, ReasonCode.GATE_FAILED, detail)]
+        return [SetState(RolloutState.PAUSED, ReasonCode.GATE_FAILED, detail, halted_by=gate, gates=gates)]
+    return [
+        *_revert(deployments),
+        SetState(
+            RolloutState.ROLLED_BACK, ReasonCode.GATE_FAILED, detail, halted_by=gate, revert_ordered=True, gates=gates
+        ),
+    ]
 
 
 def _revert(deployments: Mapping[str, DeploymentView]) -> list[Effect]:
@@ -206,14 +211,16 @@ def decide(view: RolloutView, now: datetime) -> list[Effect]:
                 device_id, old.stage, DS.FAILED, now, old.attempt, ReasonCode.DEVICE_TIMEOUT
             )
 
-    if view.telemetry_failure:
-        return [*effects, *_halt(view, deployments, view.telemetry_failure)]
+    failing = failed(view.gate_results)
+    if failing:
+        detail = "; ".join(g.describe() for g in failing)
+        return [*effects, *_halt(view, deployments, Gate.TELEMETRY, detail)]
     counts = count(deployments, view.plan.max_retries)
     if counts.finished >= max(1, gates.min_count_for_failure_rate):
         rate = counts.failed / counts.finished
         if rate > gates.max_failure_rate:
             detail = f"failure rate {rate:.2f} over {gates.max_failure_rate:.2f} after {counts.finished} devices"
-            return [*effects, *_halt(view, deployments, detail)]
+            return [*effects, *_halt(view, deployments, Gate.FAILURE_RATE, detail)]
 
     sizes = view.plan.stage_sizes(len(view.targets))
     stage_index = min(view.current_stage, len(sizes) - 1)
@@ -239,68 +246,125 @@ def decide(view: RolloutView, now: datetime) -> list[Effect]:
     if counts.committed < min(gates.min_devices, wanted):
         return [
             *effects,
-            *_halt(view, deployments, f"only {counts.committed} devices committed, gate needs {gates.min_devices}"),
+            *_halt(
+                view,
+                deployments,
+                Gate.MIN_DEVICES,
+                f"only {counts.committed} devices committed, gate needs {gates.min_devices}",
+            ),
         ]
+    missing = not_evaluated(view.gate_results)
     if view.soak_started_at is None:
+        # The soak's start also marks when a stage without soak began waiting for gate data.
         return (
             [*effects, StartSoak(now)]
-            if stage.soak_seconds > 0
+            if stage.soak_seconds > 0 or missing
             else [*effects, *_advance(view, stage_index, len(sizes))]
         )
-    if (now - view.soak_started_at).total_seconds() >= stage.soak_seconds:
+    waited = (now - view.soak_started_at).total_seconds()
+    if waited < stage.soak_seconds:
+        return effects
+    if not missing:
         return [*effects, *_advance(view, stage_index, len(sizes))]
-    return effects
+    return [*effects, *_missing_data(view, deployments, stage, stage_index, len(sizes), waited)]
+
+
+def _missing_data(
+    view: RolloutView,
+    deployments: Mapping[str, DeploymentView],
+    stage: Stage,
+    stage_index: int,
+    stage_count: int,
+    waited: float,
+) -> list[Effect]:
+    """A soaked stage with gates not evaluated: wait for data, then fail (default) or pass saying so."""
+    if waited < stage.soak_seconds + data_timeout_seconds(view.plan.gates, stage.soak_seconds):
+        return []
+    missing = not_evaluated(view.gate_results)
+    detail = "; ".join(g.describe() for g in missing)
+    if view.plan.on_missing_data == "fail":
+        return _halt(view, deployments, Gate.NOT_EVALUATED, detail)
+    return _advance(view, stage_index, stage_count)
 
 
 def _advance(view: RolloutView, stage_index: int, stage_count: int) -> list[Effect]:
+    """Pass the stage. A rollout never says "all stages passed" while a gate it sets was not evaluated."""
+    missing = not_evaluated(view.gate_results)
     if stage_index + 1 >= stage_count:
-        return [SetState(RolloutState.COMPLETED, ReasonCode.OK, "all stages passed")]
-    return [EnterStage(stage_index + 1)]
+        if missing:
+            # Never "all stages passed": these gates never ran, and the plan chose to go on without them.
+            detail = "stages passed with gates not evaluated (plan on_missing_data: pass): " + "; ".join(
+                g.describe() for g in missing
+            )
+        else:
+            evaluated = [g.name for g in view.gate_results]
+            detail = "all stages passed" + (f" (gates passed: {', '.join(evaluated)})" if evaluated else "")
+        return [SetState(RolloutState.COMPLETED, ReasonCode.OK, detail, gates=view.gate_results)]
+    return [EnterStage(stage_index + 1, gates=view.gate_results)]
 
 
 Command = Literal["start", "pause", "resume", "approve", "abort", "abort_revert", "rollback"]
 
+_NOT_TERMINAL = frozenset(s for s in RolloutState if not s.terminal)
+COMMAND_FROM: Mapping[str, frozenset[RolloutState]] = {
+    "start": frozenset({RolloutState.DRAFT, RolloutState.SCHEDULED}),
+    "pause": frozenset({RolloutState.RUNNING}),
+    "resume": frozenset({RolloutState.PAUSED}),
+    "approve": _NOT_TERMINAL,
+    "abort": _NOT_TERMINAL,
+    "abort_revert": _NOT_TERMINAL,
+    "rollback": frozenset({RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.COMPLETED, RolloutState.ABORTED}),
+}
+"""The rollout states each operator command may start from (the rest raise :class:`TransitionError`)."""
+SCHEDULE_FROM = frozenset({RolloutState.DRAFT})
+"""Only a draft may be scheduled (``rollout create --start-at``)."""
+_VERB = {"approve": "approve a stage of", "abort_revert": "abort", "rollback": "roll back"}
 
-def apply_command(view: RolloutView, command: Command) -> list[Effect]:
-    """Effects of a manual command; raises TransitionError when the state does not allow it."""
-    state = view.state
+
+def _allowed(command: str, state: RolloutState) -> None:
+    if state not in (SCHEDULE_FROM if command == "schedule" else COMMAND_FROM[command]):
+        raise TransitionError(f"cannot {_VERB.get(command, command)} a rollout that is {state.value}")
+
+
+def apply_command(view: RolloutView, command: Command, now: datetime | None = None) -> list[Effect]:
+    """Effects of an operator command.
+
+    Raises :class:`TransitionError` when :data:`COMMAND_FROM` does not allow ``command`` from the
+    rollout's state, or for ``approve`` when the current stage needs no approval.
+    """
+    if command not in COMMAND_FROM:
+        raise TransitionError(f"unknown command {command!r}")
+    _allowed(command, view.state)
     if command == "start":
-        if state not in (RolloutState.DRAFT, RolloutState.SCHEDULED):
-            raise TransitionError(f"cannot start a rollout that is {state.value}")
         return [SetState(RolloutState.RUNNING, ReasonCode.MANUAL, "started"), EnterStage(0)]
     if command == "pause":
-        if state != RolloutState.RUNNING:
-            raise TransitionError(f"cannot pause a rollout that is {state.value}")
         return [SetState(RolloutState.PAUSED, ReasonCode.MANUAL, "paused")]
     if command == "resume":
-        if state != RolloutState.PAUSED:
-            raise TransitionError(f"cannot resume a rollout that is {state.value}")
-        return [SetState(RolloutState.RUNNING, ReasonCode.MANUAL, "resumed")]
+        resumed: list[Effect] = [SetState(RolloutState.RUNNING, ReasonCode.MANUAL, "resumed")]
+        if view.halted_by == Gate.NOT_EVALUATED and view.soak_started_at is not None:
+            resumed.append(StartSoak(now or datetime.now(UTC)))  # the gates get a full soak and data wait again
+        return resumed
     if command == "approve":
-        if state not in (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.DRAFT, RolloutState.SCHEDULED):
-            raise TransitionError(f"cannot approve a stage of a rollout that is {state.value}")
         stage = view.plan.stages[min(view.current_stage, len(view.plan.stages) - 1)]
         if not stage.requires_approval:
             raise TransitionError(f"stage {view.current_stage} does not require approval")
         return [ApproveStage(view.current_stage)]
-    if command in ("abort", "abort_revert"):
-        if state.terminal:
-            raise TransitionError(f"cannot abort a rollout that is {state.value}")
+    if command == "abort":
         pending = tuple(sorted(d.device_id for d in view.deployments.values() if d.state == DS.PENDING))
-        effects: list[Effect] = []
-        if command == "abort_revert":
-            effects.extend(_revert(view.deployments))
-        elif pending:
-            effects.append(CancelDeployments(pending))
-        detail = "aborted and reverted" if command == "abort_revert" else "aborted"
-        return [*effects, SetState(RolloutState.ABORTED, ReasonCode.MANUAL, detail)]
-    if command == "rollback":
-        if state in (RolloutState.ROLLED_BACK, RolloutState.DRAFT, RolloutState.SCHEDULED):
-            raise TransitionError(f"cannot roll back a rollout that is {state.value}")
-        return [*_revert(view.deployments), SetState(RolloutState.ROLLED_BACK, ReasonCode.MANUAL, "rolled back")]
-    raise TransitionError(f"unknown command {command!r}")
+        cancel: list[Effect] = [CancelDeployments(pending)] if pending else []
+        return [*cancel, SetState(RolloutState.ABORTED, ReasonCode.MANUAL, "aborted")]
+    if command == "abort_revert":
+        return [
+            *_revert(view.deployments),
+            SetState(RolloutState.ABORTED, ReasonCode.MANUAL, "aborted and reverted", revert_ordered=True),
+        ]
+    return [
+        *_revert(view.deployments),
+        SetState(RolloutState.ROLLED_BACK, ReasonCode.MANUAL, "rolled back", revert_ordered=True),
+    ]
 
 
-def apply_report(current: DeploymentState, reported: DeploymentState) -> DeploymentState | None:
-    """The deployment's new state after a device report, or None for a stale/duplicate report."""
-    return reported if deployment_transition_allowed(current, reported) else None
+def schedule(view: RolloutView, start_at: datetime) -> list[Effect]:
+    """Effects of scheduling a draft rollout to start at ``start_at``; TransitionError unless it is a draft."""
+    _allowed("schedule", view.state)
+    return [Schedule(start_at), SetState(RolloutState.SCHEDULED, ReasonCode.MANUAL, "scheduled")]

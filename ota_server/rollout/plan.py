@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -47,6 +47,11 @@ class Gates:
     """Top-1 agreement of the candidate with the serving model where devices shadow it."""
     max_concurrent: int | None = None
     """At most this many deployments in flight (assigned, not finished) at once: a download cap."""
+    gate_data_timeout_seconds: float | None = None
+    """How long a stage waits after its soak for a telemetry gate that has too little data to be evaluated,
+    before the plan's ``on_missing_data`` applies; None: the stage's soak time, at least 600 s."""
+    min_drift_values: int | None = None
+    """Values (not requests) per feature before the drift gate gives a verdict; None: the drift rule's default."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,9 @@ class Plan:
     """Re-assignments of a device whose deployment failed for a transient reason (0: fail at once)."""
     retry_backoff_seconds: float = 60.0
     """Wait before retry n: ``retry_backoff_seconds * 2 ** (n - 1)`` after the failed attempt."""
+    on_missing_data: Literal["fail", "pass"] = "fail"
+    """A telemetry gate still not evaluated when its stage's wait for data ends: ``fail`` takes ``on_failure``;
+    ``pass`` lets the stage pass and says which gates were not evaluated."""
 
     def may_assign(self, now: datetime) -> bool:
         return not self.windows or any(w.contains(now) for w in self.windows)
@@ -96,6 +104,7 @@ class Plan:
             "mode": self.mode,
             "max_retries": self.max_retries,
             "retry_backoff_seconds": self.retry_backoff_seconds,
+            "on_missing_data": self.on_missing_data,
         }
 
     @classmethod
@@ -108,6 +117,7 @@ class Plan:
             mode=data.get("mode", "install"),
             max_retries=int(data.get("max_retries", 0)),
             retry_backoff_seconds=float(data.get("retry_backoff_seconds", 60.0)),
+            on_missing_data=data.get("on_missing_data", "fail"),
         )
 
 
@@ -179,10 +189,3 @@ def dry_run(plan: Plan, targeting: Targeting) -> list[dict[str, Any]]:
         out.append({"stage": index, "cumulative": size, "devices": list(targeting.targets[prev:size])})
         prev = size
     return out
-
-
-def stage_of(position: int, sizes: Sequence[int]) -> int:
-    for index, size in enumerate(sizes):
-        if position < size:
-            return index
-    return len(sizes) - 1

@@ -1,28 +1,27 @@
-"""Telemetry gates as pure functions over merged (additive) telemetry summaries.
+"""Merged (additive) telemetry: what the gates, the fleet summary and the aggregates table share.
 
-:class:`TelemetryTotals` and :func:`feature_psi` also back the fleet telemetry summary API, so the
-gates and what operators read are computed by the same code.
+:class:`TelemetryTotals` is one set of windows merged by adding counts. Ingest builds one per window
+and merges them per aggregate group (:mod:`ota_server.services.telemetry_aggregates`); the gates
+(:mod:`ota_server.rollout.gate_results`) and the fleet summary merge the stored groups again, so what
+operators read and what gates judge is computed by the same code. Histograms whose bucket count
+differs from what is already merged are skipped (never mixed).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeota_contract.telemetry import LATENCY_EDGES_MS, histogram_quantile, merge_counts, psi
-from ota_server.rollout.plan import Gates
+from edgeota_contract.telemetry import LATENCY_EDGES_MS, histogram_quantile, merge_counts
 
 FeatureKey = tuple[str, int | None]
-PSI_WATCH = 0.1
-PSI_ACT = 0.25
+ShadowKey = tuple[str, str]
+"""(candidate version, candidate bundle sha256)."""
 
 
-def drift_label(value: float) -> str:
-    """``stable`` below 0.1, ``watch`` up to 0.25, ``act`` above (the usual PSI reading)."""
-    if value > PSI_ACT:
-        return "act"
-    return "watch" if value >= PSI_WATCH else "stable"
+def _latency_zero() -> list[int]:
+    return [0] * (len(LATENCY_EDGES_MS) + 1)
 
 
 @dataclass
@@ -31,19 +30,43 @@ class TelemetryTotals:
 
     requests: int = 0
     errors: int = 0
-    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_EDGES_MS) + 1))
+    latency_counts: list[int] = field(default_factory=_latency_zero)
     features: dict[FeatureKey, list[int]] = field(default_factory=dict)
-    shadow_compared: int = 0
-    shadow_agree: int = 0
     outputs: dict[str, list[int]] = field(default_factory=dict)
+    """Class counts per output."""
+    confidence: dict[str, list[int]] = field(default_factory=dict)
+    """Confidence histograms (on ``CONFIDENCE_EDGES``) per output."""
     nan_outputs: int = 0  # non-finite output values, all outputs
     windows: int = 0
+    attributed_requests: int = 0
+    """Requests of windows whose bundle sha named a stored bundle (the release is known)."""
+    shadows: dict[ShadowKey, list[int]] = field(default_factory=dict)
+    """Per shadowed candidate: ``[compared, top1_agree]``."""
     dropped_by_device: dict[str, int] = field(default_factory=dict)
+    """Only devices that reported a full spool (their latest cumulative count)."""
 
     @property
     def spool_dropped(self) -> int:
         """Windows lost to full device spools: per device the largest (cumulative) report, summed."""
         return sum(self.dropped_by_device.values())
+
+    @property
+    def shadow_compared(self) -> int:
+        return sum(c for c, _ in self.shadows.values())
+
+    @property
+    def shadow_agree(self) -> int:
+        return sum(a for _, a in self.shadows.values())
+
+    def shadow_of(self, candidate_shas: set[str]) -> tuple[int, int]:
+        """``(compared, top1_agree)`` summed over the shadowed candidates among ``candidate_shas``."""
+        pairs = [v for (_, sha), v in self.shadows.items() if sha in candidate_shas]
+        return sum(c for c, _ in pairs), sum(a for _, a in pairs)
+
+    @property
+    def feature_values(self) -> dict[FeatureKey, int]:
+        """Values per feature histogram (devices summarise a sample of their requests: values, not requests)."""
+        return {key: sum(counts) for key, counts in self.features.items()}
 
     def merge(self, other: TelemetryTotals) -> None:
         """Add every count of ``other`` into this one (histograms with other bucket counts are skipped)."""
@@ -51,23 +74,32 @@ class TelemetryTotals:
         self.errors += other.errors
         self.nan_outputs += other.nan_outputs
         self.windows += other.windows
-        self.latency_counts = merge_counts(self.latency_counts, other.latency_counts)
+        self.attributed_requests += other.attributed_requests
+        if len(other.latency_counts) == len(self.latency_counts):
+            self.latency_counts = merge_counts(self.latency_counts, other.latency_counts)
         _merge_into(self.features, other.features)
         _merge_into(self.outputs, other.outputs)
-        self.shadow_compared += other.shadow_compared
-        self.shadow_agree += other.shadow_agree
+        _merge_into(self.confidence, other.confidence)
+        for key, (compared, agree) in other.shadows.items():
+            old = self.shadows.setdefault(key, [0, 0])
+            old[0] += compared
+            old[1] += agree
         for device, dropped in other.dropped_by_device.items():
             self.dropped_by_device[device] = max(dropped, self.dropped_by_device.get(device, 0))
 
     def add_shadow(self, shadow: Mapping[str, Any]) -> None:
         """Add the shadow summary of a window in which the candidate ran beside the serving model."""
-        self.shadow_compared += int(shadow.get("compared", 0))
-        self.shadow_agree += int(shadow.get("top1_agree", 0))
+        key = (str(shadow.get("candidate_version", "")), str(shadow.get("candidate_bundle_sha256", "")))
+        old = self.shadows.setdefault(key, [0, 0])
+        old[0] += int(shadow.get("compared", 0))
+        old[1] += int(shadow.get("top1_agree", 0))
 
-    def add_window(self, window: Mapping[str, Any], device_id: str = "") -> None:
-        """Add one stored ``TelemetryWindow`` (as JSON). Histograms with other bucket counts are skipped."""
+    def add_window(self, window: Mapping[str, Any], device_id: str = "", attributed: bool = True) -> None:
+        """Add one ``TelemetryWindow`` (as JSON). Histograms with other bucket counts are skipped."""
         self.windows += 1
-        self.requests += int(window.get("request_count", 0))
+        requests = int(window.get("request_count", 0))
+        self.requests += requests
+        self.attributed_requests += requests if attributed else 0
         self.errors += int(window.get("error_count", 0))
         latency = window.get("latency_counts") or []
         if len(latency) == len(self.latency_counts):
@@ -76,13 +108,20 @@ class TelemetryTotals:
             (str(f.get("input")), f.get("feature")): list(f.get("counts", [])) for f in window.get("features", [])
         }
         _merge_into(self.features, features)
-        outputs = {
-            str(o.get("output")): list(o["class_counts"]) for o in window.get("outputs", []) if o.get("class_counts")
-        }
-        _merge_into(self.outputs, outputs)
-        self.nan_outputs += sum(int(o.get("nan_count", 0)) for o in window.get("outputs", []))
+        outputs = window.get("outputs", [])
+        _merge_into(
+            self.outputs, {str(o.get("output")): list(o["class_counts"]) for o in outputs if o.get("class_counts")}
+        )
+        _merge_into(
+            self.confidence,
+            {str(o.get("output")): list(o["confidence_counts"]) for o in outputs if o.get("confidence_counts")},
+        )
+        self.nan_outputs += sum(int(o.get("nan_count", 0)) for o in outputs)
+        if window.get("shadow"):
+            self.add_shadow(window["shadow"])
         dropped = int(window.get("spool_dropped", 0))
-        self.dropped_by_device[device_id] = max(dropped, self.dropped_by_device.get(device_id, 0))
+        if dropped:
+            self.dropped_by_device[device_id] = max(dropped, self.dropped_by_device.get(device_id, 0))
 
     def latency_quantile_ms(self, q: float) -> float | None:
         """Upper edge of the latency bucket holding quantile ``q`` (inf past the last edge; None if empty)."""
@@ -92,72 +131,69 @@ class TelemetryTotals:
     def p95_ms(self) -> float | None:
         return histogram_quantile(LATENCY_EDGES_MS, self.latency_counts, 0.95)
 
+    def histograms_json(self) -> dict[str, Any]:
+        """Feature, output and spool-drop histograms as plain JSON (``telemetry_aggregates.histograms``; latency
+        and shadow counts have columns of their own); :meth:`from_row` reads it back."""
+        return {
+            "features": [
+                [name, feature, counts] for (name, feature), counts in sorted(self.features.items(), key=_fkey)
+            ],
+            "outputs": {name: counts for name, counts in sorted(self.outputs.items())},
+            "confidence": {name: counts for name, counts in sorted(self.confidence.items())},
+            "dropped": dict(sorted(self.dropped_by_device.items())),
+        }
+
+    @classmethod
+    def from_row(
+        cls,
+        histograms: Mapping[str, Any] | None,
+        latency_counts: Sequence[int] | None,
+        *,
+        windows: int,
+        requests: int,
+        errors: int,
+        nan_outputs: int,
+        attributed_requests: int,
+        shadow: tuple[str, str, int, int] | None = None,
+    ) -> TelemetryTotals:
+        """Totals from a stored aggregate row: its scalar columns, latency counts, :meth:`histograms_json` (None:
+        counts only) and shadow ``(candidate version, candidate sha, compared, agree)``."""
+        histograms = histograms or {}
+        latency = list(latency_counts or [])
+        shadows = {(shadow[0], shadow[1]): [shadow[2], shadow[3]]} if shadow and shadow[1] else {}
+        return cls(
+            requests=int(requests),
+            errors=int(errors),
+            latency_counts=latency if len(latency) == len(LATENCY_EDGES_MS) + 1 else _latency_zero(),
+            features={(str(n), f): list(c) for n, f, c in histograms.get("features", [])},
+            outputs={str(k): list(v) for k, v in (histograms.get("outputs") or {}).items()},
+            confidence={str(k): list(v) for k, v in (histograms.get("confidence") or {}).items()},
+            nan_outputs=int(nan_outputs),
+            windows=int(windows),
+            attributed_requests=int(attributed_requests),
+            shadows=shadows,
+            dropped_by_device={str(k): int(v) for k, v in (histograms.get("dropped") or {}).items()},
+        )
+
+
+def _fkey(item: tuple[FeatureKey, list[int]]) -> tuple[str, int]:
+    (name, feature), _ = item
+    return name, -1 if feature is None else feature
+
 
 def _merge_into(target: dict[Any, list[int]], extra: Mapping[Any, Sequence[int]]) -> None:
+    # The hot loop of every review and gate read: plain zip, no per-call checks beyond the length.
     for key, counts in extra.items():
         old = target.get(key)
         if old is None:
             target[key] = list(counts)
         elif len(old) == len(counts):
-            target[key] = merge_counts(old, counts)
+            target[key] = [a + b for a, b in zip(old, counts, strict=True)]
 
 
-def feature_psi(
-    reference: Iterable[Mapping[str, Any]], live: Mapping[FeatureKey, Sequence[int]]
-) -> list[tuple[FeatureKey, float]]:
-    """PSI of every feature present in both the reference stats and the live counts, worst first."""
-    out: list[tuple[FeatureKey, float]] = []
-    for ref in reference:
-        key = (str(ref.get("input")), ref.get("feature"))
-        counts = live.get(key)
-        ref_counts = ref.get("counts") or []
-        if counts is None or len(counts) != len(ref_counts) or sum(counts) == 0:
-            continue
-        out.append((key, psi(ref_counts, counts)))
-    out.sort(key=lambda item: -item[1])
-    return out
-
-
-def max_psi(reference: Iterable[Mapping[str, Any]], live: Mapping[FeatureKey, Sequence[int]]) -> float | None:
-    """The largest PSI over the features present in both the reference stats and the live counts."""
-    values = feature_psi(reference, live)
-    return values[0][1] if values else None
-
-
-def telemetry_gate_failure(
-    gates: Gates, new: TelemetryTotals, baseline: TelemetryTotals | None, drift_psi: float | None
-) -> str | None:
-    """Why the telemetry of the new release fails a gate, or None (also while there is too little data)."""
-    if new.requests < max(1, gates.min_telemetry_requests):
-        return None
-    if gates.max_error_rate is not None:
-        rate = new.errors / new.requests
-        if rate > gates.max_error_rate:
-            return f"error rate {rate:.3f} over {gates.max_error_rate:.3f} after {new.requests} requests"
-    if gates.max_nan_output_rate is not None and new.nan_outputs:
-        served = max(1, new.requests - new.errors)
-        rate = new.nan_outputs / served
-        if rate > gates.max_nan_output_rate:
-            return (
-                f"{new.nan_outputs} non-finite output values in {served} requests"
-                f" ({rate:.3f} per request, over {gates.max_nan_output_rate:g})"
-            )
-    if gates.max_p95_latency_ratio is not None and baseline is not None and baseline.requests > 0:
-        new_p95, old_p95 = new.p95_ms, baseline.p95_ms
-        if new_p95 is not None and old_p95 is not None and old_p95 > 0:
-            ratio = new_p95 / old_p95
-            if ratio > gates.max_p95_latency_ratio:
-                return f"p95 latency {new_p95:g} ms is {ratio:.2f}x the previous {old_p95:g} ms"
-    if gates.max_drift_psi is not None and drift_psi is not None and drift_psi > gates.max_drift_psi:
-        return f"input drift PSI {drift_psi:.3f} over {gates.max_drift_psi:.3f}"
-    return None
-
-
-def shadow_gate_failure(gates: Gates, shadow: TelemetryTotals) -> str | None:
-    """Why the candidate's shadow agreement fails the gate, or None (also with too few comparisons)."""
-    if gates.min_shadow_agreement is None or shadow.shadow_compared < max(1, gates.min_telemetry_requests):
-        return None
-    agreement = shadow.shadow_agree / shadow.shadow_compared
-    if agreement < gates.min_shadow_agreement:
-        return f"shadow agreement {agreement:.3f} under {gates.min_shadow_agreement:.3f}"
-    return None
+def merge_all(parts: Sequence[TelemetryTotals] | Mapping[Any, TelemetryTotals]) -> TelemetryTotals:
+    """One :class:`TelemetryTotals` holding every part's counts."""
+    total = TelemetryTotals()
+    for part in parts.values() if isinstance(parts, Mapping) else parts:
+        total.merge(part)
+    return total

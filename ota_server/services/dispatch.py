@@ -1,7 +1,8 @@
 """Turning deployments into server-signed commands and handing them to the publisher.
 
-The database is the truth: a deployment is marked ``notified`` (with a fresh assignment id)
-and committed before its command is published, so a lost publish is repaired by the device's
+The database is the truth: a deployment is marked ``notified`` (with a fresh assignment id, by
+:func:`ota_server.rollout.records.mark_notified`) and committed before its command is published
+(:mod:`ota_server.rollout.unit_of_work` publishes only after its commit), so a lost publish is repaired by the device's
 next check-in, which re-sends every open deployment.
 """
 
@@ -20,6 +21,7 @@ from edgeota_contract.messages import Ack, Assignment, ShadowStop, new_id, sign_
 from edgeota_contract.states import DeploymentState
 from ota_server.context import ServerContext
 from ota_server.models import Bundle, Deployment
+from ota_server.rollout.records import mark_notified
 
 log = logging.getLogger("edgeota.server.dispatch")
 
@@ -27,16 +29,9 @@ log = logging.getLogger("edgeota.server.dispatch")
 def prepare_sends(session: Session, deployments: list[Deployment]) -> list[str]:
     """Give each deployment a fresh assignment id and mark pending ones notified (caller commits)."""
     now = utcnow()
-    ids = []
     for dep in deployments:
-        dep.assignment_id = new_id()
-        dep.send_count += 1
-        if dep.state == DeploymentState.PENDING.value:
-            dep.state = DeploymentState.NOTIFIED.value
-            dep.notified_at = now
-            dep.updated_at = now
-        ids.append(dep.id)
-    return ids
+        mark_notified(dep, now)
+    return [dep.id for dep in deployments]
 
 
 def build_assignment(dep: Deployment, bundle: Bundle, ttl_seconds: float) -> Assignment:
@@ -86,16 +81,6 @@ def publish_deployments(ctx: ServerContext, deployment_ids: list[str]) -> int:
                 assignment=assignment.assignment_id,
             )
     return sent
-
-
-def send_pending(ctx: ServerContext) -> int:
-    """Notify every pending deployment (after a crash between create and publish too)."""
-    with ctx.sessions() as session, session.begin():
-        pending = list(session.scalars(select(Deployment).where(Deployment.state == DeploymentState.PENDING.value)))
-        ids = prepare_sends(session, pending)
-    if ids:
-        publish_deployments(ctx, ids)
-    return len(ids)
 
 
 def poll_commands(ctx: ServerContext, device_id: str) -> list[dict[str, Any]]:

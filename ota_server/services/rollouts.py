@@ -1,29 +1,48 @@
-"""Rollouts in the database: creation, views for the pure engine, and applying its effects."""
+"""Rollouts in the database: creation, targeting, views for the pure engine, and its units of work.
+
+:func:`create` and :func:`command` are what the API calls; :func:`advance` and :func:`start_due` what
+the engine tick runs. Each change runs in one unit of work (:func:`ota_server.rollout.unit_of_work.unit_of_work`):
+lock, decide with the pure :mod:`ota_server.rollout.engine_logic`, apply with
+:mod:`ota_server.rollout.apply`, commit, and only then send.
+"""
 
 from __future__ import annotations
 
-import threading
 import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from edgeota_contract.states import DeploymentState, ReasonCode, RolloutState
-from ota_server.core.problems import ApiError
+from ota_server.artifacts import ArtifactStore
+from ota_server.context import Metrics, ServerContext
+from ota_server.errors import NotFound
 from ota_server.models import Bundle, Deployment, Device, Release, Rollout, utcnow
 from ota_server.rollout import engine_logic as el
+from ota_server.rollout.apply import apply_effects, snapshot
+from ota_server.rollout.gate_results import GateResult
 from ota_server.rollout.plan import DeviceInfo, Plan, Selector, Targeting, dry_run, select_targets
+from ota_server.rollout.records import new_rollout
+from ota_server.rollout.unit_of_work import Outbox, lock_rollout, unit_of_work
 from ota_server.services import audit
-from ota_server.services import deployments as deps
+from ota_server.services.rollout_status import rollout_json
+from ota_server.services.telemetry import record_gate_results, rollout_gate_results
 
-# Serialises rollout mutations inside one process (SQLite has no row locks; PostgreSQL also
-# takes FOR UPDATE row locks, which covers several processes).
-ROLLOUT_LOCK = threading.RLock()
+GATE_METRIC_PREFIX = "gate_evaluation:"
+"""Counter names ``gate_evaluation:<gate>:<state>`` (one per gate per engine tick), exported by ``/metrics``."""
+MAX_STEPS = 10
+"""Decisions per rollout per tick: effects describe state, so the engine loops until the rollout is stable."""
 
 
 def compute_targeting(session: Session, rollout_id: str, release: Release, selector: Selector) -> Targeting:
+    """The rollout's targets, in order, and who is left out.
+
+    A device is skipped as "rolled back before" only when one of its install deployments of this
+    release's bundles is ``rolled_back`` for a reason of its own (a failed health check, smoke test...);
+    one the server ordered back (reason ``server_rollback``) is targeted again.
+    """
     bundles = list(session.scalars(select(Bundle).where(Bundle.release_id == release.id)))
     profiles = {b.hardware_profile for b in bundles}
     shas = [b.sha256 for b in bundles]
@@ -34,6 +53,7 @@ def compute_targeting(session: Session, rollout_id: str, release: Release, selec
                     Deployment.bundle_sha256.in_(shas),
                     Deployment.mode == "install",
                     Deployment.state == DeploymentState.ROLLED_BACK.value,
+                    Deployment.reason != ReasonCode.SERVER_ROLLBACK.value,
                 )
             )
         )
@@ -44,17 +64,13 @@ def compute_targeting(session: Session, rollout_id: str, release: Release, selec
     return select_targets(rollout_id, selector, devices, profiles, rolled_back)
 
 
-def _snapshot(r: Rollout) -> dict[str, Any]:
-    return {"state": r.state, "current_stage": r.current_stage, "reason": r.reason, "detail": r.detail}
-
-
 def create_rollout(
     session: Session, release_id: str, selector: Selector, plan: Plan, actor: str, dry: bool
 ) -> tuple[Rollout | None, dict[str, Any]]:
-    """Create a draft rollout (or only compute the dry run). Raises ApiError(404) for an unknown release."""
+    """Create a draft rollout (or only compute the dry run). Raises NotFound for an unknown release."""
     release = session.get(Release, release_id)
     if release is None:
-        raise ApiError(404, "Not Found", f"release {release_id} not found")
+        raise NotFound(f"release {release_id} not found")
     rollout_id = uuid.uuid4().hex
     targeting = compute_targeting(session, rollout_id, release, selector)
     preview = {
@@ -65,10 +81,9 @@ def create_rollout(
     }
     if dry:
         return None, preview
-    rollout = Rollout(
+    rollout = new_rollout(
         id=rollout_id,
         release_id=release.id,
-        state=RolloutState.DRAFT.value,
         plan=plan.to_json(),
         selector={
             "hardware_profiles": list(selector.hardware_profiles),
@@ -90,7 +105,7 @@ def create_rollout(
         "rollout",
         rollout.id,
         None,
-        {**_snapshot(rollout), "release_id": release.id, "targets": len(targeting.targets)},
+        {**snapshot(rollout), "release_id": release.id, "targets": len(targeting.targets)},
     )
     return rollout, preview
 
@@ -102,7 +117,14 @@ def _reason(value: str) -> ReasonCode:
         return ReasonCode.INTERNAL_ERROR
 
 
-def load_view(session: Session, rollout: Rollout, telemetry_failure: str | None = None) -> el.RolloutView:
+def _halted_by(value: str | None) -> el.Gate | None:
+    try:
+        return el.Gate(value) if value else None
+    except ValueError:
+        return None
+
+
+def load_view(session: Session, rollout: Rollout, gate_results: tuple[GateResult, ...] = ()) -> el.RolloutView:
     """The pure engine's view of ``rollout``: the latest attempt per device, read as plain rows."""
     plan = Plan.from_json(rollout.plan)
     rows = session.execute(
@@ -126,116 +148,116 @@ def load_view(session: Session, rollout: Rollout, telemetry_failure: str | None 
         soak_started_at=rollout.soak_started_at,
         approved_stages=frozenset(int(s) for s in rollout.approved_stages),
         deployments=views,
-        telemetry_failure=telemetry_failure,
+        gate_results=gate_results,
+        halted_by=_halted_by(rollout.halted_by),
     )
 
 
-def lock_rollout(session: Session, rollout_id: str) -> Rollout | None:
-    """Load ``rollout_id`` for a change, serialised against other processes changing it.
-
-    PostgreSQL takes a ``FOR UPDATE`` row lock. SQLite has none, so a no-op write first takes the
-    database's write lock: with several server processes (``--workers``), the engine and a manual
-    command then never decide on the same stale state. Call it first in its transaction.
-    """
-    if session.get_bind().dialect.name == "sqlite":
-        session.execute(update(Rollout).where(Rollout.id == rollout_id).values(current_stage=Rollout.current_stage))
-    return session.scalar(select(Rollout).where(Rollout.id == rollout_id).with_for_update())
-
-
-def apply_effects(session: Session, rollout: Rollout, effects: list[el.Effect], actor: str, now: datetime) -> list[str]:
-    """Persist the engine's effects (caller commits); returns the new deployment ids to publish."""
-    to_send: list[str] = []
-    for effect in effects:
-        if isinstance(effect, el.Assign):
-            to_send.extend(deps.assign(session, rollout, effect.device_ids, effect.stage, actor, now))
-        elif isinstance(effect, el.Retry):
-            to_send.extend(deps.retry(session, rollout, effect.device_ids, actor, now))
-        elif isinstance(effect, el.TimeOut):
-            deps.finish_install(
-                session, rollout, effect.device_ids, ReasonCode.DEVICE_TIMEOUT, "no report before timeout", now, actor
-            )
-        elif isinstance(effect, el.CancelDeployments):
-            deps.finish_install(
-                session, rollout, effect.device_ids, ReasonCode.CANCELLED, "cancelled by rollout", now, actor
-            )
-        elif isinstance(effect, el.RevertDevices):
-            to_send.extend(deps.revert_devices(session, rollout, effect.device_ids, actor, now))
-        elif isinstance(effect, el.EnterStage):
-            before = _snapshot(rollout)
-            rollout.current_stage = effect.stage
-            rollout.stage_started_at = now
-            rollout.soak_started_at = None
-            audit.record(
-                session,
-                actor,
-                "rollout.stage",
-                "rollout",
-                rollout.id,
-                before,
-                _snapshot(rollout),
-                f"entered stage {effect.stage}",
-            )
-        elif isinstance(effect, el.StartSoak):
-            rollout.soak_started_at = effect.at
-        elif isinstance(effect, el.ApproveStage):
-            rollout.approved_stages = sorted({*rollout.approved_stages, effect.stage})
-            audit.record(
-                session, actor, "rollout.approve", "rollout", rollout.id, None, {"approved_stage": effect.stage}
-            )
-        elif isinstance(effect, el.SetState):
-            before = _snapshot(rollout)
-            rollout.state = effect.state.value
-            rollout.reason = effect.reason.value
-            rollout.detail = effect.detail
-            audit.record(
-                session,
-                actor,
-                f"rollout.{effect.state.value}",
-                "rollout",
-                rollout.id,
-                before,
-                _snapshot(rollout),
-                effect.detail,
-            )
-    rollout.updated_at = now
-    return to_send
+def advance(
+    session: Session,
+    store: ArtifactStore,
+    rollout: Rollout,
+    actor: str,
+    outbox: Outbox,
+    metrics: Metrics | None = None,
+) -> int:
+    """Run a locked, running rollout's engine decisions until it is stable; returns the effects applied."""
+    applied = 0
+    now = utcnow()
+    gate_results = rollout_gate_results(session, store, rollout)
+    record_gate_results(rollout, gate_results, now)
+    if metrics is not None:
+        for result in gate_results:
+            metrics.inc(f"{GATE_METRIC_PREFIX}{result.name}:{result.state}")
+    for _ in range(MAX_STEPS):
+        if rollout.state != RolloutState.RUNNING.value:
+            break
+        effects = el.decide(load_view(session, rollout, gate_results), now)
+        if not effects:
+            break
+        applied += len(effects)
+        apply_effects(session, rollout, effects, actor, now, outbox)
+        session.flush()
+        if any(isinstance(e, el.Assign | el.Retry | el.StartSoak | el.TimeOut) for e in effects):
+            break
+    return applied
 
 
-def schedule(session: Session, rollout: Rollout, start_at: datetime, actor: str) -> None:
-    """Move a draft rollout to ``scheduled``; the engine starts it at ``start_at`` (caller commits)."""
-    before = _snapshot(rollout)
-    rollout.start_at = start_at
-    rollout.state = RolloutState.SCHEDULED.value
-    audit.record(
-        session,
-        actor,
-        "rollout.scheduled",
-        "rollout",
-        rollout.id,
-        before,
-        {**_snapshot(rollout), "start_at": start_at.isoformat()},
-    )
-
-
-def start_due(session: Session, now: datetime, actor: str) -> list[str]:
-    """Start every scheduled rollout whose time has come (caller commits); returns their ids."""
+def start_due(session: Session, now: datetime, actor: str, outbox: Outbox) -> list[str]:
+    """Start every scheduled rollout whose time has come (inside the caller's unit of work); their ids."""
     due = list(session.scalars(select(Rollout).where(Rollout.state == RolloutState.SCHEDULED.value)))
     started = []
     for rollout in due:
         if rollout.start_at is not None and rollout.start_at <= now:
-            run_command(session, rollout, "start", actor, "scheduled start")
+            run_command(session, rollout, "start", actor, "scheduled start", outbox)
             started.append(rollout.id)
     return started
 
 
-def run_command(session: Session, rollout: Rollout, command: el.Command, actor: str, reason: str) -> list[str]:
-    """Apply a manual command (caller commits). Raises TransitionError when not allowed."""
-    view = load_view(session, rollout)
-    effects = el.apply_command(view, command)
-    now = utcnow()
-    ids = apply_effects(session, rollout, effects, actor, now)
+def run_command(
+    session: Session, rollout: Rollout, command: el.Command, actor: str, reason: str, outbox: Outbox
+) -> None:
+    """Apply an operator command inside the caller's unit of work. Raises TransitionError when not allowed."""
+    effects = el.apply_command(load_view(session, rollout), command, utcnow())
+    apply_effects(session, rollout, effects, actor, utcnow(), outbox)
     if reason:
         audit.record(
-            session, actor, f"rollout.command.{command}", "rollout", rollout.id, None, _snapshot(rollout), reason
+            session, actor, f"rollout.command.{command}", "rollout", rollout.id, None, snapshot(rollout), reason
         )
-    return ids
+
+
+def create(
+    ctx: ServerContext,
+    release_id: str,
+    selector: Selector,
+    plan: Plan,
+    actor: str,
+    *,
+    dry: bool = False,
+    start: bool = False,
+    start_at: datetime | None = None,
+) -> dict[str, Any]:
+    """Create a rollout in one unit of work; returns its status JSON plus ``preview``.
+
+    ``dry``: only the preview, as ``{"dry_run": True, ...}``; nothing is stored. ``start``: the rollout
+    starts at once and the engine's first decisions run in the same unit of work, so the first stage's
+    assignments are published as soon as it commits. ``start_at`` (without ``start``): scheduled.
+    Raises NotFound for an unknown release.
+    """
+    with unit_of_work(ctx) as unit:
+        session = unit.session
+        rollout, preview = create_rollout(session, release_id, selector, plan, actor, dry)
+        if rollout is None:
+            return {"dry_run": True, **preview}
+        session.flush()
+        if start:
+            run_command(session, rollout, "start", actor, "", unit.outbox)
+            advance(session, ctx.store, rollout, actor, unit.outbox, ctx.metrics)
+        elif start_at is not None:
+            apply_effects(
+                session, rollout, el.schedule(load_view(session, rollout), start_at), actor, utcnow(), unit.outbox
+            )
+        unit.mark_sends()
+        session.flush()
+        out = {**rollout_json(session, rollout), "preview": preview}
+    return out
+
+
+def command(ctx: ServerContext, rollout_id: str, cmd: el.Command, actor: str, reason: str) -> dict[str, Any]:
+    """Run an operator command in one unit of work; returns the rollout's status JSON.
+
+    ``start`` also runs the engine's first decisions in the same unit of work (see :func:`create`).
+
+    Raises NotFound for an unknown rollout and TransitionError (a Conflict) when the state forbids it.
+    """
+    with unit_of_work(ctx) as unit:
+        rollout = lock_rollout(unit.session, rollout_id)
+        if rollout is None:
+            raise NotFound(f"rollout {rollout_id} not found")
+        run_command(unit.session, rollout, cmd, actor, reason, unit.outbox)
+        if cmd == "start":  # as `create --start`: the first stage goes out with this commit
+            advance(unit.session, ctx.store, rollout, actor, unit.outbox, ctx.metrics)
+        unit.mark_sends()
+        unit.session.flush()
+        out = rollout_json(unit.session, rollout)
+    return out

@@ -1,19 +1,55 @@
-"""In-process helpers: feed device messages to the ingest path and read the commands it sent."""
+"""In-process helpers: feed device messages to the ingest path and read the commands it sent.
+
+Messages go through what production runs: :func:`ota_server.ingest_queue.receive` (the topic, as the
+MQTT bridge hands it to the writers) and :func:`ota_server.ingest_queue.apply_batch` (what a writer
+runs), one message per batch, with the writers' own sessions.
+"""
 
 from __future__ import annotations
 
 import uuid
+import weakref
 from datetime import datetime
 from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
 
 from edgeota_contract.messages import Ack, Assignment, CheckIn, RunningModel, StatusReport, verify_command
 from edgeota_contract.signing import TrustedKeys
 from edgeota_contract.states import DeploymentState, ReasonCode
 from edgeota_contract.topics import Channel, device_topic
 from ota_server.context import ServerContext
-from ota_server.mqtt_bridge import process_message
+from ota_server.ingest_queue import apply_batch, receive, writer_sessions
 
 BOOT = uuid.uuid4().hex
+_writers: dict[int, sessionmaker[Session]] = {}
+
+
+def _sessions(ctx: ServerContext) -> sessionmaker[Session]:
+    """The writers' sessions for ``ctx`` (SQLite: their own engine, disposed with ``ctx``)."""
+    key = id(ctx)
+    if key not in _writers:
+        sessions, engine = writer_sessions(ctx)
+        _writers[key] = sessions
+        weakref.finalize(ctx, _forget, key, engine)
+    return _writers[key]
+
+
+def _forget(key: int, engine: Any) -> None:
+    _writers.pop(key, None)
+    if engine is not None:
+        engine.dispose()
+
+
+def deliver(ctx: ServerContext, topic: str, payload: bytes) -> str:
+    """Ingest one device message as the writers do; its outcome (``ok``, ``duplicate``, ``stale``...).
+
+    A topic the writers refuse before queueing (not a device report channel) gives ``malformed``.
+    """
+    item = receive(ctx, topic, payload)
+    if item is None:
+        return "malformed"
+    return apply_batch(ctx, _sessions(ctx), [item])[0]
 
 
 def commands(ctx: ServerContext, device_id: str) -> list[Any]:
@@ -66,9 +102,7 @@ def report(
     msg_id: str | None = None,
 ) -> tuple[str, StatusReport]:
     msg = status_report(a, state, reason, msg_id)
-    outcome = process_message(
-        ctx, device_topic(device_id or a.device_id, Channel.STATUS), msg.model_dump_json().encode()
-    )
+    outcome = deliver(ctx, device_topic(device_id or a.device_id, Channel.STATUS), msg.model_dump_json().encode())
     return outcome, msg
 
 
@@ -113,7 +147,7 @@ def checkin(
     sent_at: datetime | None = None,
 ) -> str:
     msg = checkin_message(profile, models, active, seq, boot_id, sent_at)
-    return process_message(ctx, device_topic(device_id, Channel.CHECKIN), msg.model_dump_json().encode())
+    return deliver(ctx, device_topic(device_id, Channel.CHECKIN), msg.model_dump_json().encode())
 
 
 def finish(ctx: ServerContext, a: Assignment, ok: bool = True) -> None:

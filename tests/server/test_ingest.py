@@ -14,10 +14,9 @@ from edgeota_contract.topics import Channel, device_topic
 from ota_server.context import ServerContext
 from ota_server.engine import tick
 from ota_server.models import Deployment, Device, TelemetryRecord
-from ota_server.mqtt_bridge import process_message
 
 from .conftest import AUTH, BundleFactory, upload
-from .helpers import BOOT, acked, assignments, checkin, finish, next_seq, report
+from .helpers import BOOT, acked, assignments, checkin, deliver, finish, next_seq, report
 
 
 def _one_device_rollout(client: TestClient, ctx: ServerContext, make_bundle: BundleFactory, dev: str = "dev1") -> str:
@@ -52,12 +51,12 @@ def test_bad_messages_are_counted_and_ingest_keeps_running(
     _one_device_rollout(client, ctx, make_bundle)
     a = assignments(ctx, "dev1")[0]
     status_topic = device_topic("dev1", Channel.STATUS)
-    assert process_message(ctx, status_topic, b"{not json") == "malformed"
-    assert process_message(ctx, status_topic, b"\0" * (300 * 1024)) == "malformed"
-    assert process_message(ctx, "edgeota/v1/devices/dev1/unknown", b"{}") == "malformed"
-    assert process_message(ctx, "other/topic", b"{}") == "malformed"
-    assert process_message(ctx, device_topic("dev1", Channel.CHECKIN), b'{"kind":"status"}') == "malformed"
-    ghost = process_message(ctx, device_topic("ghost", Channel.PRESENCE), b'{"online":true,"boot_id":"b"}')
+    assert deliver(ctx, status_topic, b"{not json") == "malformed"
+    assert deliver(ctx, status_topic, b"\0" * (300 * 1024)) == "malformed"
+    assert deliver(ctx, "edgeota/v1/devices/dev1/unknown", b"{}") == "malformed"
+    assert deliver(ctx, "other/topic", b"{}") == "malformed"
+    assert deliver(ctx, device_topic("dev1", Channel.CHECKIN), b'{"kind":"status"}') == "malformed"
+    ghost = deliver(ctx, device_topic("ghost", Channel.PRESENCE), b'{"online":true,"boot_id":"b"}')
     assert ghost == "unknown_device"
     fake = a.model_copy(update={"deployment_id": "nosuchdeployment"})
     assert report(ctx, fake, DeploymentState.COMMITTED)[0] == "unknown_deployment"
@@ -128,10 +127,10 @@ def test_telemetry_is_stored_once_per_device_boot_seq(
         latency_counts=[0] * (len(LATENCY_EDGES_MS) + 1),
     )
     topic = device_topic("dev1", Channel.TELEMETRY)
-    outcomes = [process_message(ctx, topic, window.model_dump_json().encode()) for _ in range(3)]
+    outcomes = [deliver(ctx, topic, window.model_dump_json().encode()) for _ in range(3)]
     assert outcomes == ["ok", "duplicate", "duplicate"]
     copy = window.model_copy(update={"msg_id": "another-msg-id"})  # same (boot, seq) under a new msg id
-    assert process_message(ctx, topic, copy.model_dump_json().encode()) == "duplicate"
+    assert deliver(ctx, topic, copy.model_dump_json().encode()) == "duplicate"
     assert {window.msg_id, "another-msg-id"} <= acked(ctx, "dev1")
     with ctx.sessions() as session:
         assert session.scalar(select(func.count()).select_from(TelemetryRecord)) == 1
@@ -140,9 +139,9 @@ def test_telemetry_is_stored_once_per_device_boot_seq(
 def test_presence_sets_online(client: TestClient, ctx: ServerContext) -> None:
     client.post("/api/v1/devices", json={"device_id": "p1", "hardware_profile": "x86"}, headers=AUTH)
     topic = device_topic("p1", Channel.PRESENCE)
-    process_message(ctx, topic, Presence(online=True, boot_id="b1").model_dump_json().encode())
+    deliver(ctx, topic, Presence(online=True, boot_id="b1").model_dump_json().encode())
     assert client.get("/api/v1/devices/p1", headers=AUTH).json()["online"] is True
-    process_message(ctx, topic, Presence(online=False, boot_id="b1").model_dump_json().encode())
+    deliver(ctx, topic, Presence(online=False, boot_id="b1").model_dump_json().encode())
     assert client.get("/api/v1/devices/p1", headers=AUTH).json()["online"] is False
 
 
@@ -152,12 +151,9 @@ def test_a_flooding_device_is_throttled_and_others_are_not(client: TestClient, c
     ctx.limiter = RateLimiter(rate=0.001, burst=5)
     for dev in ("noisy", "quiet"):
         client.post("/api/v1/devices", json={"device_id": dev, "hardware_profile": "x86"}, headers=AUTH)
-    noisy = [
-        process_message(ctx, device_topic("noisy", Channel.PRESENCE), b'{"online":true,"boot_id":"b"}')
-        for _ in range(8)
-    ]
+    noisy = [deliver(ctx, device_topic("noisy", Channel.PRESENCE), b'{"online":true,"boot_id":"b"}') for _ in range(8)]
     assert noisy.count("ok") == 5 and noisy.count("rate_limited") == 3
-    assert process_message(ctx, device_topic("quiet", Channel.PRESENCE), b'{"online":true,"boot_id":"b"}') == "ok"
+    assert deliver(ctx, device_topic("quiet", Channel.PRESENCE), b'{"online":true,"boot_id":"b"}') == "ok"
     assert ctx.metrics.snapshot()["ingest_rate_limited"] == 3
     bucket = RateLimiter(rate=10, burst=1)
     assert bucket.allow("d", 0.0) and not bucket.allow("d", 0.05) and bucket.allow("d", 0.2)

@@ -1,8 +1,9 @@
 """Deployments of a rollout in the database: assigning, retrying, timing out, reverting, ending shadows.
 
-Each function changes rows inside the caller's transaction (the caller commits) and returns the ids of
-new deployments to publish once committed. Called by :func:`ota_server.services.rollouts.apply_effects`
-and by ingest (a late commit after a rollback).
+Each function changes rows inside the caller's unit of work (:mod:`ota_server.rollout.unit_of_work`)
+and returns the ids of new deployments to publish once committed; state changes go through
+:mod:`ota_server.rollout.records` by the rules of :mod:`ota_server.rollout.deployment_rules`. Called by
+:mod:`ota_server.rollout.apply` for the engine's, an operator's and a device report's effects.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from sqlalchemy.orm import Session
 from edgeota_contract.states import DeploymentState, ReasonCode
 from ota_server.models import Bundle, Deployment, Device, DeviceModel, Release, Rollout
 from ota_server.rollout.plan import Plan
+from ota_server.rollout.records import note, server_move
+from ota_server.rollout.unit_of_work import Outbox
 from ota_server.services import audit
 
 
@@ -76,10 +79,7 @@ def assign(
             select(Deployment).where(Deployment.device_id == device_id, Deployment.model_name == bundle.model_name)
         ):
             if not DeploymentState(other.state).terminal and (other.mode == "shadow") == shadow:
-                other.state = DeploymentState.FAILED.value
-                other.reason = ReasonCode.SUPERSEDED.value
-                other.detail = f"superseded by rollout {rollout.id}"
-                other.updated_at = now
+                server_move(other, "supersede", now, f"superseded by rollout {rollout.id}")
         already = running is not None and running.bundle_sha256 == bundle.sha256
         dep = Deployment(
             id=uuid.uuid4().hex,
@@ -125,11 +125,13 @@ def finish_install(
     session: Session,
     rollout: Rollout,
     device_ids: tuple[str, ...],
-    reason: ReasonCode,
+    rule: str,
     detail: str,
     now: datetime,
     actor: str,
+    outbox: Outbox,
 ) -> None:
+    """End the open deployments of ``device_ids`` by ``rule`` (``time_out`` or ``cancel``: failed)."""
     for dep in session.scalars(
         select(Deployment).where(
             Deployment.rollout_id == rollout.id,
@@ -140,12 +142,11 @@ def finish_install(
         if DeploymentState(dep.state).terminal:
             continue
         before = {"state": dep.state}
-        if dep.mode == "shadow" and dep.state != DeploymentState.PENDING.value:
-            _queue_shadow_stop(session, dep)
-        dep.state = DeploymentState.FAILED.value
-        dep.reason = reason.value
-        dep.detail = detail
-        dep.updated_at = now
+        was_pending = dep.state == DeploymentState.PENDING.value
+        if not server_move(dep, rule, now, detail):
+            continue
+        if dep.mode == "shadow" and not was_pending:
+            outbox.shadow_stops.append((dep.device_id, dep.model_name))
         audit.record(
             session,
             actor,
@@ -153,21 +154,24 @@ def finish_install(
             "deployment",
             dep.id,
             before,
-            {"state": dep.state, "reason": reason.value},
+            {"state": dep.state, "reason": dep.reason},
             detail,
         )
 
 
 def revert_devices(
-    session: Session, rollout: Rollout, device_ids: tuple[str, ...], actor: str, now: datetime
+    session: Session, rollout: Rollout, device_ids: tuple[str, ...], actor: str, now: datetime, outbox: Outbox
 ) -> list[str]:
     """Create one rollback deployment per device (to the bundle it ran before); returns their ids.
 
-    For a shadow rollout nothing is installed: the shadows are ended (``rolled_back``) and a
-    ``shadow_stop`` is queued for each (see :func:`take_shadow_stops`).
+    Each reverted install deployment keeps its state and gets ``reverted_by`` = the rollback
+    deployment's id: the typed record that the server ordered it back (see
+    :mod:`ota_server.rollout.deployment_rules` for how a committed install then ends). At most one
+    rollback deployment per (rollout, device). For a shadow rollout nothing is installed: the
+    shadows are ended (``rolled_back``) and a ``shadow_stop`` goes into ``outbox`` for each.
     """
     if Plan.from_json(rollout.plan).mode == "shadow":
-        _stop_shadows(session, rollout, device_ids, actor, now)
+        _stop_shadows(session, rollout, device_ids, actor, now, outbox)
         return []
     new_ids: list[str] = []
     skipped: list[str] = []
@@ -189,6 +193,8 @@ def revert_devices(
             )
         )
         if exists is not None:
+            if dep.reverted_by is None:
+                dep.reverted_by = exists.id
             continue
         previous = session.get(Bundle, dep.previous_bundle_sha256) if dep.previous_bundle_sha256 else None
         if previous is None:
@@ -211,6 +217,7 @@ def revert_devices(
             updated_at=now,
         )
         session.add(back)
+        dep.reverted_by = back.id
         audit.record(
             session,
             actor,
@@ -222,22 +229,14 @@ def revert_devices(
         )
         new_ids.append(back.id)
     if skipped:
-        rollout.detail = (rollout.detail + f"; no previous bundle to revert: {', '.join(skipped)}").lstrip("; ")
+        note(rollout, f"no previous bundle to revert: {', '.join(skipped)}")
     session.flush()
     return new_ids
 
 
-def _queue_shadow_stop(session: Session, dep: Deployment) -> None:
-    session.info.setdefault("shadow_stops", []).append((dep.device_id, dep.model_name))
-
-
-def take_shadow_stops(session: Session) -> list[tuple[str, str]]:
-    """The (device, model) pairs to send ``shadow_stop`` to once the session's transaction commits."""
-    stops: list[tuple[str, str]] = session.info.pop("shadow_stops", [])
-    return stops
-
-
-def _stop_shadows(session: Session, rollout: Rollout, device_ids: tuple[str, ...], actor: str, now: datetime) -> None:
+def _stop_shadows(
+    session: Session, rollout: Rollout, device_ids: tuple[str, ...], actor: str, now: datetime, outbox: Outbox
+) -> None:
     for dep in session.scalars(
         select(Deployment).where(
             Deployment.rollout_id == rollout.id,
@@ -246,12 +245,8 @@ def _stop_shadows(session: Session, rollout: Rollout, device_ids: tuple[str, ...
             Deployment.retried.is_(False),
         )
     ):
-        if dep.state == DeploymentState.ROLLED_BACK.value:
-            continue
         before = {"state": dep.state}
-        dep.state = DeploymentState.ROLLED_BACK.value
-        dep.reason = ReasonCode.SERVER_ROLLBACK.value
-        dep.detail = "shadow stopped"
-        dep.updated_at = now
-        _queue_shadow_stop(session, dep)
+        if not server_move(dep, "stop_shadow", now, "shadow stopped"):
+            continue
+        outbox.shadow_stops.append((dep.device_id, dep.model_name))
         audit.record(session, actor, "deployment.shadow_stop", "deployment", dep.id, before, {"state": dep.state})
