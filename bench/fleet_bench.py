@@ -53,11 +53,12 @@ from typing import Any
 
 import psutil
 
-from edgeota.fleet.api import RolloutPlan, ServerApi, ServerApiError, StagePlan
 from edgeota.fleet.releases import BuiltRelease, make_bad_release, package_release
 from edgeota.fleet.stack import Stack, local_stack, prepare_workdir
 from edgeota.procs import Supervisor
 from edgeota_contract.states import DeploymentState, RolloutState
+from ota_server.client import ApiClient, ApiClientError, as_json
+from ota_server.client_plans import RolloutPlan, StagePlan
 
 WORK = Path(__file__).resolve().parent / ".work"
 PROFILE = "imx8mp-npu"  # the largest latency budget (100 ms): hundreds of agents share two cores here
@@ -478,7 +479,7 @@ def _releases(stack: Stack, bad_kind: str = "slow") -> tuple[BuiltRelease, Built
 
 
 def _rollout(
-    api: ServerApi,
+    api: ApiClient,
     release_id: str,
     stages: list[StagePlan],
     timeout: float,
@@ -496,7 +497,7 @@ def _rollout(
     )
     rollout = api.create_rollout(release_id, plan)
     started = time.monotonic()
-    api.start_rollout(rollout["rollout_id"])
+    api.start_rollout(rollout.rollout_id)
     if on_started is not None:
         on_started()
     errors: list[str] = []
@@ -507,8 +508,8 @@ def _rollout(
         try:
             # Counts only: the full answer holds every deployment (10,000 rows at 10,000 devices), and polling it
             # every second cost the server a share of its CPU in session 3's runs.
-            final = api.rollout(rollout["rollout_id"], deployments=False)
-        except ServerApiError as exc:  # a busy server may fail one poll: note it and keep watching
+            final = as_json(api.rollout(rollout.rollout_id, deployments=False))
+        except ApiClientError as exc:  # a busy server may fail one poll: note it and keep watching
             errors.append(str(exc)[:200])
         elapsed = time.monotonic() - started
         if final and (not progress or elapsed - progress[-1][0] >= 10):
@@ -522,8 +523,8 @@ def _rollout(
             break
         time.sleep(1.0)
     seconds = time.monotonic() - started
-    with contextlib.suppress(ServerApiError):  # once, for the per-device reasons and the stuck evidence
-        final = api.rollout(rollout["rollout_id"])
+    with contextlib.suppress(ApiClientError):  # once, for the per-device reasons and the stuck evidence
+        final = as_json(api.rollout(rollout.rollout_id))
     if not final:
         final = {"state": "unknown", "counts": {}}
     if timed_out:
@@ -534,11 +535,11 @@ def _rollout(
     return final, seconds
 
 
-def _deployment_counts(api: ServerApi, rollout_id: str) -> dict[str, int]:
+def _deployment_counts(api: ApiClient, rollout_id: str) -> dict[str, int]:
     """``mode:state:reason`` -> deployments of a rollout, as the server has them now."""
     out: dict[str, int] = {}
-    with contextlib.suppress(ServerApiError):
-        for dep in api.rollout(rollout_id).get("deployments", []):
+    with contextlib.suppress(ApiClientError):
+        for dep in as_json(api.rollout(rollout_id)).get("deployments", []):
             key = f"{dep.get('mode', 'install')}:{dep.get('state')}:{dep.get('reason')}"
             out[key] = out.get(key, 0) + 1
     return out
@@ -617,9 +618,9 @@ def bench_size(devices: int, save: Any = None, variant: Variant | None = None) -
         "bad_release_slow_matmuls": BAD_SLOW_MATMULS,
     }
     fleet_dir = workdir / "fleet"
-    with local_stack(workdir, "mosquitto") as stack, ServerApi(stack.server_url, stack.admin_token, 120) as api:
+    with local_stack(workdir, "mosquitto") as stack, ApiClient.connect(stack.server_url, stack.admin_token, 120) as api:
         v1, v2, bad = _releases(stack, variant.bad_kind)
-        ids = [api.upload_bundle(r.bundles[PROFILE])["release_id"] for r in (v1, v2, bad)]
+        ids = [api.upload(r.bundles[PROFILE]).release_id for r in (v1, v2, bad)]
         out["bundle_bytes"] = {r.version: r.bundles[PROFILE].stat().st_size for r in (v1, v2, bad)}
         wire = WireCounter(stack.broker.host, stack.broker.port)
         t = time.monotonic()
@@ -636,7 +637,7 @@ def bench_size(devices: int, save: Any = None, variant: Variant | None = None) -
 
             def all_online() -> bool:
                 # The listing of every device grows with the fleet: at 10,000 it is polled every 10 s, not 2 s.
-                with contextlib.suppress(ServerApiError):
+                with contextlib.suppress(ApiClientError):
                     online_progress.append(
                         (round(time.monotonic() - t, 1), len(api.devices("fleet=bench", devices + 10, online=True)))
                     )

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+from ota_server.client import ApiClient, ApiClientError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -173,26 +173,19 @@ def run_one(
             stderr=subprocess.DEVNULL,
         )
         try:
-            http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
+            api = ApiClient.connect(url, ADMIN, 30)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 try:
-                    if http.get("/healthz").status_code == 200:
-                        break
-                except httpx.HTTPError:
+                    api.health()
+                    break
+                except ApiClientError:
                     time.sleep(0.1)
-            release = http.post(
-                "/api/v1/bundles", content=bundle.read_bytes(), headers={"Content-Type": "application/octet-stream"}
-            ).json()["release_id"]
+            release = api.upload(bundle).release_id
             for i in range(devices):
-                http.post(
-                    "/api/v1/devices",
-                    json={"device_id": f"bench-{i:05d}", "hardware_profile": "x86", "labels": {"ring": str(i % 4)}},
-                )
-            rollout = http.post(
-                "/api/v1/rollouts", json={"release_id": release, "stages": [{"percent": 100}], "start": True}
-            ).json()["rollout_id"]
-            while http.get(f"/api/v1/rollouts/{rollout}").json()["counts"]["notified"] < devices:
+                api.provision("x86", {"ring": str(i % 4)}, f"bench-{i:05d}")
+            rollout = api.create_rollout(release, {"stages": [{"percent": 100}]}, start=True).rollout_id
+            while api.rollout(rollout, deployments=False).counts["notified"] < devices:
                 time.sleep(0.2)
             paths = [
                 # Baseline: the HTTP stack's own floor at the same rate, on the same server.

@@ -24,9 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench.server_bench import ADMIN, _bundle, _free_port, _with_pg_database
+from ota_server.client import ApiClient, ApiClientError
 
 INGEST_BEFORE = 0  # ingest_batch_max=0: the old path, one transaction per message on paho's network thread
 INGEST_AFTER = 200
@@ -235,24 +234,20 @@ def run_ingest(database: str, devices: int, windows: int, batch_max: int, worker
             db = create_engine(db_url)
             acks = None
             try:
-                http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+                api = ApiClient.connect(url, ADMIN, 60)
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline:
                     try:
-                        if http.get("/healthz").json().get("mqtt_connected", True):
+                        if api.health().mqtt_connected:
                             break
-                    except (httpx.HTTPError, ValueError):
+                    except ApiClientError:
                         pass
                     time.sleep(0.2)
-                release = http.post(
-                    "/api/v1/bundles", content=bundle.read_bytes(), headers={"Content-Type": "application/octet-stream"}
-                ).json()["release_id"]
+                release = api.upload(bundle).release_id
                 for i in range(devices):
-                    http.post("/api/v1/devices", json={"device_id": f"ing-{i:05d}", "hardware_profile": "x86"})
-                rollout = http.post(
-                    "/api/v1/rollouts", json={"release_id": release, "stages": [{"percent": 100}], "start": True}
-                ).json()["rollout_id"]
-                while http.get(f"/api/v1/rollouts/{rollout}").json()["counts"]["notified"] < devices:
+                    api.provision("x86", device_id=f"ing-{i:05d}")
+                rollout = api.create_rollout(release, {"stages": [{"percent": 100}]}, start=True).rollout_id
+                while api.rollout(rollout, deployments=False).counts["notified"] < devices:
                     time.sleep(0.2)
                 with db.connect() as conn:
                     deps = conn.execute(select(Deployment.device_id, Deployment.id, Deployment.bundle_sha256)).all()
@@ -267,7 +262,7 @@ def run_ingest(database: str, devices: int, windows: int, batch_max: int, worker
                 sent = sum(len(s) for s in streams)
                 window_bytes = [len(p) for s in streams for t, p in s if t.endswith("/telemetry")]
                 acks = _AckCounter(broker.host, broker.port)
-                metrics_before = http.get("/api/v1/metrics").json()
+                metrics_before = api.metrics()
                 load_before = os.getloadavg()
                 start = _publish(broker.host, broker.port, streams, 4)
                 published = time.perf_counter() - start
@@ -277,7 +272,7 @@ def run_ingest(database: str, devices: int, windows: int, batch_max: int, worker
                 elapsed = (acks.last_ack or time.perf_counter()) - start
                 load_after = os.getloadavg()
                 time.sleep(1.0)
-                metrics = http.get("/api/v1/metrics").json()
+                metrics = api.metrics()
                 with db.connect() as conn:
                     stored = {
                         "telemetry_windows": conn.scalar(select(func.count()).select_from(TelemetryRecord)),

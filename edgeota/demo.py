@@ -25,10 +25,12 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeota.broker import BrokerPreference
-from edgeota.fleet.api import RolloutPlan, ServerApi, StagePlan
 from edgeota.fleet.simulator import FleetConfig, FleetSimulator
 from edgeota.fleet.stack import Stack, local_stack, prepare_workdir
 from edgeota.procs import signals_raise
+from ota_server.api.responses import RolloutStatus
+from ota_server.client import ApiClient, ApiClientError
+from ota_server.client_plans import RolloutPlan, StagePlan
 
 # Three device classes whose latency budgets (30-100 ms) leave room for a fleet simulated on a laptop's cores.
 PROFILES = ("rpi4", "rpi5", "imx8mp-npu")
@@ -110,9 +112,9 @@ def _story(opts: DemoOptions, stack: Stack, say: Narrator, console: Console) -> 
 
     t = say.step("Publishing the three releases (the server verifies every signature on upload)")
     release_ids: list[str] = []
-    with ServerApi(stack.server_url, stack.admin_token) as api:
+    with ApiClient.connect(stack.server_url, stack.admin_token) as api:
         for rel in releases:
-            ids = {api.upload_bundle(path)["release_id"] for path in rel.bundles.values()}
+            ids = {api.upload(path).release_id for path in rel.bundles.values()}
             release_ids.append(ids.pop())
         say.done(t, f"{sum(len(r.bundles) for r in releases)} bundles in {len(releases)} releases")
 
@@ -186,40 +188,38 @@ def _plan(opts: DemoOptions) -> RolloutPlan:
     )
 
 
-def _wait_online(api: ServerApi, expected: int, timeout: float) -> None:
-    from edgeota.fleet.api import ServerApiError
-
+def _wait_online(api: ApiClient, expected: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        online = [d for d in api.devices("fleet=demo", limit=expected + 10) if d.get("online")]
+        online = [d for d in api.devices("fleet=demo", limit=expected + 10) if d.online]
         if len(online) >= expected:
             return
         time.sleep(0.5)
-    raise ServerApiError(f"only {len(online)} of {expected} devices came online in {timeout:.0f}s")
+    raise ApiClientError(f"only {len(online)} of {expected} devices came online in {timeout:.0f}s")
 
 
 def _rollout(
-    api: ServerApi, sim: FleetSimulator, release_id: str, version: str, plan: RolloutPlan, console: Console, quick: bool
+    api: ApiClient, sim: FleetSimulator, release_id: str, version: str, plan: RolloutPlan, console: Console, quick: bool
 ) -> RolloutOutcome:
     from rich.live import Live
 
     created = api.create_rollout(release_id, plan)
-    rollout_id = created["rollout_id"]
+    rollout_id = created.rollout_id
     started = time.monotonic()
     api.start_rollout(rollout_id)
     watch: dict[str, Any] = {"gate": None, "stages": 0}
 
-    def on_poll(state: dict[str, Any]) -> None:
+    def on_poll(state: RolloutStatus) -> None:
         snap = sim.snapshot()
-        watch["stages"] = max(watch["stages"], int(state.get("current_stage", 0)) + 1)
-        if state["state"] in ("rolled_back", "aborted", "paused") and watch["gate"] is None:
+        watch["stages"] = max(watch["stages"], state.current_stage + 1)
+        if state.state in ("rolled_back", "aborted", "paused") and watch["gate"] is None:
             watch["gate"] = time.monotonic() - started
         live.update(_progress_table(version, state, snap.versions))
 
     with Live(console=console, refresh_per_second=4, transient=True) as live:
         final = api.wait_rollout(rollout_id, timeout=120 if quick else 240, on_poll=on_poll)
         all_back = None
-        if final["state"] != "completed":  # wait until no device serves the bad version any more
+        if final.state != "completed":  # wait until no device serves the bad version any more
             deadline = time.monotonic() + 90
             while sim.snapshot().versions.get(version, 0) and time.monotonic() < deadline:
                 on_poll(api.rollout(rollout_id))
@@ -227,20 +227,20 @@ def _rollout(
             if not sim.snapshot().versions.get(version, 0):
                 all_back = time.monotonic() - started
     reasons: dict[str, int] = {}
-    for dep in final.get("deployments", []):
-        if dep.get("state") in ("failed", "rolled_back") and dep.get("mode", "install") == "install":
-            reasons[dep.get("reason") or "?"] = reasons.get(dep.get("reason") or "?", 0) + 1
+    for dep in final.deployments or []:
+        if dep.state in ("failed", "rolled_back") and dep.mode == "install":
+            reasons[dep.reason or "?"] = reasons.get(dep.reason or "?", 0) + 1
     served_devices, served_requests = sim.served(version)
     return RolloutOutcome(
         version=version,
         rollout_id=rollout_id,
-        state=final["state"],
-        reason=final.get("reason"),
-        detail=final.get("detail"),
+        state=final.state,
+        reason=final.reason,
+        detail=final.detail,
         seconds=time.monotonic() - started,
         stages_reached=watch["stages"],
-        stage_count=int(final.get("stage_count", len(plan.stages))),
-        counts={k: v for k, v in final.get("counts", {}).items() if v},
+        stage_count=final.stage_count,
+        counts={k: v for k, v in final.counts.items() if v},
         gate_seconds=watch["gate"],
         all_back_seconds=all_back,
         served_devices=served_devices,
@@ -249,11 +249,11 @@ def _rollout(
     )
 
 
-def _progress_table(version: str, state: dict[str, Any], versions: dict[str, int]) -> Table:
+def _progress_table(version: str, state: RolloutStatus, versions: dict[str, int]) -> Table:
     table = Table(box=None, show_header=False, padding=(0, 2))
-    stage = f"stage {int(state.get('current_stage', 0)) + 1}/{state.get('stage_count', '?')}"
-    counts = ", ".join(f"{k} {v}" for k, v in state.get("counts", {}).items() if v) or "-"
-    table.add_row(f"      {version}", f"[bold]{state['state']}[/]", stage, counts)
+    stage = f"stage {state.current_stage + 1}/{state.stage_count}"
+    counts = ", ".join(f"{k} {v}" for k, v in state.counts.items() if v) or "-"
+    table.add_row(f"      {version}", f"[bold]{state.state}[/]", stage, counts)
     table.add_row("", "fleet serving", ", ".join(f"{v}: {n}" for v, n in sorted(versions.items())), "")
     return table
 

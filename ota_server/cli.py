@@ -1,21 +1,27 @@
 """``edgeota server|device|release|rollout|broker`` commands.
 
 Imports only stdlib, typer, rich and the contract at module level; the server and HTTP client
-are imported inside the commands. Errors print one ``error: ...`` line and exit non-zero.
+are imported inside the commands. Errors print one ``error: ...`` line and exit non-zero. What the
+CLI modules share (options, client, printing) is in :mod:`ota_server.cli_common`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
+from rich.console import Group
 from rich.table import Table
 
 from edgeota_contract.errors import ContractError, EdgeotaError
+from ota_server import cli_common as common
+from ota_server.cli_common import ServerOpt, TokenOpt, console
+from ota_server.cli_telemetry import gates_renderables
+
+if TYPE_CHECKING:
+    from ota_server.api.responses import RolloutStatus
 
 server_app = typer.Typer(help="Run and administer the OTA server.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
@@ -24,10 +30,6 @@ release_app = typer.Typer(help="Publish and inspect releases.", no_args_is_help=
 rollout_app = typer.Typer(help="Create and control rollouts.", no_args_is_help=True)
 broker_app = typer.Typer(help="Mosquitto configuration for the provisioned fleet.", no_args_is_help=True)
 server_app.add_typer(token_app, name="token")
-console = Console()
-
-ServerOpt = typer.Option(None, "--server", help="server URL (env EDGEOTA_URL)")
-TokenOpt = typer.Option(None, "--token", help="API token (env EDGEOTA_TOKEN)")
 
 
 def register(app: typer.Typer) -> None:
@@ -40,22 +42,10 @@ def register(app: typer.Typer) -> None:
     from ota_server.cli_tuf import tuf_app
 
     app.add_typer(telemetry_app, name="telemetry")
+    from ota_server.cli_dataset import dataset_app
+
+    app.add_typer(dataset_app, name="dataset")
     server_app.add_typer(tuf_app, name="tuf")
-
-
-def _client(server: str | None, token: str | None) -> Any:
-    from ota_server.client import ApiClient, ClientSettings
-
-    settings = ClientSettings()
-    if server:
-        settings.url = server
-    if token:
-        settings.token = token
-    return ApiClient(settings)
-
-
-def _print_json(data: Any) -> None:
-    console.print_json(json.dumps(data, default=str))
 
 
 # ------------------------------------------------------------------ server
@@ -104,21 +94,10 @@ def token_create(
     """Create an API token (needs an admin token); prints the token once."""
     if role not in ("admin", "release_manager", "operator", "viewer"):
         raise ContractError(f"unknown role {role!r}")
-    out = _client(server, token).request("POST", "/api/v1/tokens", json={"role": role, "name": name})
-    typer.echo(out["token"])
+    typer.echo(common.client(server, token).create_token(role, name).token)
 
 
 # ------------------------------------------------------------------ devices
-
-
-def _labels(values: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ContractError(f"label {item!r} is not key=value")
-        out[key] = value
-    return out
 
 
 @device_app.command("provision")
@@ -131,20 +110,17 @@ def device_provision(
     token: str | None = TokenOpt,
 ) -> None:
     """Register a device and write its agent.toml."""
-    body: dict[str, Any] = {"hardware_profile": profile, "labels": _labels(label)}
-    if device_id:
-        body["device_id"] = device_id
-    result = _client(server, token).request("POST", "/api/v1/devices", json=body)
+    result = common.client(server, token).provision(profile, common.parse_labels(label), device_id)
     if out is not None:
         import os
 
         out.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(result["agent_toml"])
-        typer.echo(f"provisioned {result['device_id']}; wrote {out}")
+            fh.write(result.agent_toml)
+        typer.echo(f"provisioned {result.device_id}; wrote {out}")
     else:
-        typer.echo(result["agent_toml"])
+        typer.echo(result.agent_toml)
 
 
 @device_app.command("list")
@@ -156,28 +132,25 @@ def device_list(
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
-    params: dict[str, Any] = {
-        k: v for k, v in {"profile": profile, "label": label, "online": online}.items() if v is not None
-    }
-    rows = _client(server, token).request("GET", "/api/v1/devices", params=params)
+    rows = common.client(server, token).devices(label, online=online, profile=profile)
     if as_json:
-        _print_json(rows)
+        common.print_json(rows)
         return
     table = Table("device", "profile", "online", "last seen", "labels")
     for r in rows:
         table.add_row(
-            r["device_id"],
-            r["hardware_profile"],
-            "yes" if r["online"] else "no",
-            r["last_seen"] or "-",
-            ",".join(f"{k}={v}" for k, v in r["labels"].items()),
+            r.device_id,
+            r.hardware_profile,
+            "yes" if r.online else "no",
+            r.last_seen or "-",
+            ",".join(f"{k}={v}" for k, v in r.labels.items()),
         )
     console.print(table)
 
 
 @device_app.command("show")
 def device_show(device_id: str, server: str | None = ServerOpt, token: str | None = TokenOpt) -> None:
-    _print_json(_client(server, token).request("GET", f"/api/v1/devices/{device_id}"))
+    common.print_json(common.client(server, token).device(device_id))
 
 
 # ------------------------------------------------------------------ releases
@@ -192,7 +165,7 @@ def release_publish(
     """Upload signed bundles; the server verifies each before accepting it."""
     from rich.progress import Progress
 
-    client = _client(server, token)
+    client = common.client(server, token)
     for path in bundles:
         if not path.is_file():
             raise ContractError(f"no such bundle file: {path}")
@@ -201,8 +174,8 @@ def release_publish(
         for path in bundles:
             out = client.upload(path)
             console.print(
-                f"{path.name}: release {out['release_id']} {out['model_name']} {out['version']} "
-                f"{out['hardware_profile']} sha256 {out['bundle_sha256'][:12]}",
+                f"{path.name}: release {out.release_id} {out.model_name} {out.version} "
+                f"{out.hardware_profile} sha256 {out.bundle_sha256[:12]}",
                 soft_wrap=True,
             )
             progress.advance(task)
@@ -210,40 +183,19 @@ def release_publish(
 
 @release_app.command("list")
 def release_list(server: str | None = ServerOpt, token: str | None = TokenOpt) -> None:
-    rows = _client(server, token).request("GET", "/api/v1/releases")
+    rows = common.client(server, token).releases()
     table = Table("release", "model", "version", "profiles")
     for r in rows:
-        table.add_row(
-            r["release_id"], r["model_name"], r["version"], ",".join(b["hardware_profile"] for b in r["bundles"])
-        )
+        table.add_row(r.release_id, r.model_name, r.version, ",".join(b.hardware_profile for b in r.bundles))
     console.print(table)
 
 
 @release_app.command("show")
 def release_show(release_id: str, server: str | None = ServerOpt, token: str | None = TokenOpt) -> None:
-    _print_json(_client(server, token).request("GET", f"/api/v1/releases/{release_id}"))
+    common.print_json(common.client(server, token).release(release_id))
 
 
 # ------------------------------------------------------------------ rollouts
-
-
-def _stage(spec: str) -> dict[str, Any]:
-    """``10%`` / ``10%:60`` (soak seconds) / ``5`` (device count) / ``50%:0:approve``."""
-    parts = spec.split(":")
-    size = parts[0]
-    stage: dict[str, Any] = {}
-    try:
-        if size.endswith("%"):
-            stage["percent"] = float(size[:-1])
-        else:
-            stage["count"] = int(size)
-        if len(parts) > 1 and parts[1]:
-            stage["soak_seconds"] = float(parts[1])
-    except ValueError as exc:
-        raise ContractError(f"bad stage {spec!r}: use PERCENT% or COUNT, optionally :SOAK[:approve]") from exc
-    if len(parts) > 2 and parts[2] == "approve":
-        stage["requires_approval"] = True
-    return stage
 
 
 @rollout_app.command("create")
@@ -262,7 +214,16 @@ def rollout_create(
     max_error_rate: float | None = typer.Option(None, "--max-error-rate", help="telemetry gate"),
     max_nan_rate: float | None = typer.Option(None, "--max-nan-rate", help="telemetry gate: NaN/inf per request"),
     max_p95_ratio: float | None = typer.Option(None, "--max-p95-ratio", help="telemetry gate vs previous release"),
-    max_psi: float | None = typer.Option(None, "--max-drift-psi", help="telemetry gate vs reference stats"),
+    max_psi: float | None = typer.Option(
+        None, "--max-drift-psi", help="telemetry gate vs reference stats: the drift rule's effect-size floor (PSI)"
+    ),
+    min_drift_values: int | None = typer.Option(None, "--min-drift-values", help="values per feature to judge drift"),
+    gate_data_timeout: float | None = typer.Option(
+        None, "--gate-data-timeout", help="seconds a stage waits after its soak for gates without enough data"
+    ),
+    on_missing_data: str = typer.Option(
+        "fail", "--on-missing-data", help="fail | pass: a gate still without data when the wait ends"
+    ),
     start_at: str | None = typer.Option(None, "--start-at", help="ISO time of a scheduled start"),
     strategy: str = typer.Option("canary", "--strategy", help="canary | blue_green | ab | shadow"),
     split: float | None = typer.Option(None, "--split", help="ab: percent of devices on the release"),
@@ -276,8 +237,8 @@ def rollout_create(
 ) -> None:
     body: dict[str, Any] = {
         "release_id": release_id,
-        "selector": {"hardware_profiles": profile, "labels": _labels(label), "device_ids": device},
-        "stages": [_stage(s) for s in stage],
+        "selector": {"hardware_profiles": profile, "labels": common.parse_labels(label), "device_ids": device},
+        "stages": [common.parse_stage(s) for s in stage],
         "gates": {
             "min_devices": min_devices,
             "max_failure_rate": max_failure_rate,
@@ -285,6 +246,7 @@ def rollout_create(
             "device_timeout_seconds": device_timeout,
         },
         "on_failure": on_failure,
+        "on_missing_data": on_missing_data,
         "max_retries": max_retries,
         "retry_backoff_seconds": retry_backoff,
         "strategy": strategy,
@@ -297,35 +259,33 @@ def rollout_create(
         "max_nan_output_rate": max_nan_rate,
         "max_p95_latency_ratio": max_p95_ratio,
         "max_drift_psi": max_psi,
+        "min_drift_values": min_drift_values,
+        "gate_data_timeout_seconds": gate_data_timeout,
     }
     body["gates"].update({k: v for k, v in optional.items() if v is not None})
     if start_at:
         body["start_at"] = start_at
     if split is not None:
         body["split_percent"] = split
-    windows = []
-    for spec in window:
-        begin, sep, end = spec.partition("-")
-        if not sep:
-            raise ContractError(f"bad window {spec!r}: use HH:MM-HH:MM (UTC)")
-        windows.append({"start": begin, "end": end})
-    if windows:
-        body["maintenance_windows"] = windows
-    out = _client(server, token).request("POST", "/api/v1/rollouts", json=body)
+    if window:
+        body["maintenance_windows"] = common.parse_windows(window)
+    client = common.client(server, token)
     if dry_run:
-        _print_json(out)
+        common.print_json(client.dry_run_rollout(release_id, body))
     else:
-        typer.echo(out["rollout_id"])
+        typer.echo(client.create_rollout(release_id, body).rollout_id)
 
 
-def _command(command: str, rollout_id: str, server: str | None, token: str | None, body: dict[str, Any]) -> None:
-    out = _client(server, token).request("POST", f"/api/v1/rollouts/{rollout_id}/{command}", json=body)
-    typer.echo(f"rollout {rollout_id}: {out['state']}")
+def _command(
+    command: str, rollout_id: str, server: str | None, token: str | None, reason: str = "", revert: bool = False
+) -> None:
+    out = common.client(server, token).command(rollout_id, command, reason, revert)
+    typer.echo(f"rollout {rollout_id}: {out.state}")
 
 
 @rollout_app.command("start")
 def rollout_start(rollout_id: str, server: str | None = ServerOpt, token: str | None = TokenOpt) -> None:
-    _command("start", rollout_id, server, token, {})
+    _command("start", rollout_id, server, token)
 
 
 @rollout_app.command("pause")
@@ -335,17 +295,17 @@ def rollout_pause(
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
-    _command("pause", rollout_id, server, token, {"reason": reason})
+    _command("pause", rollout_id, server, token, reason)
 
 
 @rollout_app.command("resume")
 def rollout_resume(rollout_id: str, server: str | None = ServerOpt, token: str | None = TokenOpt) -> None:
-    _command("resume", rollout_id, server, token, {})
+    _command("resume", rollout_id, server, token)
 
 
 @rollout_app.command("approve")
 def rollout_approve(rollout_id: str, server: str | None = ServerOpt, token: str | None = TokenOpt) -> None:
-    _command("approve", rollout_id, server, token, {})
+    _command("approve", rollout_id, server, token)
 
 
 @rollout_app.command("abort")
@@ -356,7 +316,7 @@ def rollout_abort(
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
-    _command("abort", rollout_id, server, token, {"revert": revert, "reason": reason})
+    _command("abort", rollout_id, server, token, reason, revert)
 
 
 @rollout_app.command("rollback")
@@ -366,15 +326,15 @@ def rollout_rollback(
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
-    _command("rollback", rollout_id, server, token, {"reason": reason})
+    _command("rollback", rollout_id, server, token, reason)
 
 
-def _status_table(r: dict[str, Any]) -> Table:
-    table = Table(title=f"rollout {r['rollout_id']}  {r['state']}  stage {r['current_stage'] + 1}/{r['stage_count']}")
-    for state in r["counts"]:
+def _status_table(r: RolloutStatus) -> Group:
+    table = Table(title=f"rollout {r.rollout_id}  {r.state}  stage {r.current_stage + 1}/{r.stage_count}")
+    for state in r.counts:
         table.add_column(state)
-    table.add_row(*(str(v) for v in r["counts"].values()))
-    return table
+    table.add_row(*(str(v) for v in r.counts.values()))
+    return Group(table, *gates_renderables(r))
 
 
 @rollout_app.command("status")
@@ -385,8 +345,8 @@ def rollout_status(
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
-    client = _client(server, token)
-    r = client.request("GET", f"/api/v1/rollouts/{rollout_id}", params={"deployments": "false"})
+    client = common.client(server, token)
+    r = client.rollout(rollout_id, deployments=False)
     if not watch:
         console.print(_status_table(r))
         return
@@ -394,11 +354,11 @@ def rollout_status(
 
     terminal = {"completed", "aborted", "rolled_back"}
     with Live(_status_table(r), console=console, refresh_per_second=4) as live:
-        while r["state"] not in terminal:
+        while r.state not in terminal:
             time.sleep(interval)
-            r = client.request("GET", f"/api/v1/rollouts/{rollout_id}", params={"deployments": "false"})
+            r = client.rollout(rollout_id, deployments=False)
             live.update(_status_table(r))
-    typer.echo(f"rollout {rollout_id}: {r['state']} {r['detail']}")
+    typer.echo(f"rollout {rollout_id}: {r.state} {r.detail}")
 
 
 # ------------------------------------------------------------------ broker

@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
 
 from edgeota_contract.errors import ContractError
+from ota_server.cli_common import console
 
 if TYPE_CHECKING:
     from ota_server.tuf_repo import TufRepository
 
 tuf_app = typer.Typer(help="The TUF repository: root keys, freshness, key rotation.", no_args_is_help=True)
-console = Console()
 ConfigOpt = typer.Option(None, "--config", help="server TOML config (env vars override it)")
 
 

@@ -49,4 +49,8 @@ class PermissionDenied(ServerError):
 
 
 class RateLimited(ServerError):
-    """Too many requests from this caller; try again later. 429."""
+    """Too many requests from this caller; try again after ``retry_after`` seconds (when known). 429."""
+
+    def __init__(self, message: str, retry_after: int | None = None, reason: ReasonCode | None = None) -> None:
+        super().__init__(message, reason)
+        self.retry_after = retry_after

@@ -22,6 +22,7 @@ from ota_server.api.routes import (
     device_commands,
     devices,
     health,
+    metrics,
     releases,
     rollouts,
     samples,
@@ -34,10 +35,25 @@ from ota_server.context import ServerContext
 from ota_server.core.config import Settings
 from ota_server.core.problems import install_problem_handlers
 from ota_server.core.security import load_or_create_server_key
+from ota_server.core.unstorable import RefuseUnstorableText
 from ota_server.db import make_engine, make_sessionmaker, upgrade_to_head
 from ota_server.tuf_service import TufRefresher, open_repository, prepare_repository
 
 log = logging.getLogger("edgeota.server")
+# Every router of the API, in the order they are mounted.
+ROUTE_MODULES = (
+    health,
+    tokens,
+    audit,
+    releases,
+    devices,
+    device_commands,
+    rollouts,
+    samples,
+    telemetry,
+    tuf,
+    metrics,
+)
 
 
 def build_context(settings: Settings, migrate: bool = True) -> ServerContext:
@@ -125,6 +141,8 @@ def create_app(settings: Settings | None = None, ctx: ServerContext | None = Non
     app = FastAPI(title="edgeota OTA server", version="1", lifespan=lifespan)
     app.state.ctx = ctx
     install_problem_handlers(app)
-    for module in (health, tokens, audit, releases, devices, device_commands, rollouts, samples, telemetry, tuf):
+    # NUL and other text a database cannot store: 422 before any route or query sees it.
+    app.add_middleware(RefuseUnstorableText)
+    for module in ROUTE_MODULES:
         app.include_router(module.router)
     return app

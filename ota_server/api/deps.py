@@ -9,8 +9,8 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from ota_server.context import ServerContext
-from ota_server.core.problems import ApiError
 from ota_server.core.security import Role
+from ota_server.errors import PermissionDenied, Unauthenticated
 from ota_server.services.tokens import Principal, authenticate
 
 # Dependencies are async (run on the event loop) because FastAPI runs every sync dependency in
@@ -40,7 +40,7 @@ def _bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "Unauthorized", "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthenticated("missing bearer token")
     return token.strip()
 
 
@@ -50,7 +50,7 @@ async def principal(request: Request, ctx: CtxDep) -> Principal:
     with ctx.sessions() as session:
         who = authenticate(session, token, admin)
     if who is None:
-        raise ApiError(401, "Unauthorized", "invalid token", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthenticated("invalid token")
     return who
 
 
@@ -59,7 +59,7 @@ def require(role: Role) -> Callable[..., Awaitable[Principal]]:
 
     async def check(who: Annotated[Principal, Depends(principal)]) -> Principal:
         if who.role is None or not who.role.allows(role):
-            raise ApiError(403, "Forbidden", f"this call needs the {role.value} role")
+            raise PermissionDenied(f"this call needs the {role.value} role")
         return who
 
     return check

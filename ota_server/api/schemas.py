@@ -71,6 +71,16 @@ class GatesBody(_Body):
     min_telemetry_requests: int = Field(default=100, ge=1, le=10**12)
     min_shadow_agreement: float | None = Field(default=None, ge=0, le=1, description="top-1 agreement of shadows")
     max_concurrent: int | None = Field(default=None, ge=1, le=10_000_000, description="cap on deployments in flight")
+    gate_data_timeout_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        le=30 * 86400,
+        description="how long a stage waits after its soak for telemetry gates without enough data; "
+        "default: the stage's soak, at least 600 s",
+    )
+    min_drift_values: int | None = Field(
+        default=None, ge=1, le=10**9, description="values per feature before the drift gate judges; default 200"
+    )
 
 
 class WindowBody(_Body):
@@ -97,6 +107,11 @@ class RolloutCreate(_Body):
     stages: list[StageBody] = Field(default_factory=lambda: [StageBody(percent=100)], min_length=1, max_length=50)
     gates: GatesBody = Field(default_factory=GatesBody)
     on_failure: Literal["rollback", "pause"] = "rollback"
+    on_missing_data: Literal["fail", "pass"] = Field(
+        default="fail",
+        description="a telemetry gate still not evaluated when its stage's wait for data ends: fail (take "
+        "on_failure) or pass (the stage passes and the rollout says which gates were not evaluated)",
+    )
     maintenance_windows: list[WindowBody] = Field(default_factory=list, max_length=48)
     max_retries: int = Field(
         default=0,

@@ -6,26 +6,27 @@ from pathlib import Path
 
 from fastapi import Request
 
-from ota_server.core.problems import ApiError
+from ota_server.errors import MalformedInput, TooLarge
 
 
 async def receive_to_file(request: Request, dest: Path, limit: int, what: str, empty_detail: str) -> int:
     """Stream the body into ``dest`` and return its size.
 
     Raises:
-        ApiError: 413 as soon as the body (or its declared length) passes ``limit``; 400 if empty.
+        TooLarge: as soon as the body (or its declared length) passes ``limit``.
+        MalformedInput: the body is empty.
         The caller removes ``dest`` on any error.
     """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "Content Too Large", f"{what} exceeds the {limit} byte limit")
+        raise TooLarge(f"{what} exceeds the {limit} byte limit")
     size = 0
     with open(dest, "wb") as fh:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise ApiError(413, "Content Too Large", f"{what} exceeds the {limit} byte limit")
+                raise TooLarge(f"{what} exceeds the {limit} byte limit")
             fh.write(chunk)
     if size == 0:
-        raise ApiError(400, "Bad Request", empty_detail)
+        raise MalformedInput(empty_detail)
     return size

@@ -78,7 +78,7 @@ class Settings(BaseSettings):
         ge=0,
         le=5000,
         description="device messages applied per database transaction by an ingest writer; "
-        "0: the old path (each message in its own transaction on the MQTT network thread)",
+        "0 is accepted for old configuration files and means 1 (there is no other ingest path)",
     )
     ingest_workers: int | None = Field(
         default=None, ge=1, le=32, description="ingest writer threads; default 2 on PostgreSQL, always 1 on SQLite"
@@ -95,6 +95,17 @@ class Settings(BaseSettings):
         ge=0,
         le=64,
         description="0: one process serves everything; N: N API processes plus a core process (engine, MQTT)",
+    )
+    telemetry_cohort_label: str = Field(
+        default="cohort",
+        max_length=63,
+        description="device label whose value is a telemetry cohort (aggregates, summary, metrics); '' for none",
+    )
+    telemetry_bucket_seconds: int = Field(
+        default=300, ge=60, le=86400, description="time bucket of the telemetry aggregates (by window end)"
+    )
+    metrics_public: bool = Field(
+        default=False, description="serve the Prometheus /metrics without a token (a private network only)"
     )
     max_sample_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="raw-input sample upload cap")
     log_level: str = "INFO"

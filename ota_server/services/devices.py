@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 
 from edgeota_contract.provisioning import DeviceProvisioning, DeviceSection, MqttSection, ServerSection, TrustSection
 from ota_server.context import ServerContext
-from ota_server.core.problems import ApiError
 from ota_server.core.security import hash_secret, mosquitto_password_hash, new_secret
+from ota_server.errors import Conflict, InvalidRequest
 from ota_server.models import Deployment, Device, DeviceModel, utcnow
 from ota_server.services import audit
 
@@ -28,13 +28,13 @@ def provision(
     """Register a device and return its one-time credentials and ``agent.toml``.
 
     Raises:
-        ApiError(409): the device id is taken.
+        Conflict: the device id is taken, or no release keys are configured (a device could trust nothing).
     """
     if not ctx.release_key_pems:
-        raise ApiError(409, "Conflict", "no trusted release keys configured; set EDGEOTA_SERVER_RELEASE_KEYS")
+        raise Conflict("no trusted release keys configured; set EDGEOTA_SERVER_RELEASE_KEYS")
     device_id = device_id or f"dev-{uuid.uuid4().hex[:12]}"
     if session.get(Device, device_id) is not None:
-        raise ApiError(409, "Conflict", f"device {device_id} already exists")
+        raise Conflict(f"device {device_id} already exists")
     token_secret = new_secret()
     mqtt_password = new_secret()
     device = Device(
@@ -89,7 +89,7 @@ def is_online(device: DeviceLike, heartbeat_timeout: float, now: datetime | None
 
 
 def parse_label_selector(selector: str | None) -> dict[str, str]:
-    """``"k=v,k2=v2"`` -> dict; raises ApiError(422) on a malformed term."""
+    """``"k=v,k2=v2"`` -> dict; raises InvalidRequest on a malformed term."""
     out: dict[str, str] = {}
     for term in (selector or "").split(","):
         term = term.strip()
@@ -97,7 +97,7 @@ def parse_label_selector(selector: str | None) -> dict[str, str]:
             continue
         key, sep, value = term.partition("=")
         if not sep or not key.strip():
-            raise ApiError(422, "Unprocessable Content", f"label selector term {term!r} is not key=value")
+            raise InvalidRequest(f"label selector term {term!r} is not key=value")
         out[key.strip()] = value.strip()
     return out
 

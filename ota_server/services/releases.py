@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from edgeota_contract.bundle import verify_bundle
 from edgeota_contract.signing import TrustedKeys
 from ota_server.artifacts import ArtifactStore
-from ota_server.core.problems import ApiError
+from ota_server.errors import Conflict
 from ota_server.models import Bundle, Release
 from ota_server.services import audit
 from ota_server.tuf_repo import TufRepository, bundle_custom
@@ -34,11 +34,11 @@ def accept_bundle(
 
     Raises:
         SignatureError / BundleError: the bundle is unsigned, untrusted, tampered or unsafe.
-        ApiError(409): another bundle already holds this model version and profile.
+        Conflict: another bundle already holds this model version and profile, or no release keys are configured.
     """
     try:
         if len(trusted) == 0:
-            raise ApiError(409, "Conflict", "no trusted release keys configured; set EDGEOTA_SERVER_RELEASE_KEYS")
+            raise Conflict("no trusted release keys configured; set EDGEOTA_SERVER_RELEASE_KEYS")
         verified = verify_bundle(upload, trusted)
         m = verified.manifest
         existing = session.get(Bundle, verified.archive_sha256)
@@ -64,9 +64,7 @@ def accept_bundle(
             select(Bundle).where(Bundle.release_id == release.id, Bundle.hardware_profile == m.hardware_profile)
         )
         if clash is not None:
-            raise ApiError(
-                409,
-                "Conflict",
+            raise Conflict(
                 f"{m.model_name} {m.version} already has a different bundle for profile {m.hardware_profile}",
             )
         bundle = Bundle(

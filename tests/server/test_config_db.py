@@ -12,7 +12,7 @@ from sqlalchemy import inspect, text
 from edgeota_contract.errors import ContractError
 from edgeota_contract.signing import load_private_key, load_public_key
 from ota_server.core.config import Settings
-from ota_server.db import make_engine, make_sessionmaker, upgrade_to_head
+from ota_server.db import alembic_config, make_engine, make_sessionmaker, upgrade_to_head
 from ota_server.main import build_context
 from ota_server.models import AuditEntry
 
@@ -76,6 +76,15 @@ def test_server_key_generated_once_and_public_half_exported(tmp_path: Path) -> N
     second.engine.dispose()
 
 
+def _head_revision() -> str:
+    """The newest migration's revision, as the migration scripts declare it."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head is not None
+    return head
+
+
 def test_migrations_create_schema_and_are_idempotent(db_url: str) -> None:
     engine = make_engine(db_url)
     upgrade_to_head(engine)
@@ -83,7 +92,7 @@ def test_migrations_create_schema_and_are_idempotent(db_url: str) -> None:
     tables = set(inspect(engine).get_table_names())
     assert {"alembic_version", "devices", "deployments", "rollouts", "audit_log", "telemetry_windows"} <= tables
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == _head_revision()
     engine.dispose()
 
 

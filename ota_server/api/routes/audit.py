@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from fastapi import APIRouter, Query
 
 from ota_server.api.deps import Operator, SessionDep
+from ota_server.api.responses import AuditEntry
 from ota_server.services import audit
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
 
-@router.get("")
+@router.get("", response_model=list[AuditEntry])
 def list_audit(
     session: SessionDep,
     _who: Operator,
@@ -25,7 +25,7 @@ def list_audit(
     until: datetime | None = None,
     limit: int = Query(default=100, ge=1, le=1000),
     offset: int = Query(default=0, ge=0, le=10_000_000),
-) -> list[dict[str, Any]]:
+) -> list[dict[str, object]]:
     entries = audit.query(
         session,
         actor=actor,

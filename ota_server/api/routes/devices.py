@@ -10,15 +10,16 @@ from fastapi.responses import JSONResponse
 
 from edgeota_contract.topics import DEVICE_ID_PATTERN
 from ota_server.api.deps import CtxDep, Operator, SessionDep, Viewer
+from ota_server.api.responses import DeviceDetail, DeviceProvisioned, DeviceSummary
 from ota_server.api.schemas import DeviceCreate
-from ota_server.core.problems import ApiError
+from ota_server.errors import NotFound
 from ota_server.models import Device
 from ota_server.services import devices as svc
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, response_model=DeviceProvisioned)
 def provision(body: DeviceCreate, ctx: CtxDep, session: SessionDep, who: Operator) -> dict[str, Any]:
     """Register a device; returns its token, MQTT credentials and ``agent.toml`` (shown once)."""
     out = svc.provision(ctx, session, body.hardware_profile, body.labels, body.device_id, who.name)
@@ -26,7 +27,8 @@ def provision(body: DeviceCreate, ctx: CtxDep, session: SessionDep, who: Operato
     return out
 
 
-@router.get("")
+# A JSONResponse (not validated again): listing large fleets is a hot path.
+@router.get("", response_model=list[DeviceSummary])
 def list_devices(
     ctx: CtxDep,
     session: SessionDep,
@@ -43,11 +45,11 @@ def list_devices(
     )
 
 
-@router.get("/{device_id}")
+@router.get("/{device_id}", response_model=DeviceDetail)
 def show(
     ctx: CtxDep, session: SessionDep, _who: Viewer, device_id: str = PathParam(pattern=DEVICE_ID_PATTERN)
 ) -> dict[str, Any]:
     device = session.get(Device, device_id)
     if device is None:
-        raise ApiError(404, "Not Found", f"device {device_id} not found")
+        raise NotFound(f"device {device_id} not found")
     return svc.device_detail(session, device, ctx.settings.device_heartbeat_timeout_seconds)

@@ -8,11 +8,12 @@ from fastapi import APIRouter
 from sqlalchemy import text
 
 from ota_server.api.deps import CtxDep, Viewer
+from ota_server.api.responses import Health
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=Health)
 def healthz(ctx: CtxDep) -> dict[str, Any]:
     """Ready when the database answers. Reports MQTT connectivity without failing on it."""
     with ctx.engine.connect() as conn:
@@ -21,6 +22,6 @@ def healthz(ctx: CtxDep) -> dict[str, Any]:
     return {"status": "ok", "mqtt_connected": bool(bridge.is_set()) if bridge is not None else False}
 
 
-@router.get("/api/v1/metrics")
+@router.get("/api/v1/metrics", response_model=dict[str, int])
 def metrics(ctx: CtxDep, _who: Viewer) -> dict[str, int]:
     return ctx.metrics_snapshot()

@@ -17,8 +17,10 @@ from sqlalchemy import select
 
 from edgeota_contract.manifest import SHA256_PATTERN
 from ota_server.api.deps import AnyCaller, CtxDep, ReleaseManager, SessionDep, Viewer
+from ota_server.api.responses import BINARY, BundleRecord, ReleaseRecord
 from ota_server.api.upload import receive_to_file
 from ota_server.core.problems import ApiError
+from ota_server.errors import NotFound, PermissionDenied
 from ota_server.models import Bundle, Release
 from ota_server.services.releases import accept_bundle, bundle_json, release_json
 
@@ -29,6 +31,8 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 @router.post(
     "/bundles",
     status_code=201,
+    response_model=BundleRecord,
+    responses={200: {"model": BundleRecord, "description": "this bundle was already stored"}},
     openapi_extra={
         "requestBody": {
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
@@ -65,7 +69,7 @@ async def upload_bundle(request: Request, ctx: CtxDep, who: ReleaseManager) -> R
     return JSONResponse(body, status_code=201 if created else 200)
 
 
-@router.get("/releases")
+@router.get("/releases", response_model=list[ReleaseRecord])
 def list_releases(
     session: SessionDep,
     _who: Viewer,
@@ -79,11 +83,11 @@ def list_releases(
     return [release_json(session, r) for r in session.scalars(stmt.offset(offset).limit(limit))]
 
 
-@router.get("/releases/{release_id}")
+@router.get("/releases/{release_id}", response_model=ReleaseRecord)
 def get_release(session: SessionDep, _who: Viewer, release_id: str = PathParam(max_length=64)) -> dict[str, Any]:
     release = session.get(Release, release_id)
     if release is None:
-        raise ApiError(404, "Not Found", f"release {release_id} not found")
+        raise NotFound(f"release {release_id} not found")
     return release_json(session, release)
 
 
@@ -101,8 +105,10 @@ def _file_iter(path: Path, start: int, length: int) -> Iterator[bytes]:
 
 @router.get(
     "/artifacts/{sha256}",
+    response_class=Response,
     responses={
-        206: {"description": "partial content"},
+        200: {"description": "the bundle archive", "content": BINARY},
+        206: {"description": "partial content", "content": BINARY},
         304: {"description": "not modified"},
         416: {"description": "range not satisfiable"},
     },
@@ -117,13 +123,13 @@ def download(
     """Stream a bundle. Supports one ``Range: bytes=a-b`` (206/416) and ``If-None-Match`` (304)."""
     bundle = session.get(Bundle, sha256)
     if bundle is None or not ctx.store.exists(sha256):
-        raise ApiError(404, "Not Found", f"no bundle {sha256}")
+        raise NotFound(f"no bundle {sha256}")
     if who.role is None and who.device_id is not None:
         from ota_server.models import Device
 
         device = session.get(Device, who.device_id)
         if device is None or device.hardware_profile != bundle.hardware_profile:
-            raise ApiError(403, "Forbidden", "this bundle is not for this device's hardware profile")
+            raise PermissionDenied("this bundle is not for this device's hardware profile")
     # Never hold a database transaction open while a (possibly slow) device downloads.
     session.close()
     etag = f'"{sha256}"'

@@ -1,22 +1,29 @@
-"""Raw-input sample upload (device token) and export for ML engineers (viewer and up)."""
+"""Raw-input sample upload (device token) and export for ML engineers (viewer and up), files or a Parquet dataset."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from edgeota_contract.errors import EdgeotaError
 from edgeota_contract.manifest import NAME_PATTERN, SEMVER_PATTERN, SHA256_PATTERN
 from edgeota_contract.topics import DEVICE_ID_PATTERN
 from ota_server.api.deps import AnyCaller, CtxDep, Viewer
+from ota_server.api.responses import BINARY, SampleList, SampleRecord, binary_content
 from ota_server.api.upload import receive_to_file
-from ota_server.core.problems import ApiError
+from ota_server.core.problems import status_of
+from ota_server.errors import InvalidRequest, PermissionDenied, RateLimited
+from ota_server.services import datasets
 from ota_server.services import samples as svc
 
 router = APIRouter(prefix="/api/v1", tags=["samples"])
@@ -25,6 +32,8 @@ router = APIRouter(prefix="/api/v1", tags=["samples"])
 @router.post(
     "/devices/{device_id}/samples",
     status_code=201,
+    response_model=SampleRecord,
+    responses={200: {"model": SampleRecord, "description": "this sample was already stored"}},
     openapi_extra={
         "requestBody": {
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
@@ -41,10 +50,10 @@ async def upload_sample(
     bodies over the ``max_sample_bytes`` setting get 413, bad names or bodies 400/422, and nothing is stored.
     """
     if who.device_id is None or who.device_id != device_id:
-        raise ApiError(403, "Forbidden", "only the device itself may upload its samples")
+        raise PermissionDenied("only the device itself may upload its samples")
     assert ctx.limiter is not None
     if not ctx.limiter.allow(f"samples:{device_id}", time.monotonic()):
-        raise ApiError(429, "Too Many Requests", "sample upload rate exceeded", headers={"Retry-After": "5"})
+        raise RateLimited("sample upload rate exceeded", retry_after=5)
     name = request.headers.get(svc.SAMPLE_HEADER)
     limit = ctx.settings.max_sample_bytes
 
@@ -62,11 +71,15 @@ async def upload_sample(
 
         def _store() -> tuple[svc.SampleInfo, bool]:
             svc.check_npz(tmp, limit)
-            return svc.store_sample(svc.samples_root(ctx.settings.data_dir), origin, tmp)
+            meta = svc.read_meta(tmp, origin, datetime.now(UTC))
+            info, created = svc.store_sample(svc.samples_root(ctx.settings.data_dir), origin, tmp)
+            with ctx.sessions() as session:
+                svc.record_sample(session, origin, info, meta)
+            return info, created
 
         info, created = await run_in_threadpool(_store)
-    except ApiError as exc:
-        ctx.metrics.inc(f"samples_refused_{exc.status}")
+    except EdgeotaError as exc:
+        ctx.metrics.inc(f"samples_refused_{status_of(exc)}")
         raise
     finally:
         tmp.unlink(missing_ok=True)
@@ -74,7 +87,7 @@ async def upload_sample(
     return JSONResponse(info.to_json(), status_code=201 if created else 200)
 
 
-@router.get("/samples")
+@router.get("/samples", response_model=SampleList)
 def list_samples(
     ctx: CtxDep,
     _who: Viewer,
@@ -90,7 +103,13 @@ def list_samples(
     return {"count": len(found), "samples": [s.to_json() for s in found[offset : offset + limit]]}
 
 
-@router.get("/samples/archive", responses={200: {"content": {"application/x-tar": {}}}})
+@router.get(
+    "/samples/archive",
+    response_class=Response,
+    responses={
+        200: {"description": "a tar of index.json and the samples", "content": binary_content("application/x-tar")}
+    },
+)
 def export_archive(
     ctx: CtxDep,
     _who: Viewer,
@@ -103,7 +122,7 @@ def export_archive(
     root = svc.samples_root(ctx.settings.data_dir)
     found = svc.list_samples(root, model_name, version, profile, device_id)
     if len(found) > svc.MAX_ARCHIVE_SAMPLES:
-        raise ApiError(422, "Unprocessable Content", f"{len(found)} samples; narrow the filters")
+        raise InvalidRequest(f"{len(found)} samples; narrow the filters")
     index = json.dumps([s.to_json() for s in found], indent=1).encode()
     filename = f"samples-{model_name}{'-' + version if version else ''}.tar"
     return StreamingResponse(
@@ -115,7 +134,8 @@ def export_archive(
 
 @router.get(
     "/samples/{model_name}/{version}/{profile}/{device_id}/{sha256}",
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    response_class=Response,
+    responses={200: {"description": "the sample (.npz)", "content": BINARY}},
 )
 def download_sample(
     ctx: CtxDep,
@@ -129,3 +149,85 @@ def download_sample(
     """One stored sample, as uploaded (``.npz``)."""
     path = svc.sample_path(svc.samples_root(ctx.settings.data_dir), model_name, version, profile, device_id, sha256)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{sha256}.npz")
+
+
+MAX_DRIFT_REPORT_BYTES = 1 << 20
+
+
+class DatasetExportBody(BaseModel):
+    """``POST /api/v1/datasets/export``: which samples, and why the export is made."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_name: str = Field(pattern=NAME_PATTERN)
+    version: str | None = Field(default=None, pattern=SEMVER_PATTERN)
+    profile: str | None = Field(default=None, pattern=NAME_PATTERN)
+    since: datetime | None = Field(default=None, description="samples received at or after (ISO 8601)")
+    until: datetime | None = Field(default=None, description="samples received at or before (ISO 8601)")
+    cohort_label: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="device label of the cohort partition; default: the server's telemetry_cohort_label, else 'cohort'",
+    )
+    trigger: str = Field(default="manual", pattern=datasets.TRIGGER_PATTERN, description="manual, alert:<id>, ...")
+    parent_release: str | None = Field(default=None, min_length=1, max_length=32)
+    drift_report: dict[str, Any] | None = Field(default=None, description="the drift report behind the export")
+
+    @field_validator("drift_report")
+    @classmethod
+    def _small_report(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and len(json.dumps(value)) > MAX_DRIFT_REPORT_BYTES:
+            raise ValueError(f"drift_report is larger than {MAX_DRIFT_REPORT_BYTES} bytes")
+        return value
+
+    @field_validator("since", "until")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("give a time zone (e.g. Z)")
+        return value
+
+
+@router.post(
+    "/datasets/export",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "a tar of _manifest.json and the Parquet partitions (release=<id>/cohort=<value>/...)",
+            "content": binary_content("application/x-tar"),
+        }
+    },
+)
+def export_dataset(body: DatasetExportBody, ctx: CtxDep, _who: Viewer) -> Response:
+    """The matching samples as a Parquet dataset, partitioned by release and cohort, with a manifest
+    (:mod:`ota_server.services.datasets` states the layout); 404 for an unknown parent release, 422 for
+    bad parameters or too many samples."""
+    query = datasets.ExportQuery(
+        model_name=body.model_name,
+        version=body.version,
+        profile=body.profile,
+        since=body.since,
+        until=body.until,
+        cohort_label=body.cohort_label or ctx.settings.telemetry_cohort_label or "cohort",
+        trigger=body.trigger,
+        parent_release=body.parent_release,
+        drift_report=body.drift_report,
+    )
+    work = ctx.settings.tmp_dir / f"dataset-{uuid.uuid4().hex}"
+    work.mkdir(parents=True)
+    try:
+        with ctx.sessions() as session:
+            manifest = datasets.export_dataset(session, svc.samples_root(ctx.settings.data_dir), query, work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    ctx.metrics.inc("dataset_exports")
+    return StreamingResponse(
+        datasets.tar_stream(work, manifest),
+        media_type="application/x-tar",
+        headers={
+            "Content-Disposition": f'attachment; filename="dataset-{body.model_name}.tar"',
+            "X-Edgeota-Dataset-Digest": manifest["digest"]["value"],
+        },
+    )

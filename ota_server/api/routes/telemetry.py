@@ -9,13 +9,15 @@ from fastapi import APIRouter, Query
 
 from edgeota_contract.manifest import NAME_PATTERN, SEMVER_PATTERN
 from ota_server.api.deps import CtxDep, SessionDep, Viewer
+from ota_server.api.responses import TelemetrySummary
 from ota_server.services.devices import parse_label_selector
+from ota_server.services.telemetry_aggregates import AggregationConfig
 from ota_server.services.telemetry_summary import telemetry_summary
 
 router = APIRouter(prefix="/api/v1/telemetry", tags=["telemetry"])
 
 
-@router.get("/summary")
+@router.get("/summary", response_model=TelemetrySummary)
 def summary(
     ctx: CtxDep,
     session: SessionDep,
@@ -28,6 +30,7 @@ def summary(
     cohort: str | None = Query(default=None, max_length=2000, description="device label selector k=v,k2=v2"),
     worst: int = Query(default=10, ge=1, le=1024, description="features listed per group, worst PSI first"),
 ) -> dict[str, Any]:
-    """Stored telemetry windows merged per release x hardware profile (see docs/server.md)."""
+    """Telemetry merged per release x hardware profile, with drift verdicts and attribution (see docs/server.md)."""
     labels = parse_label_selector(cohort)
-    return telemetry_summary(session, ctx.store, model_name, version, profile, since, until, labels, worst)
+    config = AggregationConfig.from_settings(ctx.settings)
+    return telemetry_summary(session, ctx.store, model_name, version, profile, since, until, labels, worst, config)

@@ -6,7 +6,8 @@ from fastapi import APIRouter, Response
 from fastapi import Path as PathParam
 
 from ota_server.api.deps import CtxDep
-from ota_server.core.problems import ApiError
+from ota_server.api.responses import TUF_METADATA
+from ota_server.errors import NotFound
 from ota_server.tuf_repo import METADATA_NAME
 
 router = APIRouter(tags=["tuf"])
@@ -14,15 +15,19 @@ router = APIRouter(tags=["tuf"])
 
 @router.get(
     "/tuf/{filename}",
-    responses={200: {"content": {"application/json": {}}, "description": "one TUF metadata file"}, 404: {}},
+    response_class=Response,
+    # Served byte for byte as signed (re-encoding would break the signatures): only its envelope is described.
+    responses={
+        200: {"content": {"application/json": {"schema": TUF_METADATA}}, "description": "one TUF metadata file"}
+    },
 )
 def tuf_metadata(ctx: CtxDep, filename: str = PathParam(pattern=METADATA_NAME.pattern, max_length=64)) -> Response:
     """``N.root.json``, ``timestamp.json``, ``N.snapshot.json`` or ``N.targets.json`` as written by the repository."""
     if ctx.tuf is None:
-        raise ApiError(404, "Not Found", "this server has no TUF repository (tuf_enabled is false)")
+        raise NotFound("this server has no TUF repository (tuf_enabled is false)")
     try:
         data = ctx.tuf.read_metadata(filename)
     except (FileNotFoundError, ValueError):
-        raise ApiError(404, "Not Found", f"no TUF metadata {filename}") from None
+        raise NotFound(f"no TUF metadata {filename}") from None
     # Never cached by intermediaries: a stale timestamp is exactly what clients must not be served.
     return Response(data, media_type="application/json", headers={"Cache-Control": "no-store"})
