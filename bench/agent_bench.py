@@ -46,10 +46,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from device_agent.runtime import LoadedModel, ModelRuntime, SessionCache, load_model  # noqa: E402
+from device_agent.serving.runtime import LoadedModel, ModelRuntime, SessionCache, load_model  # noqa: E402
 from device_agent.settings import AgentSettings  # noqa: E402
-from device_agent.telemetry import TelemetryRecorder  # noqa: E402
-from device_agent.telemetry_worker import SHARED  # noqa: E402
+from device_agent.telemetry.recorder import TelemetryRecorder  # noqa: E402
+from device_agent.telemetry.worker import SHARED  # noqa: E402
 from edgeota_contract.bundle import create_bundle, verify_bundle  # noqa: E402
 from edgeota_contract.signing import SigningKey, TrustedKeys  # noqa: E402
 from tests.agent.bundles import make_bundle, make_payload, sample_inputs  # noqa: E402
@@ -340,23 +340,26 @@ def project_digits_cnn(tmp: Path, key: SigningKey, fp32: bool = False) -> Loaded
     fp32. About 6 s (int8) or 15 s (fp32) on the development box."""
     from packager.api import package_model
     from packager.examples.digits import build_digits_example
+    from packager.request import PackageRequest
 
     example = tmp / "project-digits"
     if not (example / "digits-cnn.onnx").exists():
         build_digits_example(example, arch="cnn", epochs=2)
     out = tmp / ("project-digits-fp32" if fp32 else "project-digits-int8")
     package_model(
-        example / "digits-cnn.onnx",
-        profiles=["x86-avx2"],
-        calibration=example / "calibration.npz",
-        eval_data=example / "eval.npz",
-        key=key,
-        out_dir=out,
-        name="digits-cnn",
-        version="1.0.0",
-        recipes=["fp32"] if fp32 else None,
-        measure_memory=False,
-        enforce_gates=False,  # 2 epochs: the accuracy gate is not the point; the latency is
+        PackageRequest(
+            model=example / "digits-cnn.onnx",
+            profiles=["x86-avx2"],
+            calibration=example / "calibration.npz",
+            eval_data=example / "eval.npz",
+            key=key,
+            out_dir=out,
+            name="digits-cnn",
+            version="1.0.0",
+            recipes=["fp32"] if fp32 else None,
+            measure_memory=False,
+            enforce_gates=False,  # 2 epochs: the accuracy gate is not the point; the latency is
+        )
     )
     [bundle] = out.glob("*.bundle.tar")
     v = verify_bundle(bundle, TrustedKeys([key.public_key]), extract_to=out / "slot")

@@ -1,11 +1,14 @@
 """The device agent: one instance per state folder, many instances per process if you like.
 
 :class:`Agent` is the composition root: the state store and its lock, the update executor, the
-serving runtime, telemetry and its spool, and the MQTT link. It owns no global state and installs no
-signal handlers (that is the CLI's job). The logic lives elsewhere: commands in
-:mod:`device_agent.commands`, the background threads in :mod:`device_agent.loop`, the update path in
-:mod:`device_agent.update` (state machine, checks, executor, trial), start-up repair in
-:mod:`device_agent.repair`, delivery in :mod:`device_agent.outbox`.
+serving runtime, telemetry and its spool, and the transport. It owns no global state and installs no
+signal handlers (that is the CLI's job). The logic lives in the packages: :mod:`device_agent.update`
+(signed commands, state machine, checks, download, executor, trial, start-up repair),
+:mod:`device_agent.transport` (the :class:`~device_agent.transport.base.Transport` seam, MQTT, HTTP
+polling, the HTTP client, the outbox), :mod:`device_agent.serving` (runtime, shadow) and
+:mod:`device_agent.telemetry` (windows, spool, raw-input samples); the background threads are in
+:mod:`device_agent.loop`, and the parts built from settings or put back in service at start-up (telemetry
+recorder and input sampler, the models repaired and served again, the inference endpoint) in :mod:`device_agent.wiring`.
 
 Typical use on a device::
 
@@ -26,32 +29,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from device_agent._lazy import lazy_module
-from device_agent.commands import CommandHandler
 from device_agent.fsutil import FreeSpaceProbe, disk_free
 from device_agent.lock import StateDirLock
 from device_agent.loop import Ticker, Timer, UpdateWorker
-from device_agent.mqtt_link import MqttLink
-from device_agent.outbox import Outbox, describe
-from device_agent.repair import repair
-from device_agent.runtime import LoadedModel, ModelError, ModelRuntime, SessionCache
-from device_agent.sampling import InputSampler
+from device_agent.serving.runtime import LoadedModel, ModelRuntime, SessionCache
+from device_agent.serving.shadow import ShadowRunner
 from device_agent.settings import AgentConfig
-from device_agent.shadow import ShadowRunner
-from device_agent.spool import Spool
-from device_agent.store import SHADOW_SLOT, AgentState, StateStore
-from device_agent.telemetry import TelemetryRecorder
-from device_agent.update.download import resolve_url
+from device_agent.store import AgentState, StateStore
+from device_agent.telemetry.spool import Spool
+from device_agent.transport.base import Transport, TransportFactory
+from device_agent.transport.factory import build_transport
+from device_agent.transport.outbox import Outbox, describe
+from device_agent.update.commands import CommandHandler
 from device_agent.update.executor import CrashHook, Executor
-from device_agent.update.machine import Step
+from device_agent.update.repair import give_back_boot_attempt
+from device_agent.wiring import build_recorder, build_sampler, open_endpoint, restore_models
 from edgeota_contract.errors import EdgeotaError
 from edgeota_contract.logs import log_event
-from edgeota_contract.messages import Assignment, CheckIn, TelemetryWindow, new_id
+from edgeota_contract.messages import Assignment, CheckIn, new_id
 from edgeota_contract.states import ReasonCode
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from device_agent.mqtt_loop import SharedNetworkLoop
+    from device_agent.serving.http_endpoint import InferenceEndpoint
 else:
     np = lazy_module("numpy")
 
@@ -66,7 +67,8 @@ class Agent:
     :class:`~device_agent.lock.AgentLockedError`); only a model that passed bundle verification and
     its smoke test is ever served; status reports, check-ins and telemetry windows are re-sent
     until the server acknowledges them. Threads: one timer thread, plus an update thread only while
-    an update runs (:mod:`device_agent.loop`), plus the MQTT client's.
+    an update runs (:mod:`device_agent.loop`), plus the transport's (paho's, and a poller's with
+    ``command_transport = "http_poll"``).
     """
 
     def __init__(
@@ -78,7 +80,8 @@ class Agent:
         crash_hook: CrashHook | None = None,
         connect: bool = True,
         defer_update: Callable[[Assignment], bool] | None = None,
-        mqtt_network_loop: SharedNetworkLoop | None = None,
+        transport: TransportFactory | None = None,
+        serve: bool = False,
     ) -> None:
         """Create (not start) an agent.
 
@@ -87,11 +90,13 @@ class Agent:
             session_cache: ONNX Runtime sessions to share with other agents in this process.
             free_space: free-bytes probe for the disk check (tests fake a full disk with it).
             crash_hook: called with each step's name before it runs (default: SIGKILL at ``crash_at``).
-            connect: False runs without MQTT (reports stay queued in the state folder).
+            connect: False runs without a transport (reports stay queued in the state folder).
             defer_update: asked before a model switch; returning True defers it (the application is busy),
                 for at most ``max_update_deferral_seconds`` in total.
-            mqtt_network_loop: a network loop shared by many agents' MQTT clients (the fleet simulator),
-                instead of one paho thread per agent.
+            transport: builds the transport on each :meth:`start` from ``(config, boot_id)``; default
+                :func:`~device_agent.transport.factory.build_transport` (``command_transport`` decides).
+            serve: open the local inference endpoint on :meth:`start` when ``serve_enabled`` is set too
+                (``edgeota agent run`` passes True; an application embedding the agent calls :meth:`predict`).
         """
         self.config = config
         self.settings = config.settings
@@ -99,22 +104,16 @@ class Agent:
         self.boot_id = new_id()
         self.cache = session_cache or SessionCache()
         self.runtime = ModelRuntime()
-        self.telemetry = TelemetryRecorder(
-            background=self.settings.telemetry_background,
-            feature_sample_rate=self.settings.telemetry_feature_sample_rate,
-            native=None if self.settings.telemetry_native else False,
-        )
+        self.telemetry = build_recorder(self.settings)
         self.runtime.add_listener(self.telemetry.record)
-        self.sampler = InputSampler(
-            self.settings.state_dir / "samples", self.settings.sample_rate, self.settings.sample_max_files
-        )
-        if self.settings.sample_rate > 0:
+        self.sampler = build_sampler(self.settings, lambda: self.shadow.candidate if self.shadow is not None else None)
+        if self.sampler.enabled:
             self.runtime.add_listener(self.sampler)
         self._connect = connect
         self._free_space = free_space
         self._crash_hook = crash_hook
         self._defer_update = defer_update
-        self._network_loop = mqtt_network_loop
+        self._transport_factory: TransportFactory = transport or build_transport
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._lock = StateDirLock(self.settings.state_dir)
@@ -124,8 +123,11 @@ class Agent:
         self._commands: CommandHandler | None = None
         self._ticker: Ticker | None = None
         self._worker: UpdateWorker | None = None
-        self.link: MqttLink | None = None
+        self.transport: Transport | None = None  # while started and connecting
         self.shadow: ShadowRunner | None = None
+        self._serve = serve
+        self.endpoint: InferenceEndpoint | None = None
+        """The Open Inference Protocol endpoint while started with ``serve`` (:mod:`device_agent.serving`)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -181,7 +183,8 @@ class Agent:
                 send_checkin=self.send_checkin,
                 flush=self.flush,
             )
-            self._repair()
+            # Resolve whatever the last process left half done, then serve the active model (and shadow).
+            restore_models(self._store, self._executor, self.runtime, self.settings.max_boot_attempts, self._set_shadow)
         except BaseException:
             self._lock.release()
             raise
@@ -206,50 +209,52 @@ class Agent:
         )
         self._ticker.start()
         if self._connect:
-            self.link = MqttLink(
-                self.device_id,
-                self.boot_id,
-                self.config.provisioning.mqtt,
-                self.handle_command,
-                self._on_connected,
-                network_loop=self._network_loop,
-            )
-            self.link.connect_probe_seconds = s.mqtt_connect_probe_seconds
-            self.outbox.link = self.link
-            self.link.start()
+            self.transport = self._transport_factory(self.config, self.boot_id)
+            self.outbox.transport = self.transport
+            self.transport.start(self.handle_command, self._on_connected)
         self._wake_worker()  # resume an interrupted update, send what is queued
+        if self._serve and s.serve_enabled:
+            try:
+                self.endpoint = open_endpoint(self.settings, self.runtime)
+            except BaseException:
+                self.stop()
+                raise
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0, *, abrupt: bool = False) -> None:
         """Stop threads (an update in progress resumes at its step on the next start), close telemetry
-        windows into the spool, say offline, release the lock. Idempotent."""
+        windows into the spool, say offline, release the lock. Idempotent.
+
+        ``abrupt``: drop the transport first, without a goodbye, as a killed process would (MQTT: the broker
+        publishes the last will); the rest of the stop is the same.
+        """
         if not self._lock.held:
             return
+        endpoint, self.endpoint = self.endpoint, None
+        if endpoint is not None:
+            endpoint.stop()
+        transport, self.transport = self.transport, None
+        if abrupt and transport is not None:
+            self.outbox.transport = None
+            transport.abort()
+            transport = None
         self._stop.set()
         workers = [w for w in (self._ticker, self._worker) if w is not None]
         for w in workers:
             w.join(timeout)
         died = self._worker is not None and self._worker.died
         if not died and not any(w.alive() for w in workers):
-            self._give_back_boot_attempt()
+            give_back_boot_attempt(self.store)
         self._ticker = self._worker = None
         self._roll_telemetry()
         self.telemetry.close()  # after the roll drained it: releases the shared summariser thread
         if self.shadow is not None:
             self.shadow.stop()
-        if self.link is not None:
-            self.link.stop()
-            self.link = None
-            self.outbox.link = None
+        if transport is not None:
+            transport.stop()
+            self.outbox.transport = None
         self.outbox.spool.close()
         self._lock.release()
         log_event(log, "agent_stopped", device=self.device_id)
-
-    def _give_back_boot_attempt(self) -> None:
-        """A clean shutdown during a trial is not a crash: the next start must not count it as one."""
-        dep = self.store.state.deployment
-        if dep is not None and dep.step == Step.TRIAL and dep.boot_attempts > 0:
-            with self.store.update() as st:
-                st.deployment = dep.model_copy(update={"boot_attempts": dep.boot_attempts - 1})
 
     def __enter__(self) -> Agent:
         self.start()
@@ -258,22 +263,7 @@ class Agent:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # ------------------------------------------------------------------ start-up repair
-
-    def _repair(self) -> None:
-        """Resolve whatever the last process left half done, then serve the active model (and shadow)."""
-        assert self._executor is not None
-        state = repair(self.store, self._executor, self.settings.max_boot_attempts)
-        if state.active_slot is not None:
-            try:
-                self.runtime.install(self._executor.load_slot(state.active_slot))
-            except ModelError as exc:
-                log_event(log, "active_model_load_failed", level=logging.ERROR, detail=str(exc))
-        if state.shadow_deployment is not None and state.slots.get(SHADOW_SLOT) is not None:
-            try:
-                self._set_shadow(self._executor.load_slot(SHADOW_SLOT), state.shadow_sample_rate)
-            except ModelError as exc:
-                log_event(log, "shadow_model_load_failed", level=logging.ERROR, detail=str(exc))
+    # ------------------------------------------------------------------ shadow
 
     def _set_shadow(self, candidate: LoadedModel | None, sample_rate: float) -> None:
         """Start shadowing ``candidate`` (replacing any earlier one), or stop with None."""
@@ -333,7 +323,7 @@ class Agent:
         return self.runtime.predict(inputs)
 
     def handle_command(self, payload: bytes) -> None:
-        """Act on one signed command (from MQTT or a file). Never raises for a bad command: it is
+        """Act on one signed command (from the transport or a file). Never raises for a bad command: it is
         ignored, counted in :attr:`rejected_commands`, logged, and reported when it names a deployment.
 
         Raises:
@@ -385,33 +375,24 @@ class Agent:
         serving = self.runtime.current
         for window in windows:
             attach = shadow if serving is not None and window.bundle_sha256 == serving.bundle_sha256 else None
-            self._outbox.add_window(
-                TelemetryWindow(
-                    boot_id=self.boot_id,
-                    seq=self.next_seq(),
-                    spool_dropped=self._outbox.spool.dropped,
-                    shadow=attach,
-                    **vars(window),
-                )
-            )
+            self._outbox.add_summary(window, attach)
 
     def _heartbeat(self) -> None:
-        if self.link is not None and self.link.connected:
+        transport = self.transport
+        if transport is not None and transport.connected:
             self.send_checkin()
 
     def _retry(self) -> None:
         self.flush()
-        self._upload_samples()
-
-    def _upload_samples(self) -> None:
-        if self.settings.sample_rate <= 0:
-            return
-        self.sampler.persist()
-        target = self.settings.sample_upload_path
-        if target is None:
-            return
-        url, same_origin = resolve_url(self.config.provisioning.server.url, target.format(device_id=self.device_id))
-        self.sampler.upload(url, self.config.provisioning.server.token if same_origin else None)
+        if self.sampler.enabled:
+            server = self.config.provisioning.server
+            self.sampler.persist_and_upload(
+                server.url,
+                server.token,
+                self.settings.sample_upload_path,
+                self.device_id,
+                allow_insecure_http=self.settings.allow_insecure_http,
+            )
 
     # ------------------------------------------------------------------ introspection
 

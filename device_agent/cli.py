@@ -34,7 +34,12 @@ def _fail(message: str) -> typer.Exit:
 
 @agent_app.command("run")
 def run(config: Path = CONFIG_OPTION) -> None:
-    """Run the agent until SIGTERM or SIGINT, then shut down cleanly (an update in progress resumes later)."""
+    """Run the agent until SIGTERM or SIGINT, then shut down cleanly (an update in progress resumes later).
+
+    Commands come over MQTT, or by HTTP polls with command_transport = "http_poll" in the agent table.
+    Local applications call the inference endpoint (Open Inference Protocol) on the Unix socket
+    <state_dir>/serve.sock, or on serve_tcp_port; serve_enabled = false turns it off.
+    """
     from device_agent.agent import Agent
     from device_agent.settings import AgentConfig
     from edgeota_contract.logs import configure_logging
@@ -42,12 +47,12 @@ def run(config: Path = CONFIG_OPTION) -> None:
     try:
         cfg = AgentConfig.load(config)
         configure_logging(cfg.settings.log_level)
-        agent = Agent(cfg)
+        agent = Agent(cfg, serve=True)
         agent.start()
     except EdgeotaError as exc:
         raise _fail(str(exc)) from None
     except OSError as exc:
-        raise _fail(f"cannot use state folder: {exc.strerror or exc} ({exc.filename})") from None
+        raise _fail(f"cannot use state folder or endpoint: {exc.strerror or exc} ({exc.filename})") from None
     stop = threading.Event()
 
     def handle(signum: int, frame: FrameType | None) -> None:

@@ -8,9 +8,10 @@ systemd drop-ins); values in the file win.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -69,6 +70,15 @@ class AgentSettings(BaseSettings):
     health_latency_factor: float = Field(default=3.0, gt=1, description="median may be this many times the old one")
     health_latency_slack_ms: float = Field(default=2.0, ge=0, description="absolute slack for tiny latencies")
     max_boot_attempts: int = Field(default=2, ge=1, description="boots in trial before a local rollback")
+    fast_rollback: bool = Field(
+        default=True,
+        description="a server-ordered rollback to a bundle this device committed before (its sha256 is in the"
+        " state's committed_bundles) gets the smoke test and a short probe (rollback_probe_seconds) instead of a"
+        " full trial window; False: the full trial, as for a new release",
+    )
+    rollback_probe_seconds: float = Field(
+        default=1.0, ge=0, description="fast rollback: how long the known-good model is probed after the switch"
+    )
     max_update_deferral_seconds: float = Field(default=3600.0, ge=0, description="cap on the app's deferral")
     deferral_poll_seconds: float = Field(default=5.0, gt=0, description="how often a deferring app is asked")
     # spool and retry queue
@@ -77,12 +87,58 @@ class AgentSettings(BaseSettings):
     outbox_max_reports: int = Field(default=500, ge=10)
     # raw-input sampling for retraining (off by default)
     sample_rate: float = Field(default=0.0, ge=0, le=1, description="share of requests kept, uniformly at random")
-    sample_max_files: int = Field(default=1000, ge=1)
+    sample_max_files: int = Field(default=1000, ge=1, description="uniform stream: sample files stored, at most")
+    sample_max_per_hour: int | None = Field(default=None, ge=1, description="uniform stream: samples kept per hour")
+    hard_sample_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="hard-example stream: share of requests examined (drawn at random); of those, rows under"
+        " hard_confidence_threshold, or classified differently by a running shadow candidate, are kept",
+    )
+    hard_confidence_threshold: float = Field(default=0.5, gt=0, le=1, description="hard stream: confidence below")
+    hard_sample_max_per_hour: int | None = Field(default=60, ge=1, description="hard stream: samples kept per hour")
+    hard_sample_max_files: int = Field(default=1000, ge=1, description="hard stream: sample files stored, at most")
     sample_upload_path: str | None = Field(
         default="/api/v1/devices/{device_id}/samples",
         description="POST target on the server (the OTA server's sample route); None disables uploads",
     )
     mqtt_connect_probe_seconds: float = Field(default=5.0, gt=0, description="auto protocol: wait for MQTT 5")
+    # how commands arrive (device_agent.transport): reports always go over MQTT, the only way the server takes them
+    command_transport: Literal["mqtt", "http_poll"] = Field(
+        default="mqtt",
+        description="mqtt: the server pushes signed commands on the device's MQTT command topic; http_poll: the agent"
+        " fetches its assignments from GET /api/v1/devices/{device_id}/commands (device token) every"
+        " command_poll_seconds and drops assignments pushed over MQTT, while MQTT still carries its reports and the"
+        " server's acks, check-in requests and shadow stops",
+    )
+    command_poll_seconds: float = Field(
+        default=60.0, gt=0, description="http_poll: seconds between polls (jittered by +-10%), the first at start"
+    )
+    # the local inference endpoint (Open Inference Protocol / KServe v2 over HTTP; device_agent.serving)
+    serve_enabled: bool = Field(default=True, description="`edgeota agent run` opens the local inference endpoint")
+    serve_socket: Path | None = Field(
+        default=None, description="Unix socket path; default <state_dir>/serve.sock (relative: to state_dir)"
+    )
+    serve_socket_mode: str = Field(
+        default="0660", pattern="^0?[0-7]{3}$", description="file mode of the socket: file permissions decide who calls"
+    )
+    serve_tcp_port: int | None = Field(
+        default=None, ge=0, le=65535, description="also listen on this TCP port (0: any free port); None: no TCP"
+    )
+    serve_tcp_host: str = Field(default="127.0.0.1", description="TCP bind address; must be loopback unless allowed")
+    serve_allow_remote: bool = Field(
+        default=False, description="allow a non-loopback serve_tcp_host (the endpoint has no TLS: think twice)"
+    )
+    serve_token: str | None = Field(
+        default=None, min_length=16, description="when set, every request needs `Authorization: Bearer <token>`"
+    )
+    serve_max_body_bytes: int = Field(default=16 << 20, ge=1024, description="larger request bodies get 413")
+    allow_insecure_http: bool = Field(
+        default=False,
+        description="send the device token over plain http to a server that is not on this machine (loopback is"
+        " always allowed); off: such a server URL is refused when the configuration is loaded",
+    )
     # fault injection (tests): SIGKILL this process when the named step starts
     crash_at: str | None = Field(default=None, description="kill -9 at this named step (testing only)")
     log_level: str = Field(default="INFO", pattern="(?i)^(debug|info|warning|error|critical)$")
@@ -91,7 +147,28 @@ class AgentSettings(BaseSettings):
     def _trial_bounded(self) -> AgentSettings:
         if self.trial_requests == 0 and self.trial_seconds == 0:
             raise ValueError("trial_requests and trial_seconds cannot both be 0")
+        if not self.serve_allow_remote and not is_loopback(self.serve_tcp_host):
+            raise ValueError(
+                f"serve_tcp_host {self.serve_tcp_host!r} is not a loopback address (set serve_allow_remote to allow it)"
+            )
         return self
+
+    @property
+    def serve_socket_path(self) -> Path:
+        """Where the Unix socket of the inference endpoint lives."""
+        if self.serve_socket is None:
+            return self.state_dir / "serve.sock"
+        return self.serve_socket if self.serve_socket.is_absolute() else self.state_dir / self.serve_socket
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names the loopback interface (``localhost`` or a 127/8 or ::1 address)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -128,6 +205,12 @@ class AgentConfig:
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err.get("loc", ()))
             raise ContractError(f"[agent] {loc}: {err['msg']}", ReasonCode.MALFORMED_MESSAGE) from exc
+        from device_agent.transport.http import FetchError, check_token_transport
+
+        try:  # the token goes to the server URL's origin only, so this one check covers every request with it
+            check_token_transport(provisioning.server.url, settings.allow_insecure_http)
+        except FetchError as exc:
+            raise ContractError(f"[server] url: {exc}", ReasonCode.MALFORMED_MESSAGE) from exc
         if base_dir is not None and not settings.state_dir.is_absolute():
             settings = settings.model_copy(update={"state_dir": (base_dir / settings.state_dir).resolve()})
         try:

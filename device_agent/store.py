@@ -28,6 +28,7 @@ SLOT_NAMES = ("a", "b")
 SHADOW_SLOT = "shadow"
 MAX_FINISHED = 200
 MAX_NONCES = 1000
+MAX_COMMITTED = 32
 
 
 class StateError(EdgeotaError):
@@ -73,6 +74,9 @@ class AgentState(BaseModel):
     active_slot: str | None = None
     slots: dict[str, SlotInfo | None] = Field(default_factory=lambda: dict.fromkeys(SLOT_NAMES))
     committed_counters: dict[str, int] = Field(default_factory=dict)
+    committed_bundles: list[str] = Field(
+        default_factory=list, description="sha256 of bundles committed on this device (latest last): known good"
+    )
     deployment: Deployment | None = None
     shadow_deployment: str | None = Field(default=None, description="deployment of the shadowed candidate")
     shadow_sample_rate: float = 1.0
@@ -93,6 +97,24 @@ class AgentState(BaseModel):
             if item.deployment_id == deployment_id:
                 return item
         return None
+
+    def remember_committed(self, bundle_sha256: str) -> None:
+        """Record a bundle this device committed (served through its trial, or already ran)."""
+        self.committed_bundles = [b for b in self.committed_bundles if b != bundle_sha256]
+        self.committed_bundles.append(bundle_sha256)
+        del self.committed_bundles[:-MAX_COMMITTED]
+
+    def known_good(self, bundle_sha256: str) -> bool:
+        """Whether this device committed ``bundle_sha256`` before: it is in :attr:`committed_bundles`, or it
+        is what an A/B slot holds outside a deployment (only ever a bundle once committed, as failed
+        deployments clear their slot; this also covers state written before ``committed_bundles`` existed)."""
+        if bundle_sha256 in self.committed_bundles:
+            return True
+        return self.deployment is None and any(
+            info is not None and info.bundle_sha256 == bundle_sha256
+            for slot, info in self.slots.items()
+            if slot in SLOT_NAMES
+        )
 
     def remember_nonce(self, nonce: str) -> None:
         if nonce not in self.used_nonces:

@@ -10,7 +10,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from device_agent._lazy import lazy_module
-from device_agent.runtime import LoadedModel, ModelError
+from device_agent.serving.runtime import LoadedModel, ModelError
 from device_agent.store import AgentState
 from edgeota_contract.manifest import (
     METRIC_SMOKE_ATOL,

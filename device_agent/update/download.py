@@ -3,15 +3,17 @@
 Guarantees of :func:`download`: the ``.part`` file never holds more than ``expected_size``
 bytes; an interrupted download resumes with ``Range`` (the ``.part`` file survives a crash);
 retryable faults (connection drops, 5xx, stalls) are retried with exponential backoff and full
-jitter; on a final failure the ``.part`` file is removed. Memory use is one chunk. Redirects
-(301, 302, 303, 307, 308) are followed up to ``MAX_REDIRECTS`` hops, never from https to http;
-the device token goes only to the origin it was given for (a CDN or object store that the server
-redirects to never sees it). The bundle's authenticity never rests on the transport: the archive
-is verified against the release key afterwards.
+jitter; on a final failure the ``.part`` file is removed. Memory use is one chunk. HTTP goes
+through the agent's one fetcher (:func:`device_agent.transport.http.open_url`), so its redirect
+rules hold here: at most five hops, never from https to http, the device token only to the origin
+it was given for (a CDN or object store that the server redirects to never sees it); a refused
+redirect is a final ``download_failed``. The bundle's authenticity never rests on the transport:
+the archive is verified against the release key afterwards.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import os
 import random
@@ -19,14 +21,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from typing import TYPE_CHECKING
 
+from device_agent.transport.http import FetchError, Response, open_url
 from edgeota_contract.errors import EdgeotaError
 from edgeota_contract.states import ReasonCode
 
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
+
 CHUNK = 64 * 1024
-MAX_REDIRECTS = 5
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 class DownloadError(EdgeotaError):
@@ -47,34 +51,6 @@ class DownloadPolicy:
     rate_limit_bps: int | None = None
 
 
-def resolve_url(server_url: str, bundle_url: str) -> tuple[str, bool]:
-    """The absolute URL and whether the device token may be sent to it (same origin as the server only)."""
-    url = urljoin(server_url.rstrip("/") + "/", bundle_url.lstrip("/")) if bundle_url.startswith("/") else bundle_url
-    if urlsplit(url).scheme not in ("http", "https"):
-        raise DownloadError(f"unsupported bundle URL {bundle_url!r}", ReasonCode.ASSIGNMENT_INVALID)
-    return url, _origin(server_url) == _origin(url)
-
-
-def _origin(url: str) -> tuple[str, str | None, int | None]:
-    split = urlsplit(url)
-    return split.scheme, split.hostname, split.port
-
-
-def follow_redirect(current: str, location: str) -> str:
-    """The absolute target of a redirect from ``current`` to ``location``.
-
-    Raises:
-        DownloadError: ``download_failed`` for a target that is not http(s), or a downgrade from https to http.
-    """
-    target = urljoin(current, location)
-    scheme = urlsplit(target).scheme
-    if scheme not in ("http", "https"):
-        raise DownloadError(f"redirect to unsupported URL {location!r}", ReasonCode.DOWNLOAD_FAILED)
-    if urlsplit(current).scheme == "https" and scheme == "http":
-        raise DownloadError(f"redirect from https to http refused: {target}", ReasonCode.DOWNLOAD_FAILED)
-    return target
-
-
 def backoff_delay(attempt: int, policy: DownloadPolicy, rng: random.Random) -> float:
     """Full-jitter exponential backoff: uniform in [0, min(max, base * 2**attempt)]."""
     return rng.uniform(0, min(policy.backoff_max_seconds, policy.backoff_seconds * (2**attempt)))
@@ -90,14 +66,23 @@ def download(
     rng: random.Random | None = None,
     sleep: Callable[[float], None] = time.sleep,
     on_progress: Callable[[int], None] | None = None,
-) -> None:
-    """Fetch ``url`` into ``part`` until it holds exactly ``expected_size`` bytes.
+    allow_insecure_http: bool = False,
+    expected_sha256: str | None = None,
+) -> str:
+    """Fetch ``url`` into ``part`` until it holds exactly ``expected_size`` bytes; return its sha256 (hex).
+
+    The sha256 is computed over the bytes as they are written (a resumed download hashes the part it
+    already has first), so no extra pass over the file is needed. With ``expected_sha256`` a complete
+    file with another digest is refused and removed: nothing downstream ever opens it.
+    ``token`` goes over plain http only to a loopback host unless ``allow_insecure_http``
+    (:func:`device_agent.transport.http.check_token_transport`).
 
     Raises:
         DownloadError: ``download_too_large`` (server sends more than ``expected_size``),
             ``download_timeout`` (stalled or over the deadline after all retries),
             ``download_failed`` (HTTP error or connection faults after all retries),
-            ``disk_full`` (no space left while writing).
+            ``disk_full`` (no space left while writing),
+            ``digest_mismatch`` (complete, but not the bytes ``expected_sha256`` names).
     """
     rng = rng or random.Random()
     last: Exception | None = None
@@ -107,8 +92,13 @@ def download(
             if attempt:
                 sleep(backoff_delay(attempt - 1, policy, rng))
             try:
-                _attempt(url, part, expected_size, token, policy, sleep, on_progress)
-                return
+                digest = _attempt(url, part, expected_size, token, policy, sleep, on_progress, allow_insecure_http)
+                actual = digest.hexdigest()
+                if expected_sha256 is not None and actual != expected_sha256:
+                    raise DownloadError(
+                        "downloaded archive does not match the assigned sha256", ReasonCode.DIGEST_MISMATCH
+                    )
+                return actual
             except _Retryable as exc:
                 last = exc
                 reason = ReasonCode.DOWNLOAD_TIMEOUT if isinstance(exc.__cause__, TimeoutError) else reason
@@ -134,75 +124,77 @@ def _attempt(
     policy: DownloadPolicy,
     sleep: Callable[[float], None],
     on_progress: Callable[[int], None] | None,
-) -> None:
+    allow_insecure_http: bool,
+) -> Hash:
     have = part.stat().st_size if part.exists() else 0
     if have > expected:
         part.unlink()
         have = 0
+    digest = _prefix_digest(part, have)
     if have == expected:
-        return
-    origin, deadline = _origin(url), time.monotonic() + policy.timeout_seconds  # one deadline for every hop
-    for _ in range(MAX_REDIRECTS + 1):
-        # the token only ever goes back to the origin it was given for
-        hop_token = token if _origin(url) == origin else None
-        location = _fetch(url, part, have, expected, hop_token, deadline, policy, sleep, on_progress)
-        if location is None:
-            return
-        url = follow_redirect(url, location)
-    raise DownloadError(f"more than {MAX_REDIRECTS} redirects, last to {url}", ReasonCode.DOWNLOAD_FAILED)
+        return digest
+    deadline = time.monotonic() + policy.timeout_seconds  # one deadline for every hop
+    headers = {"Range": f"bytes={have}-", "Accept-Encoding": "identity"}
+    try:
+        resp = open_url(
+            url, token=token, headers=headers, timeout=policy.stall_seconds, allow_insecure_http=allow_insecure_http
+        )
+    except TimeoutError as exc:
+        raise _Retryable(f"stalled or too slow: {exc or 'timeout'}") from exc
+    except FetchError as exc:  # a refused redirect: decided, not retried
+        raise DownloadError(str(exc), exc.reason) from exc
+    with resp:
+        return _receive(resp, part, have, expected, deadline, policy, sleep, on_progress, digest)
 
 
-def _fetch(
-    url: str,
+def _prefix_digest(part: Path, have: int) -> Hash:
+    """The sha256 state after the first ``have`` bytes of ``part`` (read only when resuming)."""
+    digest = hashlib.sha256()
+    if have:
+        with open(part, "rb") as fh:
+            left = have
+            while left and (chunk := fh.read(min(CHUNK, left))):
+                digest.update(chunk)
+                left -= len(chunk)
+    return digest
+
+
+def _receive(
+    resp: Response,
     part: Path,
     have: int,
     expected: int,
-    token: str | None,
     deadline: float,
     policy: DownloadPolicy,
     sleep: Callable[[float], None],
     on_progress: Callable[[int], None] | None,
-) -> str | None:
-    """One request for the bytes from ``have`` on; returns the Location of a redirect, else None when done."""
-    split = urlsplit(url)
-    conn_cls = http.client.HTTPSConnection if split.scheme == "https" else http.client.HTTPConnection
-    conn = conn_cls(split.hostname or "", split.port, timeout=policy.stall_seconds)
-    headers = {"Range": f"bytes={have}-", "Accept-Encoding": "identity"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
+    digest: Hash,
+) -> Hash:
+    """Check the answer to a request for the bytes from ``have`` on, then stream its body into ``part``;
+    returns ``digest`` (the hash of the part so far) updated with what was written."""
+    if resp.status == 416:
+        part.unlink(missing_ok=True)
+        raise _Retryable("server refused the range; restarting from zero")
+    if resp.status == 200:
+        have, digest = 0, hashlib.sha256()  # server ignored the range: start over
+    elif resp.status == 206 and not _range_starts_at(resp.header("Content-Range"), have):
+        part.unlink(missing_ok=True)
+        raise _Retryable(f"server answered another range than bytes={have}-")
+    elif resp.status != 206:
+        if resp.status >= 500 or resp.status in (408, 429):
+            raise _Retryable(f"HTTP {resp.status}")
+        raise DownloadError(f"HTTP {resp.status} {resp.reason} for {resp.url}", ReasonCode.DOWNLOAD_FAILED)
+    length = resp.header("Content-Length")
+    if length is not None and length.isdigit() and have + int(length) > expected:
+        raise DownloadError(
+            f"server announces {have + int(length)} bytes, the assignment allows {expected}",
+            ReasonCode.DOWNLOAD_TOO_LARGE,
+        )
     try:
-        path = split.path + (f"?{split.query}" if split.query else "")
-        conn.request("GET", path or "/", headers=headers)
-        resp = conn.getresponse()
-        if resp.status in _REDIRECTS:
-            location = resp.getheader("Location")
-            if not location:
-                raise DownloadError(f"HTTP {resp.status} without a Location from {url}", ReasonCode.DOWNLOAD_FAILED)
-            return location
-        if resp.status == 416:
-            part.unlink(missing_ok=True)
-            raise _Retryable("server refused the range; restarting from zero")
-        if resp.status == 200:
-            have = 0  # server ignored the range: start over
-        elif resp.status == 206 and not _range_starts_at(resp.getheader("Content-Range"), have):
-            part.unlink(missing_ok=True)
-            raise _Retryable(f"server answered another range than bytes={have}-")
-        elif resp.status != 206:
-            if resp.status >= 500 or resp.status in (408, 429):
-                raise _Retryable(f"HTTP {resp.status}")
-            raise DownloadError(f"HTTP {resp.status} {resp.reason} for {url}", ReasonCode.DOWNLOAD_FAILED)
-        length = resp.getheader("Content-Length")
-        if length is not None and length.isdigit() and have + int(length) > expected:
-            raise DownloadError(
-                f"server announces {have + int(length)} bytes, the assignment allows {expected}",
-                ReasonCode.DOWNLOAD_TOO_LARGE,
-            )
-        _stream(resp, part, have, expected, deadline, policy, sleep, on_progress)
-        return None
+        _stream(resp, part, have, expected, deadline, policy, sleep, on_progress, digest)
     except TimeoutError as exc:
         raise _Retryable(f"stalled or too slow: {exc or 'timeout'}") from exc
-    finally:
-        conn.close()
+    return digest
 
 
 def _range_starts_at(content_range: str | None, offset: int) -> bool:
@@ -215,7 +207,7 @@ def _range_starts_at(content_range: str | None, offset: int) -> bool:
 
 
 def _stream(
-    resp: http.client.HTTPResponse,
+    resp: Response,
     part: Path,
     have: int,
     expected: int,
@@ -223,6 +215,7 @@ def _stream(
     policy: DownloadPolicy,
     sleep: Callable[[float], None],
     on_progress: Callable[[int], None] | None,
+    digest: Hash,
 ) -> None:
     started, got = time.monotonic(), 0
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if have else os.O_TRUNC)
@@ -237,6 +230,7 @@ def _stream(
                     f"server sent more than the {expected} bytes assigned", ReasonCode.DOWNLOAD_TOO_LARGE
                 )
             out.write(chunk)
+            digest.update(chunk)
             out.flush()  # into the page cache: a killed process keeps what it got, for a Range resume
             have += len(chunk)
             got += len(chunk)

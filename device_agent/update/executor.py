@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from device_agent.fsutil import FreeSpaceProbe, disk_free
-from device_agent.runtime import ModelRuntime, SessionCache
+from device_agent.serving.runtime import ModelRuntime, SessionCache
 from device_agent.settings import AgentConfig
 from device_agent.store import AgentState, FinishedDeployment, StateStore
 from device_agent.update import machine
@@ -30,7 +30,7 @@ from device_agent.update.trial import TrialMonitor
 from edgeota_contract.errors import EdgeotaError
 from edgeota_contract.logs import log_event
 from edgeota_contract.messages import Assignment
-from edgeota_contract.states import ReasonCode
+from edgeota_contract.states import DeploymentState, ReasonCode
 
 __all__ = ["CrashHook", "Executor", "Interrupted", "StatusFactory", "sigkill_hook"]
 
@@ -153,6 +153,8 @@ class Executor(Steps):
             if nxt.done:
                 st.deployment = None
                 assert nxt.outcome is not None
+                if nxt.outcome == DeploymentState.COMMITTED and a.mode != "shadow":
+                    st.remember_committed(a.bundle_sha256)
                 st.record_finished(
                     FinishedDeployment(
                         deployment_id=a.deployment_id,

@@ -17,6 +17,12 @@ counts, and after ``max_boot_attempts`` boots the model is rolled back (``crash_
 
 A shadow deployment (``mode="shadow"``) stages into the ``shadow`` slot and goes from ``switch``
 (which starts shadowing instead of serving) straight to ``commit``.
+
+A server-ordered rollback (``mode="rollback"``) never ends on the release it rolls back from: a failure
+after its switch ends it ``failed`` while the rollback's bundle keeps serving (``abort`` keeps the active
+slot), and a crash loop in its trial commits it: the release it goes back to is not what kills the agent
+(the bad one, still in the other slot, may well be). ``known_good`` marks a rollback to a bundle this
+device committed before; its trial is a short probe (:func:`device_agent.update.trial.trial_settings`).
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ class Deployment(BaseModel):
     reason: ReasonCode = ReasonCode.OK
     detail: str = ""
     deferred_since: datetime | None = None  # when the application first deferred the switch (survives restarts)
+    known_good: bool = False  # a rollback to a bundle committed on this device before: short probe, no full trial
 
     @property
     def deployment_id(self) -> str:
@@ -108,9 +115,17 @@ class Transition:
     reports: tuple[Report, ...] = field(default_factory=tuple)
 
 
-def start(assignment: Assignment, target_slot: str, previous_slot: str | None) -> Deployment:
-    """A new deployment that will stage into ``target_slot`` (the inactive one)."""
-    return Deployment(assignment=assignment, target_slot=target_slot, previous_slot=previous_slot)
+def start(
+    assignment: Assignment, target_slot: str, previous_slot: str | None, *, known_good: bool = False
+) -> Deployment:
+    """A new deployment that will stage into ``target_slot`` (the inactive one). ``known_good`` is honoured
+    only for a rollback."""
+    return Deployment(
+        assignment=assignment,
+        target_slot=target_slot,
+        previous_slot=previous_slot,
+        known_good=known_good and assignment.mode == "rollback",
+    )
 
 
 def _move(dep: Deployment, **changes: object) -> Deployment:
@@ -146,7 +161,9 @@ def on_failure(dep: Deployment, reason: ReasonCode, detail: str = "") -> Transit
     if dep.step in (Step.ABORT, Step.ROLLBACK):
         # Cleanup failed: finish anyway; the outcome and reason stay those of the first failure.
         return on_success(dep)
-    if dep.step in BEFORE_SWITCH:
+    if dep.step in BEFORE_SWITCH or dep.assignment.mode == "rollback":
+        # A rollback's bundle stays active after a failure past its switch: switching back would serve
+        # the very release the server ordered the device away from (abort keeps an active slot).
         nxt = _move(dep, step=Step.ABORT, outcome=DeploymentState.FAILED, reason=reason, detail=detail)
     else:
         nxt = _move(dep, step=Step.ROLLBACK, outcome=DeploymentState.ROLLED_BACK, reason=reason, detail=detail)
@@ -157,6 +174,9 @@ def on_boot(dep: Deployment, max_boot_attempts: int) -> Transition:
     """The agent restarted while ``dep`` was at its step: resume it, or roll back a crash-looping trial."""
     if dep.step == Step.TRIAL:
         attempts = dep.boot_attempts + 1
+        if attempts > max_boot_attempts and dep.assignment.mode == "rollback":
+            # Not the known-good model's fault: keep it and commit (never return to the bad release).
+            return Transition(_move(dep, step=Step.COMMIT, boot_attempts=attempts))
         if attempts > max_boot_attempts:
             return on_failure(
                 _move(dep, boot_attempts=attempts),

@@ -8,6 +8,7 @@ the status reports. Every step is idempotent: after a crash it simply runs again
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -17,16 +18,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from device_agent.fsutil import FreeSpaceProbe, fsync_dir, remove_tree
-from device_agent.runtime import LoadedModel, ModelError, ModelRuntime, SessionCache, load_model
+from device_agent.serving.runtime import LoadedModel, ModelError, ModelRuntime, SessionCache, load_model
 from device_agent.settings import AgentConfig, AgentSettings
 from device_agent.store import SHADOW_SLOT, AgentState, SlotInfo, StateStore
+from device_agent.transport.http import resolve_url
 from device_agent.update.checks import policy_problem, quantile
 from device_agent.update.checks import smoke_test as run_smoke_test
-from device_agent.update.download import DownloadPolicy, download, resolve_url
+from device_agent.update.download import DownloadPolicy, download
 from device_agent.update.machine import Deployment
-from device_agent.update.trial import TrialMonitor, latencies_on
+from device_agent.update.trial import TrialMonitor, latencies_on, trial_settings
 from device_agent.update.tuf_client import verify_in_repository
-from edgeota_contract.bundle import sha256_file, verify_bundle
+from edgeota_contract.bundle import verify_bundle
 from edgeota_contract.errors import AssignmentError, BundleError, EdgeotaError
 from edgeota_contract.logs import log_event
 from edgeota_contract.messages import Assignment
@@ -116,7 +118,16 @@ class Steps:
 
         token = self.config.provisioning.server.token if same_origin else None
         download(
-            url, part, a.bundle_size, token=token, policy=policy, rng=self.rng, sleep=self._sleep, on_progress=progress
+            url,
+            part,
+            a.bundle_size,
+            token=token,
+            policy=policy,
+            rng=self.rng,
+            sleep=self._sleep,
+            on_progress=progress,
+            allow_insecure_http=s.allow_insecure_http,
+            expected_sha256=a.bundle_sha256,  # a part with other bytes is removed, never renamed
         )
         os.replace(part, final)
         fsync_dir(final.parent)
@@ -127,8 +138,10 @@ class Steps:
             raise Interrupted()
 
     def _check_digest(self, dep: Deployment) -> None:
-        """The archive is complete (its size); its sha256 is computed by :meth:`_verify_bundle`'s single
-        streaming pass over it, so the archive is read once."""
+        """The downloaded file is the one the server signed for, before anything parses it (a crafted
+        archive from a compromised mirror never reaches the archive reader): :meth:`_download` hashed it
+        as it was written and gave it its final name only when that sha256 equalled the assignment's
+        ``bundle_sha256`` (so the file is never read an extra time); here its size is checked again."""
         path = self.bundle_path(dep)
         if path.stat().st_size != dep.assignment.bundle_size:
             path.unlink(missing_ok=True)
@@ -158,13 +171,13 @@ class Steps:
                 min_release_counter=minimum,
                 extract_to=folder,
             )
-        except EdgeotaError:
+        except EdgeotaError as exc:
             remove_tree(folder)
-            # Not the assigned archive at all? Then that is the reason (hashing again only on this failure path).
-            if sha256_file(path) != a.bundle_sha256:
-                raise self._digest_mismatch(dep) from None
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:  # not the bundle's fault: say so
+                raise EdgeotaError(f"disk full while unpacking into slot {target}", ReasonCode.DISK_FULL) from exc
             raise
-        if verified.archive_sha256 != a.bundle_sha256:
+        if verified.archive_sha256 != a.bundle_sha256:  # the file changed since check_digest hashed it
             remove_tree(folder)
             raise self._digest_mismatch(dep)
         m = verified.manifest
@@ -268,7 +281,7 @@ class Steps:
         if info is not None:
             self.trial.watch(info.bundle_sha256)  # before the swap: the very first requests count
         model = self._ensure_serving(dep.target_slot)
-        self.trial.run(model, self.settings, self._baseline_ms, self._sleep)
+        self.trial.run(model, trial_settings(self.settings, dep.known_good), self._baseline_ms, self._sleep)
 
     def _cleanup_download(self, dep: Deployment) -> None:
         final = self.bundle_path(dep)

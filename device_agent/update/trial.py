@@ -1,6 +1,6 @@
 """The trial window after a switch: collect health from live requests and test-vector probes, judge it.
 
-:class:`TrialMonitor` is a :class:`~device_agent.runtime.ModelRuntime` listener that counts only
+:class:`TrialMonitor` is a :class:`~device_agent.serving.runtime.ModelRuntime` listener that counts only
 requests served by the model in trial. :meth:`TrialMonitor.run` probes the model with its test
 vectors every ``trial_probe_interval_seconds`` (so health is judged even without traffic) and ends
 after ``trial_requests`` live requests or ``trial_seconds``, whichever comes first.
@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from device_agent.runtime import LoadedModel, ModelError
+from device_agent.serving.runtime import LoadedModel, ModelError
 from device_agent.settings import AgentSettings
 from device_agent.update.checks import (
     MIN_LATENCY_SAMPLES,
@@ -120,6 +120,16 @@ class TrialMonitor:
         with self._lock:
             stats.latencies_ms.append((time.perf_counter() - started) * 1000.0)
             stats.nan_outputs += count_non_finite(outputs)
+
+
+def trial_settings(settings: AgentSettings, known_good: bool) -> AgentSettings:
+    """The settings a trial runs with: a rollback to a known-good bundle (with ``fast_rollback``) is probed
+    for ``rollback_probe_seconds`` only (same health rules: NaN/inf, error rate, latency), not a full window."""
+    if not known_good or not settings.fast_rollback:
+        return settings
+    return settings.model_copy(
+        update={"trial_seconds": min(settings.trial_seconds, settings.rollback_probe_seconds), "trial_requests": 0}
+    )
 
 
 def latencies_on(model: LoadedModel, candidate: LoadedModel, runs: int = 3) -> list[float]:

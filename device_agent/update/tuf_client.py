@@ -10,7 +10,8 @@ and key revocations as python-tuf's client workflow does.
 The trust anchor is the root in the provisioning (``[trust] tuf_root``); the metadata cache lives in
 ``<state_dir>/tuf`` (ngclient keeps root history, timestamp and snapshot there, which is what makes
 rollback detectable across restarts). A device provisioned before TUF existed has no root: the check
-is skipped and that is logged once per process.
+is skipped and that is logged once per process. Metadata is fetched with the agent's one HTTP client
+(:class:`~device_agent.update.tuf_fetcher.AgentFetcher`).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def check_target(
     from tuf.api import exceptions as tuf_errors
     from tuf.ngclient.config import UpdaterConfig
     from tuf.ngclient.updater import Updater
-    from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
+
+    from device_agent.update.tuf_fetcher import AgentFetcher
 
     path = tuf_target_path(assignment.bundle_sha256)
     metadata_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +81,7 @@ def check_target(
             updater = Updater(
                 str(metadata_dir),
                 metadata_url,
-                fetcher=Urllib3Fetcher(socket_timeout=max(1, int(timeout_seconds))),
+                fetcher=AgentFetcher(timeout_seconds),
                 config=UpdaterConfig(app_user_agent="edgeota-agent"),
                 bootstrap=trusted_root,
             )

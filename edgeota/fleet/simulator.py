@@ -4,11 +4,13 @@
 device, starts one real agent per device (:mod:`edgeota.fleet.agents` adapts the device agent's
 class; ONNX Runtime sessions are shared per bundle through one session cache), drives inference at
 ``rate_per_device`` requests per second through each agent's predict API, and plays the fault
-timeline (:mod:`edgeota.fleet.faults`). By default every agent's MQTT connection runs on one
-:class:`~device_agent.mqtt_loop.SharedNetworkLoop` (one epoll thread plus a few dispatch workers per
+timeline (:mod:`edgeota.fleet.faults`). Agents get their transports through the agent's constructor
+(:func:`edgeota.fleet.agents.fleet_transport`). By default every agent's MQTT connection runs on one
+:class:`~edgeota.fleet.mqtt_loop.SharedNetworkLoop` (one epoll thread plus a few dispatch workers per
 process, one file descriptor per connection) instead of a paho thread each, which could not serve
-file descriptors above 1023. With ``poll_seconds`` set, devices take their assignments only from
-HTTP polls (:mod:`edgeota.fleet.poll`), the pull-based baseline. ``stop()`` (or leaving the ``with``
+file descriptors above 1023. With ``poll_seconds`` set, devices run with the agent's
+``command_transport = "http_poll"`` and take their assignments only from HTTP polls, all made by one
+:class:`~edgeota.fleet.poll.SharedCommandPoller` per process: the pull-based baseline. ``stop()`` (or leaving the ``with``
 block) stops the load, the poller, the agents, the network loop and the proxies, in that order.
 
 Errors: ``ProvisioningError`` from :meth:`FleetSimulator.provision`; ``FaultSpecError`` when a fault
@@ -24,113 +26,31 @@ import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from edgeota.fleet.agents import RealAgent, SimAgent, build_agent, new_session_cache
+from edgeota.fleet.agents import SimAgent, build_agent, fleet_transport, new_session_cache
+from edgeota.fleet.config import (
+    FAST_AGENT_SETTINGS,
+    SWITCH_INTERVAL_MAX_DEVICES,
+    SWITCH_INTERVAL_SECONDS,
+    FleetConfig,
+    FleetConfigError,
+    FleetSnapshot,
+    SimDevice,
+)
 from edgeota.fleet.faults import Fault, FaultKind, assign_faults
-from edgeota.fleet.load import INPUT_SOURCES, Drift, InputSampler, InputSource
-from edgeota.fleet.netcut import CuttableProxy, ProxyHub
-from edgeota.fleet.poll import CommandPoller, PollTarget
-from edgeota.fleet.provision import DevicePlan, plan_devices, provision_device, write_device_folder
-from edgeota_contract.errors import EdgeotaError
+from edgeota.fleet.load import INPUT_SOURCES, Drift, InputSampler
+from edgeota.fleet.netcut import ProxyHub
+from edgeota.fleet.poll import SharedCommandPoller
+from edgeota.fleet.provision import plan_devices, provision_device, write_device_folder
 from edgeota_contract.logs import log_event
-from edgeota_contract.states import ReasonCode
+
+__all__ = ["FAST_AGENT_SETTINGS", "FleetConfig", "FleetConfigError", "FleetSimulator", "FleetSnapshot", "SimDevice"]
 
 log = logging.getLogger(__name__)
-
-# Agent settings that make a simulated fleet converge in seconds rather than minutes.
-FAST_AGENT_SETTINGS: dict[str, Any] = {
-    "heartbeat_seconds": 10.0,
-    "telemetry_window_seconds": 5.0,
-    "report_retry_seconds": 3.0,
-    "download_backoff_seconds": 0.5,
-    "download_backoff_max_seconds": 5.0,
-    "download_stall_seconds": 10.0,
-    "trial_requests": 40,
-    "trial_seconds": 8.0,
-    "trial_probe_interval_seconds": 0.5,
-    # Dozens of agents share this process's cores, so a request can wait for the GIL or a core for a few
-    # milliseconds: real devices have their own CPUs. The manifest's latency budget still applies as is.
-    "health_latency_slack_ms": 25.0,
-    "log_level": "WARNING",
-}
-# How often the interpreter lets another thread run: Python's default (5 ms) would add up to 5 ms to a
-# request whose inference is done but whose thread waits for the GIL; agents measure that as latency.
-# With hundreds of threads the shorter interval backfires (every waiting thread wakes that often to ask for the
-# GIL, and the process thrashes), so it is only used for demo-sized fleets.
-SWITCH_INTERVAL_SECONDS = 0.0005
-SWITCH_INTERVAL_MAX_DEVICES = 100
-
-
-class FleetConfigError(EdgeotaError):
-    """A fleet configuration the simulator cannot run."""
-
-    default_reason = ReasonCode.INTERNAL_ERROR
-
-
-@dataclass
-class FleetConfig:
-    devices: int
-    profiles: Sequence[str]
-    server_url: str
-    admin_token: str
-    workdir: Path
-    faults: Sequence[Fault] = ()
-    rate_per_device: float = 5.0
-    seed: int = 0
-    prefix: str = "sim"
-    labels: Mapping[str, str] = field(default_factory=dict)
-    agent_overrides: Mapping[str, Any] = field(default_factory=dict)
-    load_threads: int = 2
-    shared_mqtt_loop: bool = True  # False: each agent's link runs paho's own thread (at most ~140 per process)
-    mqtt_loop_workers: int = 4
-    poll_seconds: float | None = None  # set: assignments come only from HTTP polls every this many seconds
-    poll_threads: int = 2
-    # Where inference inputs come from: the bundle's test vectors (a handful of rows) or the digits data set
-    # (natural inputs: exercises output-based gates such as a NaN rate; see edgeota.fleet.load).
-    input_source: InputSource = "test_vectors"
-
-
-@dataclass
-class DeviceStats:
-    requests: int = 0
-    errors: int = 0
-    no_model: int = 0
-    served: Counter[str] = field(default_factory=Counter)  # requests per model version that answered them
-
-
-@dataclass
-class SimDevice:
-    plan: DevicePlan
-    folder: Path
-    config_path: Path
-    faults: list[Fault]
-    proxy: CuttableProxy | None = None
-    agent: SimAgent | None = None
-    running: bool = False
-    stats: DeviceStats = field(default_factory=DeviceStats)
-    drift: Drift | None = None
-    sampler: InputSampler | None = None
-    sampler_digest: str | None = None
-    spent: list[Fault] = field(default_factory=list)
-
-    @property
-    def device_id(self) -> str:
-        return self.plan.device_id
-
-
-@dataclass(frozen=True)
-class FleetSnapshot:
-    at: float
-    running: int
-    versions: dict[str, int]
-    requests: int
-    errors: int
 
 
 class FleetSimulator:
@@ -148,11 +68,11 @@ class FleetSimulator:
         self.devices: list[SimDevice] = []
         self._hub: ProxyHub | None = None
         self._stop = threading.Event()
-        self._load_paused = threading.Event()
         self._threads: list[threading.Thread] = []
         self._session_cache: Any = None
         self._net: Any = None  # the SharedNetworkLoop
-        self._poller: CommandPoller | None = None
+        self._poller: SharedCommandPoller | None = None
+        self._transport: Any = None  # the agents' transport factory
         self._switch_interval: float | None = None
         self._lock = threading.Lock()
         self.started_at = 0.0
@@ -172,6 +92,8 @@ class FleetSimulator:
         per_device = assign_faults(cfg.faults, [p.device_id for p in plans], cfg.seed)
         headers = {"Authorization": f"Bearer {cfg.admin_token}"}
         settings = {**FAST_AGENT_SETTINGS, **cfg.agent_overrides}
+        if cfg.poll_seconds is not None:
+            settings |= {"command_transport": "http_poll", "command_poll_seconds": cfg.poll_seconds}
         with httpx.Client(base_url=cfg.server_url, headers=headers, timeout=30) as client:
             for index, plan in enumerate(plans):
                 folder = cfg.workdir / plan.device_id
@@ -204,44 +126,28 @@ class FleetSimulator:
             self._switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_SECONDS))
         if self.config.shared_mqtt_loop:
-            from device_agent.mqtt_loop import SharedNetworkLoop
+            from edgeota.fleet.mqtt_loop import SharedNetworkLoop
 
             self._net = SharedNetworkLoop(name="fleet-mqtt", workers=self.config.mqtt_loop_workers)
             self._net.start()
+        if self.config.poll_seconds is not None:
+            self._poller = SharedCommandPoller(
+                self.config.poll_seconds, seed=self.config.seed, threads=self.config.poll_threads
+            )
+            self._poller.start()
+        self._transport = fleet_transport(self._net, self._poller)
         self.started_at = time.monotonic()
         for device in self.devices:
             device.agent = self._new_agent(device)
             if not any(f.kind == FaultKind.OFFLINE and f.num("after") == 0 for f in device.faults):
                 self._start_agent(device)
-        if self.config.poll_seconds is not None:
-            self._poller = CommandPoller(
-                [self._poll_target(d) for d in self.devices],
-                self.config.poll_seconds,
-                seed=self.config.seed,
-                threads=self.config.poll_threads,
-            )
-            self._poller.start()
         for i in range(max(1, self.config.load_threads)):
             share = self.devices[i :: max(1, self.config.load_threads)]
             self._spawn(f"edgeota-load-{i}", self._load_loop, share)
         self._spawn("edgeota-faults", self._fault_loop)
 
-    def _poll_target(self, device: SimDevice) -> PollTarget:
-        from edgeota_contract.provisioning import DeviceProvisioning
-
-        server = DeviceProvisioning.load(device.folder / "provisioning.toml").server
-
-        def deliver(command: dict[str, Any]) -> None:
-            agent = device.agent
-            if isinstance(agent, RealAgent) and device.running:
-                agent.handle_polled(command)
-
-        return PollTarget(device.device_id, server.url, server.token, deliver, lambda: device.running)
-
     def _new_agent(self, device: SimDevice) -> SimAgent:
-        agent = build_agent(
-            device.config_path, self._session_cache, self._net, commands_by_poll=self.config.poll_seconds is not None
-        )
+        agent = build_agent(device.config_path, self._session_cache, self._transport)
         for fault in device.faults:
             if fault.kind == FaultKind.KILL_MID_UPDATE and fault not in device.spent:
                 agent.arm_crash(fault.text("step"))
@@ -292,7 +198,7 @@ class FleetSimulator:
                 due = next_due[device.device_id]
                 if due <= now:
                     next_due[device.device_id] = max(due + period, now)
-                    if device.running and device.agent is not None and not self._load_paused.is_set():
+                    if device.running and device.agent is not None:
                         try:
                             self._one_request(device, seed)
                         except Exception as exc:  # e.g. a slot folder removed by a rollback mid-read
@@ -364,13 +270,6 @@ class FleetSimulator:
             assert device.agent is not None
             device.agent = self._new_agent(device)  # a fresh boot on the same folder
             self._start_agent(device)
-
-    def pause_load(self, paused: bool = True) -> None:
-        """Stop (or resume) sending synthetic requests; agents keep running."""
-        if paused:
-            self._load_paused.set()
-        else:
-            self._load_paused.clear()
 
     # ------------------------------------------------------------ observing
 

@@ -13,8 +13,8 @@ import pytest
 
 from device_agent.agent import Agent
 from device_agent.settings import AgentConfig
-from device_agent.spool import Spool
 from device_agent.store import StateStore
+from device_agent.telemetry.spool import Spool
 from tests.agent.conftest import BundleRef, Keys, assignment, signed, write_config
 from tests.agent.http_server import BundleServer
 from tests.agent.mqtt_helpers import Recorder
@@ -89,19 +89,22 @@ def test_spool_counts_are_kept_in_memory_and_match_the_database(tmp_path: Path) 
     again.close()
 
 
-def test_archive_is_hashed_only_by_the_verification_pass(
+def test_archive_is_hashed_once_while_it_is_downloaded(
     tmp_path: Path,
     keys: Keys,
     server: BundleServer,
     publish_bundle: Callable[..., BundleRef],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import device_agent.update.steps as steps
+    """The download hashes the bytes as it writes them; no later step reads the archive again to hash it."""
+    import device_agent.update.repair as repair
+    import edgeota_contract.bundle as bundle
 
     def no_second_read(path: Path) -> str:
         raise AssertionError(f"{path} hashed a second time")
 
-    monkeypatch.setattr(steps, "sha256_file", no_second_read)
+    monkeypatch.setattr(bundle, "sha256_file", no_second_read)
+    monkeypatch.setattr(repair, "sha256_file", no_second_read)
     config = AgentConfig.load(write_config(tmp_path, keys, server.url, device_id="once-1"))
     with Agent(config, connect=False) as agent:
         agent.handle_command(signed(assignment(publish_bundle("1.0.0"), device_id="once-1"), keys.server))
@@ -129,7 +132,7 @@ def test_progress_reports_go_out_while_the_trial_runs(
     agent = Agent(AgentConfig.load(config))
     try:
         agent.start()
-        assert agent.link is not None and agent.link.wait_connected(15)
+        assert agent.transport is not None and agent.transport.wait_connected(15)
         rec.publish_cmd(signed(assignment(publish_bundle("1.0.0"), device_id=device_id), keys.server))
         assert rec.wait_for(lambda: any(p.get("state") == "trial" for p in rec.of("status")), 30)
         dep = agent.state.deployment

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from device_agent.agent import Agent
-from device_agent.runtime import SessionCache
+from device_agent.serving.runtime import SessionCache
 from device_agent.settings import AgentConfig
 from device_agent.store import read_state
 from device_agent.update.machine import HAPPY_PATH, Step

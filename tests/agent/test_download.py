@@ -7,14 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.update.download import (
-    DownloadError,
-    DownloadPolicy,
-    backoff_delay,
-    download,
-    follow_redirect,
-    resolve_url,
-)
+from device_agent.transport.http import FetchError, follow_redirect, resolve_url
+from device_agent.update.download import DownloadError, DownloadPolicy, backoff_delay, download
 from edgeota_contract.states import ReasonCode
 from tests.agent.http_server import BundleServer
 
@@ -27,8 +21,9 @@ def test_resolve_url_sends_token_only_to_the_server() -> None:
     assert resolve_url("http://srv:8080/base/", "/api/x")[0] == "http://srv:8080/base/api/x"
     assert resolve_url("http://srv:8080", "http://cdn.example/x") == ("http://cdn.example/x", False)
     assert resolve_url("http://srv:8080", "http://srv:8080/x")[1] is True
-    with pytest.raises(DownloadError):
+    with pytest.raises(FetchError) as err:
         resolve_url("http://srv:8080", "file:///etc/passwd")
+    assert err.value.reason == ReasonCode.ASSIGNMENT_INVALID
 
 
 def test_backoff_is_exponential_with_full_jitter() -> None:
@@ -164,5 +159,5 @@ def test_bad_redirects_refused_and_not_retried(
 def test_follow_redirect_refuses_a_downgrade_to_http() -> None:
     assert follow_redirect("https://srv/a/b", "c") == "https://srv/a/c"
     assert follow_redirect("http://srv/a", "https://cdn/x") == "https://cdn/x"
-    with pytest.raises(DownloadError, match="https to http"):
+    with pytest.raises(FetchError, match="https to http"):
         follow_redirect("https://srv/a", "http://cdn/x")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from device_agent.agent import Agent
-from device_agent.runtime import SessionCache
+from device_agent.serving.runtime import SessionCache
 from device_agent.settings import AgentConfig
 from tests.agent.bundles import sample_inputs
 from tests.agent.conftest import BundleRef, Keys, assignment, signed, write_config
@@ -40,7 +40,7 @@ def test_eight_agents_share_one_process(
         for agent in agents:
             agent.start()
         for agent, rec in zip(agents, recorders, strict=True):
-            assert agent.link is not None and agent.link.wait_connected(15)
+            assert agent.transport is not None and agent.transport.wait_connected(15)
             rec.publish_cmd(signed(assignment(bundle, device_id=agent.device_id), keys.server))
         for agent, rec in zip(agents, recorders, strict=True):
             assert rec.wait_for(lambda r=rec: any(p.get("state") == "committed" for p in r.of("status")), 60)

@@ -13,6 +13,7 @@ import pytest
 
 from device_agent.agent import Agent
 from device_agent.settings import AgentConfig
+from device_agent.transport.mqtt import MqttLink
 from edgeota_contract.messages import Ack, CheckinRequest, StatusReport, sign_command
 from edgeota_contract.signing import SigningKey
 from tests.agent.bundles import sample_inputs
@@ -38,7 +39,7 @@ def online(
     config = write_config(tmp_path, keys, server.url, device_id=device_id, mqtt_port=mqtt_broker.port)
     agent = Agent(AgentConfig.load(config))
     agent.start()
-    assert agent.link is not None and agent.link.wait_connected(10)
+    assert agent.transport is not None and agent.transport.wait_connected(10)
     try:
         yield agent, recorder
     finally:
@@ -65,7 +66,7 @@ def test_install_over_mqtt_reports_full_sequence_until_acked(
     online: tuple[Agent, Recorder], keys: Keys, publish_bundle: Callable[..., BundleRef], device_id: str
 ) -> None:
     agent, rec = online
-    assert agent.link is not None and agent.link.protocol_in_use == "5"
+    assert isinstance(agent.transport, MqttLink) and agent.transport.protocol_in_use == "5"
     assert rec.wait_for(lambda: any(p.get("online") for p in rec.of("presence")))
     assert rec.wait_for(lambda: rec.of("checkin"))
     rec.publish_cmd(signed(assignment(publish_bundle("1.0.0"), device_id=device_id), keys.server))
@@ -155,9 +156,9 @@ def test_telemetry_spooled_while_broker_down_then_delivered(
         agent.start()
         agent.handle_command(signed(assignment(publish_bundle("1.0.0"), device_id=device_id), keys.server))
         assert agent.wait_idle(30)
-        assert agent.link is not None and agent.link.wait_connected(10)
+        assert agent.transport is not None and agent.transport.wait_connected(10)
         broker.stop()
-        assert rec_wait(lambda: agent.link is not None and not agent.link.connected)
+        assert rec_wait(lambda: agent.transport is not None and not agent.transport.connected)
         for _ in range(4):  # four windows of traffic while offline
             for _ in range(5):
                 agent.predict({"x": sample_inputs()})
@@ -168,7 +169,7 @@ def test_telemetry_spooled_while_broker_down_then_delivered(
         keyset = {(w["boot_id"], w["seq"]) for w in offline}
         broker.start()
         rec = Recorder("127.0.0.1", broker.port, device_id)
-        assert agent.link.wait_connected(30)
+        assert agent.transport.wait_connected(30)
         r = rec
         assert r.wait_for(lambda: keyset <= {(w["boot_id"], w["seq"]) for w in r.of("telemetry")}, 30)
         delivered = [w for w in r.of("telemetry") if (w["boot_id"], w["seq"]) in keyset]
@@ -213,8 +214,8 @@ def test_falls_back_to_311_on_amqtt(
         rec = Recorder(broker.host, broker.port, device_id)
         try:
             with Agent(AgentConfig.load(config)) as agent:
-                assert agent.link is not None and agent.link.wait_connected(30)
-                assert agent.link.protocol_in_use == "3.1.1"
+                assert isinstance(agent.transport, MqttLink) and agent.transport.wait_connected(30)
+                assert agent.transport.protocol_in_use == "3.1.1"
                 rec.publish_cmd(signed(assignment(publish_bundle("1.0.0"), device_id=device_id), keys.server))
                 assert rec.wait_for(lambda: _statuses(rec, "dep-1") == HAPPY), _statuses(rec, "dep-1")
         finally:

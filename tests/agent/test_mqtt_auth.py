@@ -75,7 +75,7 @@ def test_agent_works_under_password_and_acl(
     rec = AdminRecorder(broker.port, device_id)
     try:
         with Agent(AgentConfig.load(_config(tmp_path, keys, server, broker.port, device_id, "device-pw"))) as agent:
-            assert agent.link is not None and agent.link.wait_connected(15)
+            assert agent.transport is not None and agent.transport.wait_connected(15)
             rec.client.publish(
                 f"edgeota/v1/devices/{device_id}/cmd",
                 signed(assignment(publish_bundle("1.0.0"), device_id=device_id), keys.server),
@@ -95,8 +95,8 @@ def test_wrong_password_is_refused(tmp_path: Path, keys: Keys, server: BundleSer
     broker = _broker(tmp_path, private_mosquitto, device_id)
     cfg = AgentConfig.load(_config(tmp_path, keys, server, broker.port, device_id, "wrong"))
     with Agent(cfg) as agent:
-        assert agent.link is not None
-        assert not agent.link.wait_connected(2.0)
+        assert agent.transport is not None
+        assert not agent.transport.wait_connected(2.0)
 
 
 def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
@@ -155,9 +155,9 @@ def test_tls_with_the_provisioned_ca(tmp_path: Path, keys: Keys, server: BundleS
     prov.mqtt.ca_file = str(ca)
     path.write_text(prov.to_toml())
     with Agent(AgentConfig.load(path)) as agent:
-        assert agent.link is not None and agent.link.wait_connected(15)
+        assert agent.transport is not None and agent.transport.wait_connected(15)
     # without TLS the same listener refuses the agent
     prov.mqtt.tls = False
     path.write_text(prov.to_toml())
     with Agent(AgentConfig.load(path)) as plain:
-        assert plain.link is not None and not plain.link.wait_connected(2.0)
+        assert plain.transport is not None and not plain.transport.wait_connected(2.0)

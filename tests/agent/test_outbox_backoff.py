@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from device_agent.outbox import next_send
+from device_agent.transport.outbox import next_send
 
 
 def test_resend_intervals_double_up_to_the_cap_with_jitter() -> None:

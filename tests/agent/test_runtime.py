@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.runtime import LoadedModel, ModelError, ModelRuntime, NoModelError, SessionCache, load_model
+from device_agent.serving.runtime import LoadedModel, ModelError, ModelRuntime, NoModelError, SessionCache, load_model
 from edgeota_contract.bundle import verify_bundle
 from edgeota_contract.signing import TrustedKeys
 from tests.agent.bundles import make_bundle, reference_model, sample_inputs

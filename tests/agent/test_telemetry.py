@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.runtime import ModelError, ModelRuntime, SessionCache, load_model
-from device_agent.spool import Spool
-from device_agent.telemetry import TelemetryRecorder
+from device_agent.serving.runtime import ModelError, ModelRuntime, SessionCache, load_model
+from device_agent.telemetry.recorder import TelemetryRecorder
+from device_agent.telemetry.spool import Spool
 from edgeota_contract.bundle import verify_bundle
 from edgeota_contract.signing import TrustedKeys
 from edgeota_contract.telemetry import CONFIDENCE_EDGES, LATENCY_EDGES_MS
@@ -69,7 +69,7 @@ def test_spool_is_durable_ordered_bounded(tmp_path: Path) -> None:
 
 
 def test_whole_input_and_per_feature_summaries_match_numpy() -> None:
-    from device_agent.telemetry_summaries import FeatureBlock, WholeInput
+    from device_agent.telemetry.summaries import FeatureBlock, WholeInput
     from edgeota_contract.telemetry import FeatureReference
 
     rng = np.random.default_rng(0)
@@ -103,9 +103,9 @@ def test_whole_input_and_per_feature_summaries_match_numpy() -> None:
 def test_oversized_window_is_sent_without_feature_histograms(tmp_path: Path) -> None:
     from datetime import UTC, datetime
 
-    from device_agent.outbox import Outbox
     from device_agent.settings import AgentSettings
     from device_agent.store import StateStore
+    from device_agent.transport.outbox import Outbox
     from edgeota_contract.messages import MAX_MESSAGE_BYTES, TelemetryWindow
     from edgeota_contract.telemetry import FeatureSummary
 
@@ -171,7 +171,7 @@ def _merged(windows: list) -> tuple[int, list[list[int]], list[int], list[int]]:
 
 @pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
 def test_buffer_is_bounded_and_flushed_on_roll(tmp_path: Path, keys: Keys, background: bool) -> None:
-    from device_agent.telemetry_worker import Summariser
+    from device_agent.telemetry.worker import Summariser
 
     worker = Summariser(linger_seconds=5.0)
     recorder = TelemetryRecorder(max_requests=8, background=background, summariser=worker)
@@ -265,8 +265,8 @@ def test_concurrent_requests_and_rolls_lose_nothing(tmp_path: Path, keys: Keys, 
 def test_edges_between_float32_values_and_non_finite_values_count_exactly() -> None:
     from bisect import bisect_right
 
-    from device_agent.telemetry import row_confidences
-    from device_agent.telemetry_summaries import FeatureBlock, OutputStats
+    from device_agent.telemetry.recorder import row_confidences
+    from device_agent.telemetry.summaries import FeatureBlock, OutputStats
     from edgeota_contract.telemetry import FeatureReference
 
     # Edges that float32 cannot represent, values right at and around them, and edges beyond float32's range.

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-import device_agent.telemetry as telemetry_module
+import device_agent.telemetry.recorder as telemetry_module
 from device_agent.agent import Agent
-from device_agent.runtime import LoadedModel, ModelRuntime, SessionCache, load_model
+from device_agent.serving.runtime import LoadedModel, ModelRuntime, SessionCache, load_model
 from device_agent.settings import AgentConfig
-from device_agent.telemetry import TelemetryRecorder, WindowSummary
-from device_agent.telemetry_worker import Job, Summariser
+from device_agent.telemetry.recorder import TelemetryRecorder, WindowSummary
+from device_agent.telemetry.worker import Job, Summariser
 from edgeota_contract.bundle import verify_bundle
 from edgeota_contract.signing import TrustedKeys
 from tests.agent.bundles import FEATURES, make_bundle

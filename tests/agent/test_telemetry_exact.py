@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device_agent.runtime import LoadedModel, SessionCache, load_model
-from device_agent.telemetry import TelemetryRecorder, WindowSummary
-from device_agent.telemetry_summaries import row_confidences
-from device_agent.telemetry_worker import Summariser
+from device_agent.serving.runtime import LoadedModel, SessionCache, load_model
+from device_agent.telemetry.recorder import TelemetryRecorder, WindowSummary
+from device_agent.telemetry.summaries import row_confidences
+from device_agent.telemetry.worker import Summariser
 from edgeota_contract.bundle import create_bundle, verify_bundle
 from edgeota_contract.manifest import Lineage
 from edgeota_contract.signing import TrustedKeys

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-import device_agent.telemetry as telemetry_module
-from device_agent import telemetry_windows
-from device_agent.runtime import LoadedModel, ModelRuntime
-from device_agent.telemetry import NATIVE_AVAILABLE, TelemetryRecorder, WindowSummary
-from device_agent.telemetry_windows import Template, native_arming
+import device_agent.telemetry.recorder as telemetry_module
+from device_agent.serving.runtime import LoadedModel, ModelRuntime
+from device_agent.telemetry import windows as telemetry_windows
+from device_agent.telemetry.recorder import NATIVE_AVAILABLE, TelemetryRecorder, WindowSummary
+from device_agent.telemetry.windows import Template, native_arming
 from edgeota_contract.telemetry import CONFIDENCE_EDGES, LATENCY_EDGES_MS, OutputReference, ReferenceStats
 from tests.agent.conftest import Keys
 from tests.agent.test_telemetry_exact import SUBSET, _bundle, _requests
@@ -167,7 +167,7 @@ def test_the_accumulator_refuses_bad_arguments() -> None:
 def test_concurrent_requests_with_hot_swaps_and_rolls_count_each_request_once(tmp_path: Path, keys: Keys) -> None:
     """Three clients through one runtime while the model is swapped back and forth and windows roll: per model,
     the windows' totals equal the pure-Python recorder's over the same requests (integer data: exact sums)."""
-    from device_agent.runtime import SessionCache, load_model
+    from device_agent.serving.runtime import SessionCache, load_model
     from edgeota_contract.bundle import verify_bundle
     from edgeota_contract.signing import TrustedKeys
     from tests.agent.bundles import make_bundle

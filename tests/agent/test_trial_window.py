@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device_agent.runtime import ModelError
+from device_agent.serving.runtime import ModelError
 from device_agent.settings import AgentSettings
 from device_agent.update import trial
 from device_agent.update.checks import MIN_LATENCY_SAMPLES

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from device_agent.agent import Agent
-from device_agent.runtime import SessionCache
+from device_agent.serving.runtime import SessionCache
 from device_agent.settings import AgentConfig
 from edgeota_contract.provisioning import DeviceProvisioning
 from edgeota_contract.states import ReasonCode

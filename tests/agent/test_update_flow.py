@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from device_agent.agent import Agent
-from device_agent.runtime import ModelError, NoModelError, SessionCache
+from device_agent.serving.runtime import ModelError, NoModelError, SessionCache
 from device_agent.settings import AgentConfig
 from device_agent.update.machine import Step
 from edgeota_contract.messages import Ack, ShadowStop
@@ -496,7 +496,7 @@ def test_raw_input_samples_uploaded(
     batches = [sample_inputs(2, seed=i) for i in range(3)]
     for x in batches:
         agent.predict({"x": x})
-    agent._upload_samples()
+    agent._retry()  # the retry tick: re-sends, then persists and uploads samples
     assert [path for path, _ in server.uploads] == ["/api/v1/devices/dev-1/samples"] * 3
     got = [np.load(io.BytesIO(body))["in.x"] for _, body in server.uploads]
     assert all(np.array_equal(g, x) for g, x in zip(got, batches, strict=True))
@@ -509,14 +509,14 @@ def test_sampling_off_by_default(
     agent = make_agent(sample_upload_path="/samples")
     install(agent, keys, publish_bundle("1.0.0"))
     agent.predict({"x": sample_inputs()})
-    agent._upload_samples()
+    agent._retry()  # the retry tick: re-sends, then persists and uploads samples
     assert server.uploads == [] and agent.sampler.pending() == []
 
 
 def test_sample_rate_is_a_uniform_draw_and_bounded(tmp_path: Path) -> None:
     import random
 
-    from device_agent.sampling import InputSampler
+    from device_agent.telemetry.sampling import InputSampler
 
     model: Any = type(
         "M", (), {"manifest": type("F", (), {"model_name": "m", "version": "1.0.0"})(), "bundle_sha256": "0" * 64}

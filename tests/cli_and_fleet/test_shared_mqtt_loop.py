@@ -22,9 +22,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_agent.mqtt_link import MqttLink
-from device_agent.mqtt_loop import SharedNetworkLoop
+from device_agent.transport.mqtt import MqttLink
 from edgeota.broker import RunningBroker, start_broker
+from edgeota.fleet.mqtt_loop import SharedNetworkLoop
 from edgeota_contract.provisioning import MqttSection
 from edgeota_contract.topics import Channel
 
@@ -83,7 +83,7 @@ class Device:
         self.commands: list[bytes] = []
         self.connects = 0
         settings = MqttSection(host=broker.host, port=broker.port, keepalive=30, protocol="auto")
-        self.link = MqttLink(device_id, "boot-1", settings, self.commands.append, self._connected, network_loop=loop)
+        self.link = MqttLink(device_id, "boot-1", settings, network_loop=loop)
 
     def _connected(self) -> None:
         self.connects += 1
@@ -119,7 +119,7 @@ def test_one_loop_drives_300_links_reconnects_and_aborts(tmp_path: Path, many_fd
     watcher = Watcher(broker)
     try:
         for d in devices:
-            d.link.start()
+            d.link.start(d.commands.append, d._connected)
         _until(lambda: all(d.link.connected for d in devices), 60, "all links connected")
         fds = [d.link._client.socket().fileno() for d in devices]  # type: ignore[union-attr]
         # Beyond what paho's own select() loop can serve. A few low descriptors may be freed by an earlier
@@ -137,7 +137,7 @@ def test_one_loop_drives_300_links_reconnects_and_aborts(tmp_path: Path, many_fd
         _until(lambda: all(len(d.commands) == 3 for d in devices), 60, "3 commands per device")
         assert all(d.commands == [f"{d.link.device_id}:{n}".encode() for n in range(3)] for d in devices)
         for d in devices:
-            assert d.link.publish(Channel.STATUS, b'{"n": 1}')
+            assert d.link.send(Channel.STATUS, b'{"n": 1}')
         _until(lambda: all(watcher.of(d.link.topic(Channel.STATUS)) for d in devices), 60, "a report per device")
 
         # The broker goes away and comes back on the same port: every link reconnects on its own.
@@ -149,7 +149,7 @@ def test_one_loop_drives_300_links_reconnects_and_aborts(tmp_path: Path, many_fd
         watcher = Watcher(broker)
         _until(lambda: all(d.link.connected and d.connects >= 2 for d in devices), 90, "all links reconnected")
         for d in devices:
-            assert d.link.publish(Channel.STATUS, b'{"n": 2}')
+            assert d.link.send(Channel.STATUS, b'{"n": 2}')
         _until(lambda: all(watcher.of(d.link.topic(Channel.STATUS)) for d in devices), 60, "a report after restart")
         watcher.client.publish(devices[7].link.topic(Channel.CMD), b"after-restart", qos=1)
         _until(lambda: devices[7].commands[-1:] == [b"after-restart"], 30, "a command after the restart")

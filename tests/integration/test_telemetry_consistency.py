@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.runtime import ModelRuntime, SessionCache, load_model
+from device_agent.serving.runtime import ModelRuntime, SessionCache, load_model
 from device_agent.settings import AgentSettings
-from device_agent.telemetry import TelemetryRecorder
+from device_agent.telemetry.recorder import TelemetryRecorder
 from edgeota_contract.bundle import verify_bundle
 from edgeota_contract.signing import SigningKey, TrustedKeys
 from edgeota_contract.telemetry import ReferenceStats, psi
@@ -26,20 +26,23 @@ from edgeota_contract.telemetry import ReferenceStats, psi
 def cnn_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, SigningKey]:
     from packager.api import package_model
     from packager.examples.digits import build_digits_example
+    from packager.request import PackageRequest
 
     root = tmp_path_factory.mktemp("cnn")
     key = SigningKey.generate()
     example = build_digits_example(root / "model", arch="cnn", epochs=3)
     report = package_model(
-        example.model_path,
-        profiles=["x86-avx2"],
-        calibration=example.calibration_path,
-        eval_data=example.eval_path,
-        key=key,
-        out_dir=root / "dist",
-        name="digits-cnn",
-        version="1.0.0",
-        enforce_gates=False,  # a 3-epoch model: this test is about statistics, not accuracy
+        PackageRequest(
+            model=example.model_path,
+            profiles=["x86-avx2"],
+            calibration=example.calibration_path,
+            eval_data=example.eval_path,
+            key=key,
+            out_dir=root / "dist",
+            name="digits-cnn",
+            version="1.0.0",
+            enforce_gates=False,  # a 3-epoch model: this test is about statistics, not accuracy
+        )
     )
     result = report.results["x86-avx2"]
     assert result.bundle_path is not None, result

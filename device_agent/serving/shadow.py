@@ -17,7 +17,7 @@ from bisect import bisect_right
 from typing import TYPE_CHECKING, Any
 
 from device_agent._lazy import lazy_module
-from device_agent.runtime import LoadedModel, ModelError
+from device_agent.serving.runtime import LoadedModel, ModelError
 from edgeota_contract.telemetry import LATENCY_EDGES_MS, ShadowSummary
 
 if TYPE_CHECKING:

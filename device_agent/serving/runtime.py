@@ -250,7 +250,11 @@ class ModelRuntime:
             NoModelError: nothing is installed yet.
             ModelError: bad inputs or an inference failure (counted as an error in telemetry).
         """
-        model = self._current
+        return self.predict_on(self._current, inputs)
+
+    def predict_on(self, model: LoadedModel | None, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one request on ``model``, a value of :attr:`current` the caller read (so it knows which release
+        answered, even across a swap); listeners see it exactly as a :meth:`predict`. Raises as :meth:`predict`."""
         if model is None:
             raise NoModelError("no model installed", ReasonCode.LOAD_FAILED)
         started = _clock()

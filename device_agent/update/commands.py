@@ -14,9 +14,9 @@ import logging
 import threading
 from collections.abc import Callable
 
-from device_agent.outbox import Outbox
 from device_agent.settings import AgentConfig
 from device_agent.store import SHADOW_SLOT, StateStore
+from device_agent.transport.outbox import Outbox
 from device_agent.update import machine
 from device_agent.update.checks import Verdict, decide
 from device_agent.update.executor import Executor
@@ -143,7 +143,8 @@ class CommandHandler:
             with self.store.update() as st:
                 st.remember_nonce(a.nonce)
                 target = SHADOW_SLOT if a.mode == "shadow" else st.inactive_slot()
-                st.deployment = machine.start(a, target, st.active_slot)
+                known_good = self.config.settings.fast_rollback and st.known_good(a.bundle_sha256)
+                st.deployment = machine.start(a, target, st.active_slot, known_good=known_good)
             self._wake_worker()
         elif decision.verdict == Verdict.ALREADY_INSTALLED:
             self._finish_without_update(a, DeploymentState.COMMITTED, ReasonCode.OK, decision.detail)

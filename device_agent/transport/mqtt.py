@@ -1,18 +1,19 @@
-"""One MQTT connection per agent (paho-mqtt 2.x).
+"""The MQTT transport: one connection per agent (paho-mqtt 2.x), commands in and reports out.
 
-Client id and username are the device id (the password, TLS and protocol come from ``[mqtt]``).
-The last will is ``Presence(online=False)``, retained on the presence topic; on every connect
-the link publishes ``Presence(online=True)``, subscribes to the device's own command topic
-(QoS 1) and calls ``on_connect`` so the agent can check in and re-send unacknowledged reports.
-With ``protocol = "auto"`` it speaks MQTT 5 and falls back to 3.1.1 when the broker refuses
-or drops the MQTT 5 connection, or does not answer it within ``connect_probe_seconds``, before
-any connection was ever accepted (amqtt, for one, never answers an MQTT 5 CONNECT).
+:class:`MqttLink` implements :class:`~device_agent.transport.base.Transport`. Client id and username
+are the device id (the password, TLS and protocol come from ``[mqtt]``). The last will is
+``Presence(online=False)``, retained on the presence topic; on every connect the link publishes
+``Presence(online=True)``, subscribes to the device's own command topic (QoS 1) and, once the
+subscription is granted, calls ``on_connected`` so the agent can check in and re-send unacknowledged
+reports. With ``protocol = "auto"`` it speaks MQTT 5 and falls back to 3.1.1 when the broker refuses
+or drops the MQTT 5 connection, or does not answer it within ``connect_probe_seconds``, before any
+connection was ever accepted (amqtt, for one, never answers an MQTT 5 CONNECT).
 
 Nothing here is global: many links can live in one process. By default each link runs paho's own
 network thread (``loop_start``), which uses ``select()`` and so cannot serve sockets numbered above
 1023: a few hundred links per process at most. A process that hosts many agents (the fleet simulator)
-passes one :class:`SharedNetworkLoop` to all of them instead: one ``epoll`` thread drives every
-client through paho's external-loop API, with no file descriptor limit but the process's own.
+passes one :class:`NetworkLoop` to all of them instead, e.g. one ``epoll`` thread driving every client
+through paho's external-loop API.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device_agent.mqtt_loop import Cancellable, SharedNetworkLoop
+from device_agent.transport.base import CommandCallback, ConnectedCallback
 from edgeota_contract.logs import log_event
 from edgeota_contract.messages import Presence
 from edgeota_contract.provisioning import MqttSection
@@ -40,11 +41,36 @@ log = logging.getLogger("device_agent.mqtt")
 SESSION_EXPIRY_SECONDS = 24 * 3600
 
 
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class NetworkLoop(Protocol):
+    """Drives the network I/O of many paho clients on threads of its own (instead of one paho thread each).
+
+    Contract: after :meth:`add` (called after ``connect_async``) the loop connects, reads, writes, keeps
+    alive and reconnects ``client`` (after ``min_delay`` seconds, doubling up to ``max_delay``) until
+    :meth:`remove` (after ``disconnect()``) or :meth:`abort` (drop the socket, no DISCONNECT). Paho's
+    callbacks run on the loop's thread; :meth:`dispatch` runs ``fn`` off it, in order per ``key``;
+    :meth:`call_later` runs ``fn`` once after ``delay`` seconds unless cancelled.
+    """
+
+    def add(self, client: mqtt.Client, min_delay: float = 1.0, max_delay: float = 30.0) -> None: ...
+
+    def remove(self, client: mqtt.Client, timeout: float = 5.0) -> bool: ...
+
+    def abort(self, client: mqtt.Client, timeout: float = 5.0) -> bool: ...
+
+    def dispatch(self, key: str, fn: Callable[[], None]) -> None: ...
+
+    def call_later(self, delay: float, fn: Callable[[], None], key: str = "") -> Cancellable: ...
+
+
 class MqttLink:
-    """The agent's connection to the broker. Thread-safe publish.
+    """The agent's connection to the broker (a :class:`~device_agent.transport.base.Transport`). Thread-safe send.
 
     With ``network_loop=None`` (real devices) paho's own thread runs the connection and the callbacks
-    (``on_command``, ``on_connect``). With a :class:`SharedNetworkLoop` the loop's thread runs the
+    (``on_command``, ``on_connected``). With a :class:`NetworkLoop` the loop's thread runs the
     connection and its dispatch workers run the callbacks, in order for this device.
     """
 
@@ -53,16 +79,15 @@ class MqttLink:
         device_id: str,
         boot_id: str,
         settings: MqttSection,
-        on_command: Callable[[bytes], None],
-        on_connect: Callable[[], None],
         *,
-        network_loop: SharedNetworkLoop | None = None,
+        network_loop: NetworkLoop | None = None,
+        connect_probe_seconds: float = 5.0,
     ) -> None:
         self.device_id = device_id
         self.boot_id = boot_id
         self.settings = settings
-        self._on_command = on_command
-        self._on_connect_cb = on_connect
+        self._on_command: CommandCallback = _ignore_command
+        self._on_connect_cb: ConnectedCallback = _nothing
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._ever_connected = False
@@ -70,16 +95,18 @@ class MqttLink:
         self._client: mqtt.Client | None = None
         self._stopped = False
         self.protocol_in_use: str | None = None
-        self.connect_probe_seconds = 5.0
+        self.connect_probe_seconds = connect_probe_seconds
         self._probe: threading.Timer | Cancellable | None = None
         self._loop = network_loop
         self._sub_mid: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
-        """Connect in the background; reconnects on its own until :meth:`stop`."""
+    def start(self, on_command: CommandCallback, on_connected: ConnectedCallback) -> None:
+        """Connect in the background; reconnects on its own until :meth:`stop` or :meth:`abort`."""
         with self._lock:
+            self._on_command = on_command
+            self._on_connect_cb = on_connected
             self._stopped = False
             self._client = self._make_client()
             self._client.connect_async(**self._connect_args())
@@ -276,11 +303,19 @@ class MqttLink:
     def _presence(self, online: bool) -> bytes:
         return Presence(online=online, boot_id=self.boot_id).model_dump_json().encode("utf-8")
 
-    def publish(self, channel: Channel, payload: bytes) -> bool:
-        """Send at QoS 1 when connected; returns False (nothing queued) when offline: the caller retries."""
+    def send(self, channel: Channel, payload: bytes) -> bool:
+        """Publish at QoS 1 when connected; returns False (nothing queued) when offline: the caller retries."""
         with self._lock:
             client = self._client
         if client is None or not self._connected.is_set():
             return False
         info = client.publish(self.topic(channel), payload, qos=1)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+
+def _ignore_command(payload: bytes) -> None:
+    """Before :meth:`MqttLink.start` nothing is subscribed, so nothing arrives here."""
+
+
+def _nothing() -> None:
+    pass

@@ -3,8 +3,9 @@
 paho's own per-client thread (``loop_start``) uses ``select()``, which cannot watch a socket numbered
 1024 or above, and costs a thread per connection. :class:`SharedNetworkLoop` serves every client of a
 process from one ``selectors`` (epoll) thread through paho's external-loop API, and runs their callbacks
-on a few dispatch workers, in order per client. :class:`device_agent.mqtt_link.MqttLink` uses it when
-given one; real devices keep paho's own thread.
+on a few dispatch workers, in order per client. It satisfies the agent's
+:class:`device_agent.transport.mqtt.NetworkLoop`, so the agent's MQTT link runs on it when given one;
+real devices keep paho's own thread.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import paho.mqtt.client as mqtt
 
 from edgeota_contract.logs import log_event
 
-log = logging.getLogger("device_agent.mqtt")
+log = logging.getLogger(__name__)
 SESSION_EXPIRY_SECONDS = 24 * 3600
 
 

@@ -1,5 +1,5 @@
-"""The windows behind :mod:`device_agent.telemetry`: what a bundle's requests are copied as, and the open
-window of one bundle that counts them and feeds its summaries (:mod:`device_agent.telemetry_summaries`).
+"""The windows behind :mod:`device_agent.telemetry.recorder`: what a bundle's requests are copied as, and the open
+window of one bundle that counts them and feeds its summaries (:mod:`device_agent.telemetry.summaries`).
 
 Split from the recorder so that module holds only the request path and the buffering; nothing here runs
 on a request.
@@ -10,13 +10,14 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from device_agent._lazy import lazy_module
-from device_agent.runtime import LoadedModel
-from device_agent.telemetry_summaries import FeatureBlock, OutputStats, WholeInput, _counts
+from device_agent.serving.runtime import LoadedModel
+from device_agent.telemetry.summaries import FeatureBlock, OutputStats, WholeInput, _counts
 from edgeota_contract.logs import log_event
 from edgeota_contract.manifest import REFERENCE_STATS_FILE
 from edgeota_contract.telemetry import (
@@ -40,6 +41,7 @@ __all__ = [
     "Template",
     "Window",
     "WindowSummary",
+    "add_buffered",
     "copies",
     "load_reference",
     "native_arming",
@@ -299,7 +301,7 @@ _plan_order = itertools.count()
 
 
 class Plan:
-    """One model's buffering in the recorder's current window (``device_agent.telemetry``): the request path
+    """One model's buffering in the recorder's current window (``device_agent.telemetry.recorder``): the request path
     reads only these slots."""
 
     __slots__ = ("digest", "fast_model", "input", "model", "native", "order", "output", "slow", "started", "template")
@@ -325,6 +327,31 @@ class SlowMarker:
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
+
+
+def add_buffered(items: list[Any], window_for: Callable[[Plan], Window]) -> int:
+    """Add a batch of the recorder's flat buffer (``marker, input copy, output copy, latency ns`` per request) to
+    the windows ``window_for`` gives each plan, in recording order; returns the bytes the requests held."""
+    markers = items[0::4]
+    first = markers[0]
+    runs = [(first, 0, len(markers))]
+    if markers.count(first) != len(markers):  # several models or paths: consecutive runs, in order
+        runs, start = [], 0
+        for i in range(1, len(markers) + 1):
+            if i == len(markers) or markers[i] is not markers[start]:
+                runs.append((markers[start], start, i))
+                start = i
+    nbytes = 0
+    for marker, lo, hi in runs:
+        ins, outs, lats = items[4 * lo + 1 : 4 * hi : 4], items[4 * lo + 2 : 4 * hi : 4], items[4 * lo + 3 : 4 * hi : 4]
+        if isinstance(marker, SlowMarker):
+            nbytes += window_for(marker.plan).add_general(ins, outs, lats)
+        elif marker.fast_model is not None:
+            assert marker.template is not None
+            nbytes += window_for(marker).add_fast(marker.template, ins, outs, lats)
+        else:  # only failed requests of a model off the fast path
+            nbytes += window_for(marker).add_general(ins, outs, lats)
+    return nbytes
 
 
 def _classes(output: str, ref: ReferenceStats | None) -> int | None:

@@ -6,7 +6,7 @@ is armed for is counted and summarised in C (outputs, latency, a copy of a sampl
 else comes to :meth:`TelemetryRecorder._off_path` below; ``docs/agent.md`` says why and what it costs.
 Without it, the Python request path described next takes every request.
 
-The request path (:attr:`TelemetryRecorder.record`, a :class:`~device_agent.runtime.ModelRuntime`
+The request path (:attr:`TelemetryRecorder.record`, a :class:`~device_agent.serving.runtime.ModelRuntime`
 listener) does as little as Python allows: for the usual model (one input with reference
 statistics, one output, fixed row shapes) it copies the output bytes and, for a uniform random
 sample of requests (``feature_sample_rate``), the input bytes (``tobytes``: the application may
@@ -18,9 +18,9 @@ reference edges plus moments) were the largest share of the batch work (~0.3 us 
 beside a ~25 us inference). Drift (PSI) compares proportions, which a uniform sample estimates
 without bias; a 1/16 sample of a 60 s window at 100 requests/s still holds ~375 rows per feature.
 Request and error counts, latency and output summaries (the health gates) always cover every
-request. Everything numpy does happens in batches (:mod:`device_agent.telemetry_summaries`): on
+request. Everything numpy does happens in batches (:mod:`device_agent.telemetry.summaries`): on
 the request that finds ``limit`` requests buffered (or, with ``background=True``, on the process's
-summariser thread, :mod:`device_agent.telemetry_worker`), and synchronously on
+summariser thread, :mod:`device_agent.telemetry.worker`), and synchronously on
 :meth:`TelemetryRecorder.roll` (and so on stop); sampled input rows wait until
 ``FEATURE_BATCH_ROWS`` of them are summarised together.
 
@@ -40,21 +40,21 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from device_agent._lazy import lazy_module
-from device_agent.runtime import Listener, LoadedModel
-from device_agent.telemetry_summaries import row_confidences
-from device_agent.telemetry_windows import (
+from device_agent.serving.runtime import Listener, LoadedModel
+from device_agent.telemetry.summaries import row_confidences
+from device_agent.telemetry.windows import (
     FEATURE_BATCH_ROWS,
     NativeState,
     Plan,
-    SlowMarker,
     Template,
     Window,
     WindowSummary,
+    add_buffered,
     copies,
     load_reference,
     template_for,
 )
-from device_agent.telemetry_worker import SHARED, Summariser
+from device_agent.telemetry.worker import SHARED, Summariser
 from edgeota_contract.telemetry import CONFIDENCE_EDGES, LATENCY_EDGES_MS
 
 try:  # the C request path (setup.py builds it where a compiler is found; optional)
@@ -101,7 +101,7 @@ class TelemetryRecorder:
     inputs and outputs are copied, never referenced. Thread-safe: requests never take a lock on
     the usual path. The request that finds ``limit`` requests buffered summarises them (another
     request that finds the lock held goes on; at ``4 * limit`` it waits). With ``background=True``
-    it queues one job on the background :class:`~device_agent.telemetry_worker.Summariser` instead
+    it queues one job on the background :class:`~device_agent.telemetry.worker.Summariser` instead
     and goes on; only when the summariser falls ``4 * limit`` requests behind does a request
     summarise the buffer itself (and wait for a batch that is running), so memory stays bounded. :meth:`roll` summarises whatever is buffered synchronously, so a batch still
     queued never moves a request into another window. The buffer holds about ``max_bytes`` of
@@ -123,7 +123,7 @@ class TelemetryRecorder:
         native: bool | None = None,
     ) -> None:
         """``background``: full buffers go to ``summariser`` (default: the process-wide
-        :data:`~device_agent.telemetry_worker.SHARED`); False summarises on the request thread.
+        :data:`~device_agent.telemetry.worker.SHARED`); False summarises on the request thread.
         ``native``: summarise the usual request in C (:data:`NATIVE_AVAILABLE`); None: when it is built.
 
         Raises:
@@ -360,30 +360,7 @@ class TelemetryRecorder:
             return 0, 0
         items = buf[:n]
         del buf[:n]  # later requests stay for the next batch
-        markers = items[0::4]
-        first = markers[0]
-        runs = [(first, 0, len(markers))]
-        if markers.count(first) != len(markers):  # several models or paths: consecutive runs, in order
-            runs, start = [], 0
-            for i in range(1, len(markers) + 1):
-                if i == len(markers) or markers[i] is not markers[start]:
-                    runs.append((markers[start], start, i))
-                    start = i
-        nbytes = 0
-        for marker, lo, hi in runs:
-            ins, outs, lats = (
-                items[4 * lo + 1 : 4 * hi : 4],
-                items[4 * lo + 2 : 4 * hi : 4],
-                items[4 * lo + 3 : 4 * hi : 4],
-            )
-            if isinstance(marker, SlowMarker):
-                nbytes += self._window_for(marker.plan).add_general(ins, outs, lats)
-            elif marker.fast_model is not None:
-                assert marker.template is not None
-                nbytes += self._window_for(marker).add_fast(marker.template, ins, outs, lats)
-            else:  # only failed requests of a model off the fast path
-                nbytes += self._window_for(marker).add_general(ins, outs, lats)
-        return n // 4, nbytes
+        return n // 4, add_buffered(items, self._window_for)
 
     def pending(self) -> int:
         """Requests buffered and not yet summarised (in Python, or counted in C but not yet in a window)."""

@@ -63,3 +63,11 @@ def repair(store: StateStore, executor: Executor, max_boot_attempts: int) -> Age
             st.active_slot = other if slot_intact(executor.slot_dir(other), st.slots.get(other)) else None
         remove_tree(executor.slot_dir(active))
     return store.state
+
+
+def give_back_boot_attempt(store: StateStore) -> None:
+    """A clean shutdown during a trial is not a crash: the next start must not count it as one."""
+    dep = store.state.deployment
+    if dep is not None and dep.step == machine.Step.TRIAL and dep.boot_attempts > 0:
+        with store.update() as st:
+            st.deployment = dep.model_copy(update={"boot_attempts": dep.boot_attempts - 1})

@@ -1,10 +1,11 @@
 """Everything the agent sends, kept until the server's Ack names it (contract section 5, rule 1).
 
 Status reports live in the state file, the latest check-in in memory, telemetry windows in the
-SQLite spool. :meth:`Outbox.flush` (re-)publishes what is unacknowledged, skipping messages sent
-too recently: a message is re-sent after ``report_retry_seconds``, then after twice that and so on, up
-to ``report_retry_max_seconds``, each interval jittered by +-20% (:func:`next_send`). Without the
-back-off a server that fell behind was buried by its fleet's re-sends (measured at 1,000 devices:
+SQLite spool. :meth:`Outbox.flush` (re-)sends what is unacknowledged through the agent's
+:class:`~device_agent.transport.base.Transport` (:attr:`Outbox.transport`, None while offline),
+skipping messages sent too recently: a message is re-sent after ``report_retry_seconds``, then after
+twice that and so on, up to ``report_retry_max_seconds``, each interval jittered by +-20%
+(:func:`next_send`). Without the back-off a server that fell behind was buried by its fleet's re-sends (measured at 1,000 devices:
 ~30 sends of each status report). Spooled windows drain oldest first in batches so the backlog never
 starves live windows, which are published as soon as they close.
 """
@@ -17,13 +18,12 @@ import logging
 import random
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from device_agent import __version__
-from device_agent.mqtt_link import MqttLink
 from device_agent.settings import AgentSettings
-from device_agent.spool import Spool
 from device_agent.store import AgentState, StateStore
+from device_agent.telemetry.spool import Spool
+from device_agent.transport.base import Transport
 from device_agent.update.machine import Report, Step
 from edgeota_contract.logs import log_event
 from edgeota_contract.messages import (
@@ -36,6 +36,11 @@ from edgeota_contract.messages import (
 )
 from edgeota_contract.states import DeploymentState
 from edgeota_contract.topics import Channel
+from edgeota_contract.version import __version__
+
+if TYPE_CHECKING:
+    from device_agent.telemetry.windows import WindowSummary
+    from edgeota_contract.telemetry import ShadowSummary
 
 log = logging.getLogger("device_agent.outbox")
 
@@ -97,7 +102,7 @@ class Outbox:
         self.settings = settings
         self.store = store
         self.spool = spool
-        self.link: MqttLink | None = None
+        self.transport: Transport | None = None  # set by the agent while it is connected
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._sent_at: dict[str, tuple[float, int]] = {}  # msg_id -> (when a re-send is due, sends so far)
@@ -130,6 +135,14 @@ class Outbox:
             pending = self._checkin
         self._publish(Channel.CHECKIN, *pending, force=True)
 
+    def add_summary(self, window: WindowSummary, shadow: ShadowSummary | None) -> None:
+        """Number a closed window (with the shadow's summary for it, if any) as a ``TelemetryWindow`` and
+        :meth:`add_window` it."""
+        msg = TelemetryWindow(
+            boot_id=self.boot_id, seq=self.next_seq(), spool_dropped=self.spool.dropped, shadow=shadow, **vars(window)
+        )
+        self.add_window(msg)
+
     def add_window(self, msg: TelemetryWindow) -> None:
         """Spool a closed telemetry window, then try to send it at once.
 
@@ -144,15 +157,15 @@ class Outbox:
         self._publish(Channel.TELEMETRY, msg.msg_id, payload)
 
     def _publish(self, channel: Channel, msg_id: str, payload: bytes, force: bool = False) -> None:
-        link = self.link
-        if link is None:
+        transport = self.transport
+        if transport is None:
             return
         now = time.monotonic()
         with self._lock:
             sent = self._sent_at.get(msg_id)
         if not force and sent is not None and now < sent[0]:
             return
-        if link.publish(channel, payload):
+        if transport.send(channel, payload):
             s = self.settings
             sends = 0 if sent is None else sent[1]
             with self._lock:
@@ -160,7 +173,8 @@ class Outbox:
 
     def flush(self, force: bool = False) -> None:
         """(Re-)send unacknowledged status reports, the pending check-in and a batch of spooled telemetry."""
-        if self.link is None or not self.link.connected:
+        transport = self.transport
+        if transport is None or not transport.connected:
             return
         for report in self.store.state.outbox:
             self._publish(Channel.STATUS, report["msg_id"], json.dumps(report).encode("utf-8"), force)

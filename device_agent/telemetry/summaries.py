@@ -1,4 +1,4 @@
-"""Vectorised batch summaries behind :mod:`device_agent.telemetry`, on the contract's conventions.
+"""Vectorised batch summaries behind :mod:`device_agent.telemetry.recorder`, on the contract's conventions.
 
 Per-input-feature counts on the bundle's reference edges (plus NaN count, min, max, sum and sum of
 squares) and output class counts and confidence histograms, exactly as
