@@ -7,6 +7,11 @@ topics (``edgeota_contract.topics.mosquitto_acl_patterns``); the server user get
 The generated ``edgeota.conf`` also raises Mosquitto's per-client queue limits (:data:`BROKER_LIMITS`):
 its defaults (20 in flight, 1,000 queued) would drop QoS 1 reports queued for the server's
 session whenever its ingest applies back-pressure during a fleet-wide burst.
+
+It also sets ``use_username_as_clientid``: the broker takes each client's id from its user name, so a
+device holding valid credentials cannot connect under another device's client id and take over (and
+so disconnect) that device's session. The server's own session id is then its ``mqtt_username``:
+give each server instance that shares a broker a user name of its own.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ BROKER_LIMITS: dict[str, int] = {
     "max_queued_bytes": 0,  # no byte limit: the message count above and the size limit bound memory
     "message_size_limit": MAX_MESSAGE_BYTES,
 }
+
+
+BROKER_IDENTITY = "use_username_as_clientid true\n"
+"""A client's id is its user name: no device can take over another's session by naming its client id."""
 
 
 def render_limits() -> str:
@@ -84,7 +93,9 @@ def write_broker_config(settings: Settings, out: Path) -> list[Path]:
     acl = _write(out / "acl", render_acl(server_user))
     conf = _write(
         out / "edgeota.conf",
-        f"allow_anonymous false\npassword_file {passwd.resolve()}\nacl_file {acl.resolve()}\n" + render_limits(),
+        f"allow_anonymous false\npassword_file {passwd.resolve()}\nacl_file {acl.resolve()}\n"
+        + BROKER_IDENTITY
+        + render_limits(),
         0o644,
     )
     return [passwd, acl, conf]

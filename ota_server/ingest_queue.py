@@ -6,8 +6,9 @@ messages are applied in the order the broker delivered them. When a writer's que
 ``submit`` blocks: paho stops reading, the broker queues for the server's session and the devices
 keep their unacknowledged reports; nothing is dropped.
 
-A writer takes up to ``ingest_batch_max`` messages (whatever is queued, without waiting for more)
-and :func:`apply_batch` applies them in ONE transaction. The first pass uses no savepoints; if any
+This is the only ingest path. A writer takes up to ``ingest_batch_max`` messages (whatever is
+queued, without waiting for more; a setting of 0 is read as 1) and :func:`apply_batch` applies them
+in ONE unit of work (:func:`ota_server.rollout.unit_of_work.unit_of_work`). The first pass uses no savepoints; if any
 message fails (or the commit does), the batch is rolled back and re-applied with a SAVEPOINT per
 message, so a bad or conflicting message is undone alone. Only after the commit does it
 acknowledge (one ``Ack`` per device per batch), publish the deployments the batch caused and
@@ -25,7 +26,7 @@ import logging
 import threading
 import time
 import zlib
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,12 +38,17 @@ from edgeota_contract.logs import log_event
 from edgeota_contract.messages import Presence, parse_device_message
 from edgeota_contract.topics import Channel, parse_device_topic
 from ota_server.context import ServerContext
+from ota_server.core.unstorable import json_body_problem
 from ota_server.db import make_engine, make_sessionmaker
-from ota_server.services import ingest
-from ota_server.services.dispatch import publish_deployments, send_ack
+from ota_server.rollout.unit_of_work import unit_of_work
+from ota_server.services import ingest, ingest_prefetch
+from ota_server.services.telemetry_aggregates import AggregationConfig
 
 log = logging.getLogger("edgeota.server.ingest")
 CAREFUL_ATTEMPTS = 2  # savepoint-per-message passes after a failed fast pass
+QUEUE_DEPTH = "ingest_queue_depth"
+"""A gauge kept in the counters (+1 queued, -n taken): the core's counters reach the API workers, so
+``/metrics`` reads the writers' queue depth in any process."""
 
 
 @dataclass(frozen=True)
@@ -137,15 +143,19 @@ def writer_sessions(ctx: ServerContext) -> tuple[sessionmaker[Session], Engine |
     return make_sessionmaker(engine), engine
 
 
-def _parse(ctx: ServerContext, item: Incoming) -> ingest.DeviceMessageT | str:
+def _parse(ctx: ServerContext, item: Incoming) -> ingest_prefetch.DeviceMessageT | str:
     """The parsed message, or the outcome label that drops it (``rate_limited``, ``malformed``)."""
     if ctx.limiter is not None and not ctx.limiter.allow(item.device_id, time.monotonic()):
         return "rate_limited"  # not acked: the device keeps the message and re-sends it later
     try:
-        return parse_device_message(item.channel, item.payload)
+        message = parse_device_message(item.channel, item.payload)
     except ContractError as exc:
         log_event(log, "ingest_malformed", logging.WARNING, topic=item.topic, error=str(exc))
         return "malformed"
+    if json_body_problem(item.payload):  # NUL or a lone surrogate: no database stores it; never "error"
+        log_event(log, "ingest_malformed", logging.WARNING, topic=item.topic, error="text that cannot be stored")
+        return "malformed"
+    return message
 
 
 @dataclass
@@ -160,7 +170,11 @@ class _RedoCarefully(Exception):
 
 
 def _apply_one(
-    session: Session, item: Incoming, message: ingest.DeviceMessageT, known: ingest.Known, careful: bool
+    session: Session,
+    item: Incoming,
+    message: ingest_prefetch.DeviceMessageT,
+    known: ingest_prefetch.Known,
+    careful: bool,
 ) -> _Applied:
     """Apply one message; ``careful``: inside its own savepoint, so an error undoes only this message.
 
@@ -188,12 +202,30 @@ def _apply_one(
 
 
 def _apply_all(
-    sessions: sessionmaker[Session], parsed: list[tuple[int, Incoming, ingest.DeviceMessageT]], careful: bool
+    ctx: ServerContext,
+    sessions: sessionmaker[Session],
+    parsed: list[tuple[int, Incoming, ingest_prefetch.DeviceMessageT]],
+    careful: bool,
 ) -> list[_Applied]:
-    """One transaction for the whole batch; returns once it is committed (raises if it is not)."""
-    with sessions() as session, session.begin():
-        known = ingest.prefetch(session, [(item.device_id, msg) for _, item, msg in parsed], lookups=not careful)
-        return [_apply_one(session, item, msg, known, careful) for _, item, msg in parsed]
+    """One unit of work for the whole batch: apply, commit, then ack and publish (raises if it did not commit)."""
+    with unit_of_work(ctx, sessions, lock=False) as unit:
+        known = ingest_prefetch.prefetch(
+            unit.session,
+            [(item.device_id, msg) for _, item, msg in parsed],
+            lookups=not careful,
+            aggregation=aggregation(ctx),
+        )
+        applied = [_apply_one(unit.session, item, msg, known, careful) for _, item, msg in parsed]
+        ingest_prefetch.flush_aggregates(unit.session, known)  # the batch's telemetry aggregates, same transaction
+        for (_, item, _), result in zip(parsed, applied, strict=True):
+            unit.outbox.ack(item.device_id, result.ack)
+            unit.outbox.deployments.extend(result.send)
+    return applied
+
+
+def aggregation(ctx: ServerContext) -> AggregationConfig:
+    """How this server groups telemetry windows into aggregates (its settings)."""
+    return AggregationConfig.from_settings(ctx.settings)
 
 
 def apply_batch(ctx: ServerContext, sessions: sessionmaker[Session], batch: list[Incoming]) -> list[str]:
@@ -206,7 +238,7 @@ def apply_batch(ctx: ServerContext, sessions: sessionmaker[Session], batch: list
     commit; when no pass commits, every outcome is ``error`` and nothing is acknowledged.
     """
     outcomes: list[str] = []
-    parsed: list[tuple[int, Incoming, ingest.DeviceMessageT]] = []
+    parsed: list[tuple[int, Incoming, ingest_prefetch.DeviceMessageT]] = []
     for item in batch:
         message = _parse(ctx, item)
         outcomes.append(message if isinstance(message, str) else "")
@@ -215,7 +247,7 @@ def apply_batch(ctx: ServerContext, sessions: sessionmaker[Session], batch: list
     applied: list[_Applied] = [_Applied("error", [], []) for _ in parsed]
     for attempt, careful in enumerate((False, *[True] * CAREFUL_ATTEMPTS), start=1):
         try:
-            applied = _apply_all(sessions, parsed, careful)
+            applied = _apply_all(ctx, sessions, parsed, careful)
             break
         except Exception as exc:
             error = repr(exc.__cause__ if isinstance(exc, _RedoCarefully) else exc)
@@ -225,19 +257,8 @@ def apply_batch(ctx: ServerContext, sessions: sessionmaker[Session], batch: list
             else:
                 ctx.metrics.inc("ingest_batch_redone")
                 log_event(log, "ingest_batch_redo", logging.INFO, size=len(parsed), error=error)
-    acks: dict[str, list[str]] = defaultdict(list)
-    sends: list[str] = []
-    for (index, item, _), result in zip(parsed, applied, strict=True):
+    for (index, _, _), result in zip(parsed, applied, strict=True):
         outcomes[index] = result.outcome
-        acks[item.device_id].extend(result.ack)
-        sends.extend(result.send)
-    try:
-        for device_id, msg_ids in acks.items():
-            send_ack(ctx, device_id, msg_ids)
-        if sends:
-            publish_deployments(ctx, sends)
-    except Exception as exc:  # stored is stored: a lost ack only makes the device re-send (deduplicated)
-        log_event(log, "ingest_ack_failed", logging.ERROR, error=repr(exc))
     for outcome, item in zip(outcomes, batch, strict=True):
         ctx.metrics.inc(f"ingest_{outcome}")
         if outcome not in ("ok", "error", "malformed"):  # errors and malformed ones are logged where found
@@ -247,13 +268,27 @@ def apply_batch(ctx: ServerContext, sessions: sessionmaker[Session], batch: list
     return outcomes
 
 
+def receive(ctx: ServerContext, topic: str, payload: bytes) -> Incoming | None:
+    """The message as a writer takes it, or None (counted) for a topic that is not a device report channel."""
+    try:
+        device_id, channel = parse_device_topic(topic)
+    except ContractError as exc:
+        ctx.metrics.inc("ingest_malformed")
+        log_event(log, "ingest_malformed", logging.WARNING, topic=topic, error=str(exc))
+        return None
+    if channel == Channel.CMD:
+        ctx.metrics.inc("ingest_ignored_cmd")
+        return None
+    return Incoming(topic, device_id, channel, payload)
+
+
 class IngestWriters:
     """``workers`` writer threads, each with its own bounded queue; a device always maps to the same one."""
 
     def __init__(self, ctx: ServerContext) -> None:
         s = ctx.settings
         self.ctx = ctx
-        self.batch_max = s.ingest_batch_max
+        self.batch_max = max(1, s.ingest_batch_max)  # 0 once chose a per-message path that is gone
         self.queues = [
             IngestQueue(s.ingest_queue_max, s.ingest_queue_max_bytes) for _ in range(s.resolved_ingest_workers)
         ]
@@ -276,21 +311,17 @@ class IngestWriters:
         A topic that is not a device report channel is counted and dropped here; after :meth:`stop`
         messages are not queued (nor acknowledged: the devices re-send them).
         """
-        try:
-            device_id, channel = parse_device_topic(topic)
-        except ContractError as exc:
-            self.ctx.metrics.inc("ingest_malformed")
-            log_event(log, "ingest_malformed", logging.WARNING, topic=topic, error=str(exc))
+        item = receive(self.ctx, topic, payload)
+        if item is None:
             return False
-        if channel == Channel.CMD:
-            self.ctx.metrics.inc("ingest_ignored_cmd")
-            return False
-        q = self.queues[zlib.crc32(device_id.encode()) % len(self.queues)]
+        q = self.queues[zlib.crc32(item.device_id.encode()) % len(self.queues)]
         waits = q.blocked_puts  # only this (network) thread puts, so the difference is this call's
-        queued = q.put(Incoming(topic, device_id, channel, payload))
+        self.ctx.metrics.inc(QUEUE_DEPTH)  # before the put: the writer may take it (and count it out) at once
+        queued = q.put(item)
         if q.blocked_puts != waits:
             self.ctx.metrics.inc("ingest_backpressure_waits")
         if not queued:
+            self.ctx.metrics.inc(QUEUE_DEPTH, -1)
             self.ctx.metrics.inc("ingest_abandoned")
         return queued
 
@@ -303,6 +334,7 @@ class IngestWriters:
                 return  # stop() drops what is left
             batch = q.take(self.batch_max, 0.5)
             if batch:
+                self.ctx.metrics.inc(QUEUE_DEPTH, -len(batch))
                 try:
                     apply_batch(self.ctx, self.sessions, batch)
                 except Exception as exc:  # pragma: no cover - apply_batch catches; the writer must not die
@@ -323,6 +355,7 @@ class IngestWriters:
             thread.join(timeout=drain_seconds + 30)  # a batch under way finishes (or times out) first
         abandoned = sum(q.clear() for q in self.queues)
         self.ctx.metrics.inc("ingest_abandoned", abandoned)
+        self.ctx.metrics.inc(QUEUE_DEPTH, -abandoned)
         if self._engine is not None:
             self._engine.dispose()
         log_event(log, "ingest_writers_stopped", abandoned=abandoned)

@@ -159,6 +159,14 @@ class Rollout(Base):
     start_at: Mapped[datetime | None] = mapped_column(nullable=True)
     reason: Mapped[str] = mapped_column(String(64), default="")
     detail: Mapped[str] = mapped_column(Text, default="")
+    """For people only: no decision reads it (the typed facts are the columns)."""
+    halted_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    """The gate that halted the rollout (``engine_logic.Gate``), or None; cleared when it runs again."""
+    reverted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """The server ordered the rollout's updated devices back to their previous bundle."""
+    gate_results: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """The latest evaluation of the plan's telemetry gates (``{"stage", "at", "gates": [...]}``), for people and
+    the status API; decisions evaluate the gates afresh each tick and never read this."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str] = mapped_column(String(128))
@@ -167,6 +175,7 @@ class Rollout(Base):
 class Deployment(Base):
     """One attempt of one bundle on one device.
 
+    State changes only through :mod:`ota_server.rollout` (rules in ``rollout.deployment_rules``).
     Per (rollout, device, mode) attempts are numbered from 1; a retry (plan ``max_retries``) adds the
     next attempt and marks the failed one ``retried``, so exactly one row per (rollout, device, mode)
     has ``retried`` false: the one the rollout engine and the status counts look at.
@@ -196,6 +205,8 @@ class Deployment(Base):
     send_count: Mapped[int] = mapped_column(Integer, default=0)
     attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     retried: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    reverted_by: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    """The rollback deployment the server ordered to undo this install (see ``rollout.deployment_rules``)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     notified_at: Mapped[datetime | None] = mapped_column(nullable=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -242,6 +253,100 @@ class TelemetryRecord(Base):
     request_count: Mapped[int] = mapped_column(BigInteger)
     error_count: Mapped[int] = mapped_column(BigInteger)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class TelemetryAggregate(Base):
+    """Telemetry windows merged by addition per bundle x hardware profile x cohort x time bucket.
+
+    Maintained by ingest in the same transaction as the window rows (one merge per group per batch), so
+    the gates and the fleet summary read a few rows instead of every window's payload. Windows with a
+    shadow summary form their own rows (per shadowed candidate), so the shadow gate filters in SQL.
+    """
+
+    __tablename__ = "telemetry_aggregates"
+    __table_args__ = (
+        UniqueConstraint(
+            "bundle_sha256",
+            "hardware_profile",
+            "cohort",
+            "bucket_start",
+            "shadow_sha256",
+            name="uq_telemetry_aggregate",
+        ),
+        Index("ix_telemetry_aggregates_bucket", "bucket_start"),
+        Index("ix_telemetry_aggregates_shadow", "shadow_sha256"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    bundle_sha256: Mapped[str] = mapped_column(String(64))
+    hardware_profile: Mapped[str] = mapped_column(String(64))
+    cohort: Mapped[str] = mapped_column(String(128))
+    """The value of the configured cohort label (``telemetry_cohort_label``) on the device; "" when absent."""
+    bucket_start: Mapped[datetime] = mapped_column()
+    """``window_end`` rounded down to ``telemetry_bucket_seconds``."""
+    shadow_sha256: Mapped[str] = mapped_column(String(64))
+    """The candidate bundle the windows' devices shadowed ("" when none): the shadow gate's filter."""
+    shadow_version: Mapped[str] = mapped_column(String(128))
+    shadow_compared: Mapped[int] = mapped_column(BigInteger)
+    shadow_agree: Mapped[int] = mapped_column(BigInteger)
+    model_name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(128))
+    attributed: Mapped[bool] = mapped_column(Boolean)
+    """The bundle sha named a stored bundle when the windows arrived (the release is known)."""
+    windows: Mapped[int] = mapped_column(BigInteger)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)
+    nan_outputs: Mapped[int] = mapped_column(BigInteger)
+    attributed_requests: Mapped[int] = mapped_column(BigInteger)
+    latency_counts: Mapped[list[Any]] = mapped_column(JSON)
+    histograms: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """Features, output classes and confidence, spool drops (``TelemetryTotals.histograms_json``)."""
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StoredSample(Base):
+    """One raw-input sample a device uploaded for retraining (the file lies under ``data_dir/samples``).
+
+    ``stream`` is ``uniform`` (a random share of requests) or ``hard`` (rows the model flagged, ``reason``
+    ``low_confidence`` or ``shadow_disagreement``); ``predictions`` and ``confidences`` hold one value per row
+    (null when the device could not tell; a confidence is null for a row with non-finite outputs).
+    """
+
+    __tablename__ = "samples"
+    __table_args__ = (
+        UniqueConstraint("device_id", "bundle_sha256", "sha256"),
+        Index("ix_samples_model_version", "model_name", "version"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    bundle_sha256: Mapped[str] = mapped_column(String(64))
+    model_name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(128))
+    hardware_profile: Mapped[str] = mapped_column(String(64))
+    stream: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    rows: Mapped[int] = mapped_column(Integer)
+    predictions: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    confidences: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    sampled_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    """The device's clock when the request was served (null for samples without metadata)."""
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+
+
+class TelemetryDevice(Base):
+    """The newest window end per device and bundle: distinct devices are not additive, so the fleet summary
+    counts them here (one row per device and bundle) instead of over every window row."""
+
+    __tablename__ = "telemetry_devices"
+    __table_args__ = (Index("ix_telemetry_devices_bundle", "bundle_sha256", "last_window_end"),)
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bundle_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cohort: Mapped[str] = mapped_column(String(128))
+    last_window_end: Mapped[datetime] = mapped_column()
 
 
 class EngineLease(Base):

@@ -1,18 +1,19 @@
 """Applying device messages to the database: status, check-in, telemetry, presence.
 
+Deployment state is decided by the pure rules of :mod:`ota_server.rollout.deployment_rules`
+(:func:`~ota_server.rollout.deployment_rules.on_status_report`, :func:`~ota_server.rollout.deployment_rules.on_checkin`)
+and written by :mod:`ota_server.rollout.apply`; this module stores the messages (history, dedupe,
+telemetry, what a device runs) and builds the rules' plain views. The caller's unit of work (the
+batch writers, :mod:`ota_server.ingest_queue`) commits, then acks and publishes.
+
 Identity comes from the topic (``device_id`` argument), never from the payload. Every handler
 returns the msg ids to acknowledge and the deployment ids to (re-)send; the caller acks and
 publishes only after the commit. Status reports are deduplicated by msg id and by
 ``deployment_transition_allowed``; telemetry by (device, boot_id, seq).
 
-A batch of messages applied in one transaction (``ota_server.ingest_queue``) first calls
-:func:`prefetch`: one query loads the batch's devices and one each finds the status msg ids and
-telemetry keys already stored, so the handlers need no lookup per message for them (and sets
-``last_seen`` once per device). With ``lookups`` (the batch's fast pass) it also loads the
-devices' model rows and the check-in devices' deployments, so a heartbeat check-in costs no query
-of its own (two each before: 2.2 ms of a 2.9 ms idle message pair, measured). The caller adds each
-message it applied without error to the returned :class:`Known` (:meth:`Known.remember`), so a
-second copy later in the same batch is a duplicate too.
+A batch applied in one transaction first loads what its handlers look up
+(:func:`ota_server.services.ingest_prefetch.prefetch`, which returns the :class:`Known` passed to
+every handler here); without ``known`` a handler queries for itself.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from sqlalchemy.orm import Session
 from edgeota_contract.errors import ContractError
 from edgeota_contract.logs import log_event
 from edgeota_contract.messages import CheckIn, Presence, StatusReport, TelemetryWindow
-from edgeota_contract.states import DeploymentState, ReasonCode, RolloutState
+from edgeota_contract.states import DeploymentState, ReasonCode
 from ota_server.models import (
     Bundle,
     Deployment,
@@ -39,9 +40,17 @@ from ota_server.models import (
     TelemetryRecord,
     utcnow,
 )
-from ota_server.rollout.engine_logic import apply_report
-from ota_server.services.deployments import revert_devices
+from ota_server.rollout import deployment_rules as rules
+from ota_server.rollout.apply import apply_deployment_effects
+from ota_server.rollout.unit_of_work import Outbox
 from ota_server.services.dispatch import prepare_sends
+from ota_server.services.ingest_prefetch import DeviceMessageT, Known, msg_key
+from ota_server.services.telemetry_aggregates import (
+    AggregateBatch,
+    AggregationConfig,
+    flush,
+    window_part,
+)
 
 log = logging.getLogger("edgeota.server.ingest")
 
@@ -55,80 +64,6 @@ class IngestResult:
     ack: list[str] = field(default_factory=list)
     send: list[str] = field(default_factory=list)
     ignored: str | None = None
-
-
-DeviceMessageT = StatusReport | CheckIn | TelemetryWindow | Presence
-
-
-@dataclass
-class Known:
-    """What is stored already (before the batch, or earlier in it): status msg keys and telemetry keys."""
-
-    messages: set[str] = field(default_factory=set)
-    windows: set[tuple[str, str, int]] = field(default_factory=set)
-    rows: list[object] = field(default_factory=list)
-    """Rows loaded for the batch: held here because the session's identity map keeps only weak references."""
-    model_devices: set[str] = field(default_factory=set)
-    """Devices whose every ``DeviceModel`` row is in :attr:`models` (absent there: the device has no such row)."""
-    models: dict[tuple[str, str], DeviceModel] = field(default_factory=dict)
-    deployments: dict[str, list[Deployment]] = field(default_factory=dict)
-    """Per check-in device of the batch, every deployment of that device (dropped when the batch adds one)."""
-
-    def remember(self, device_id: str, message: DeviceMessageT) -> None:
-        """Record ``message`` as stored in this transaction (call once it applied without error)."""
-        if isinstance(message, StatusReport):
-            self.messages.add(_msg_key(device_id, message.msg_id))
-        elif isinstance(message, TelemetryWindow):
-            self.windows.add((device_id, message.boot_id, message.seq))
-
-
-def _msg_key(device_id: str, msg_id: str) -> str:
-    return f"{device_id}/{msg_id}"
-
-
-def prefetch(session: Session, batch: list[tuple[str, DeviceMessageT]], lookups: bool = True) -> Known:
-    """Load the batch's devices into the session and find which of its reports are stored already.
-
-    At most six queries whatever the batch size (devices, their reported deployments, status msg
-    ids, telemetry keys and, with ``lookups``, the devices' model rows and the check-in devices'
-    deployments); the rows stay in the session for the handlers' lookups. Without ``lookups`` the
-    handlers query model rows and deployments themselves (the careful pass: a savepoint rolled back
-    must not leave a row in :class:`Known` that the session no longer holds).
-    """
-    known = Known()
-    device_ids = {device_id for device_id, _ in batch}
-    if device_ids:
-        now = utcnow()
-        for device in session.scalars(select(Device).where(Device.id.in_(device_ids))):
-            device.last_seen = now  # once per batch, not one UPDATE per message
-            known.rows.append(device)
-    # Only check-ins and status reports record what a device runs; telemetry and presence need neither lookup.
-    reporting = {device_id for device_id, m in batch if isinstance(m, CheckIn | StatusReport)}
-    if lookups and reporting:
-        known.model_devices = reporting
-        for row in session.scalars(select(DeviceModel).where(DeviceModel.device_id.in_(reporting))):
-            known.models[(row.device_id, row.model_name)] = row
-        checkins = {device_id for device_id, m in batch if isinstance(m, CheckIn)}
-        if checkins:
-            known.deployments = {device_id: [] for device_id in checkins}
-            for dep in session.scalars(select(Deployment).where(Deployment.device_id.in_(checkins))):
-                known.deployments[dep.device_id].append(dep)
-    deployment_ids = {m.deployment_id for _, m in batch if isinstance(m, StatusReport)}
-    if deployment_ids:
-        known.rows.extend(session.scalars(select(Deployment).where(Deployment.id.in_(deployment_ids))))
-    keys = [_msg_key(d, m.msg_id) for d, m in batch if isinstance(m, StatusReport)]
-    if keys:
-        known.messages.update(session.scalars(select(DeviceMessage.msg_id).where(DeviceMessage.msg_id.in_(keys))))
-    windows = {(d, m.boot_id, m.seq) for d, m in batch if isinstance(m, TelemetryWindow)}
-    if windows:
-        rows = session.execute(
-            select(TelemetryRecord.device_id, TelemetryRecord.boot_id, TelemetryRecord.seq).where(
-                TelemetryRecord.device_id.in_({w[0] for w in windows}),
-                TelemetryRecord.seq.in_({w[2] for w in windows}),
-            )
-        )
-        known.windows.update(key for key in ((r[0], r[1], r[2]) for r in rows) if key in windows)
-    return known
 
 
 def apply_message(
@@ -156,7 +91,7 @@ def _device(session: Session, device_id: str, known: Known | None = None) -> Dev
 
 def _seen(session: Session, device_id: str, msg_id: str, kind: str, known: Known | None) -> bool:
     """True when this msg id was already stored (``known``: as prefetched for a batch); otherwise remember it."""
-    key = _msg_key(device_id, msg_id)
+    key = msg_key(device_id, msg_id)
     if key in known.messages if known is not None else session.get(DeviceMessage, key) is not None:
         return True
     session.add(DeviceMessage(msg_id=key, device_id=device_id, kind=kind))
@@ -182,7 +117,47 @@ def _advance(device: Device, msg: CheckIn | StatusReport) -> None:
         device.report_boot_id, device.report_seq, device.report_sent_at = msg.boot_id, msg.seq, msg.sent_at
 
 
+def _facts(dep: Deployment, revert_ordered: bool = False) -> rules.DeploymentFacts:
+    return rules.DeploymentFacts(
+        id=dep.id,
+        device_id=dep.device_id,
+        mode=dep.mode,
+        model_name=dep.model_name,
+        version=dep.version,
+        bundle_sha256=dep.bundle_sha256,
+        release_counter=dep.release_counter,
+        state=DeploymentState(dep.state),
+        reason=dep.reason,
+        reverted_by=dep.reverted_by,
+        rollout_revert_ordered=revert_ordered,
+    )
+
+
+def _revert_ordered(session: Session, dep: Deployment) -> bool:
+    """Whether ``dep``'s rollout ordered its devices reverted (read only for a possible late commit)."""
+    if not rules.is_late_commit(_facts(dep)) or dep.rollout_id is None:
+        return False
+    rollout = session.get(Rollout, dep.rollout_id)
+    return rollout is not None and rollout.reverted
+
+
+def _apply(session: Session, device_id: str, effects: list[rules.DeploymentEffect], known: Known | None) -> list[str]:
+    """Persist ``effects`` (:func:`ota_server.rollout.apply.apply_deployment_effects`); the ids to send."""
+    if not effects:
+        return []
+    outbox = Outbox()
+
+    def record_running(dev: str, sha256: str) -> None:
+        _set_running(session, dev, sha256, known)
+
+    apply_deployment_effects(session, effects, utcnow(), outbox, record_running, lambda d: prepare_sends(session, d))
+    if known is not None and any(isinstance(e, rules.RevertLate) for e in effects):
+        known.deployments.pop(device_id, None)  # it has one more now: a later check-in queries them again
+    return outbox.deployments
+
+
 def handle_status(session: Session, device_id: str, report: StatusReport, known: Known | None = None) -> IngestResult:
+    """Store a status report (history, dedupe by msg id) and apply it by :func:`rules.on_status_report`."""
     device = _device(session, device_id, known)
     result = IngestResult(ack=[report.msg_id])
     if _seen(session, device_id, report.msg_id, "status", known):
@@ -194,7 +169,6 @@ def handle_status(session: Session, device_id: str, report: StatusReport, known:
         # Acked so the device stops re-sending, but nothing is applied.
         result.ignored = "unknown_deployment"
         return result
-    new = apply_report(DeploymentState(dep.state), report.state)
     session.add(
         StatusEvent(
             device_id=device_id,
@@ -204,20 +178,18 @@ def handle_status(session: Session, device_id: str, report: StatusReport, known:
             detail=report.detail,
         )
     )
-    if new is None:
-        result.ignored = "stale"
-        if report.state == DeploymentState.COMMITTED and _late_commit(dep):
-            # The device finished an install the server had already cancelled or timed out.
-            _set_running(session, device_id, dep.bundle_sha256, known)
-            result.send = _revert_late(session, dep, known)
-        return result
-    now = utcnow()
-    dep.state = new.value
-    dep.reason = report.reason.value
-    dep.detail = report.detail
-    dep.updated_at = now
-    if new == DeploymentState.COMMITTED and dep.mode != "shadow":
-        _set_running(session, device_id, dep.bundle_sha256, known)
+    reverted: list[rules.DeploymentFacts] = []
+    if dep.mode == "rollback" and report.state == DeploymentState.COMMITTED:
+        reverted = [_facts(d) for d in session.scalars(select(Deployment).where(Deployment.reverted_by == dep.id))]
+    outcome = rules.on_status_report(
+        _facts(dep, report.state == DeploymentState.COMMITTED and _revert_ordered(session, dep)),
+        report.state,
+        report.reason,
+        report.detail,
+        reverted,
+    )
+    result.ignored = outcome.ignored
+    result.send = _apply(session, device_id, outcome.effects, known)
     return result
 
 
@@ -255,7 +227,11 @@ def _record_model(
 
 
 def handle_checkin(session: Session, device_id: str, checkin: CheckIn, known: Known | None = None) -> IngestResult:
-    """Reconcile what the device runs and re-send its open deployments (fresh assignment ids).
+    """Record what the device runs, then reconcile its deployments by :func:`rules.on_checkin`.
+
+    Reconciliation (late commits, committed installs the device no longer runs, "reconciled from
+    check-in", re-sending open deployments with fresh assignment ids) is decided by the pure rule and
+    applied by :mod:`ota_server.rollout.apply`; nothing here writes a deployment's state.
 
     A check-in older than a report already applied (re-sent under ingest lag, or delivered late from
     an earlier boot) is acked and marks the device online, but reconciles nothing: its picture of the
@@ -279,86 +255,29 @@ def handle_checkin(session: Session, device_id: str, checkin: CheckIn, known: Kn
             reported=checkin.hardware_profile,
             registered=device.hardware_profile,
         )
-    running = {m.model_name: m for m in checkin.models}
+    running = {
+        m.model_name: rules.RunningFacts(
+            m.model_name, m.version, m.bundle_sha256, m.release_counter, m.state == "serving", m.shadow_version
+        )
+        for m in checkin.models
+    }
     for m in checkin.models:
         _record_model(session, device_id, m.model_name, m.version, m.bundle_sha256, m.release_counter, known)
-    open_deps: list[Deployment] = []
     deployments = known.deployments.get(device_id) if known is not None else None
     if deployments is None:
         deployments = list(session.scalars(select(Deployment).where(Deployment.device_id == device_id)))
-    for dep in deployments:
-        state = DeploymentState(dep.state)
-        model = running.get(dep.model_name)
-        if dep.mode == "shadow":
-            runs_it = model is not None and model.shadow_version == dep.version
-        else:
-            runs_it = model is not None and model.bundle_sha256 == dep.bundle_sha256 and model.state == "serving"
-        is_active = checkin.active_deployment_id == dep.id
-        if state.terminal and runs_it and _late_commit(dep):
-            result.send.extend(_revert_late(session, dep, known))
-            continue
-        if state.terminal:
-            # A committed install the device no longer runs (it rolled back by itself): record that.
-            if (
-                state == DeploymentState.COMMITTED
-                and dep.mode == "install"
-                and model is not None
-                and not runs_it
-                and not is_active
-                and _newer_than(dep, model.release_counter)
-            ):
-                dep.state = DeploymentState.ROLLED_BACK.value
-                dep.reason = ReasonCode.HEALTH_FAILED.value
-                dep.detail = f"device check-in shows {model.version} running"
-                dep.updated_at = utcnow()
-            continue
-        if is_active and checkin.active_state is not None:
-            new = apply_report(state, checkin.active_state)
-            if new is not None:
-                dep.state, dep.updated_at = new.value, utcnow()
-                state = new
-        if runs_it and not is_active and state != DeploymentState.COMMITTED:
-            dep.state, dep.reason, dep.updated_at = DeploymentState.COMMITTED.value, ReasonCode.OK.value, utcnow()
-            dep.detail = "reconciled from check-in"
-            continue
-        if not DeploymentState(dep.state).terminal:
-            open_deps.append(dep)
-    result.send.extend(prepare_sends(session, open_deps))
+    shown = {m.bundle_sha256 for m in checkin.models}
+    # whether a revert was ordered matters only for a late commit the device shows running
+    facts = [_facts(d, d.bundle_sha256 in shown and _revert_ordered(session, d)) for d in deployments]
+    effects = rules.on_checkin(facts, running, checkin.active_deployment_id, checkin.active_state)
+    result.send.extend(_apply(session, device_id, effects, known))
     return result
-
-
-def _late_commit(dep: Deployment) -> bool:
-    return (
-        dep.mode == "install"
-        and dep.state == DeploymentState.FAILED.value
-        and dep.reason in (ReasonCode.CANCELLED.value, ReasonCode.DEVICE_TIMEOUT.value, ReasonCode.SUPERSEDED.value)
-    )
-
-
-def _revert_late(session: Session, dep: Deployment, known: Known | None = None) -> list[str]:
-    """Revert a device that installed a bundle after its rollout was rolled back (or aborted with revert)."""
-    if dep.rollout_id is None:
-        return []
-    rollout = session.get(Rollout, dep.rollout_id)
-    if rollout is None or rollout.state not in (RolloutState.ROLLED_BACK.value, RolloutState.ABORTED.value):
-        return []
-    if rollout.state == RolloutState.ABORTED.value and "revert" not in rollout.detail:
-        return []
-    new_ids = revert_devices(session, rollout, (dep.device_id,), "ingest", utcnow())
-    if known is not None:
-        known.deployments.pop(dep.device_id, None)  # it has one more now: a later check-in queries them again
-    pending = [d for d in (session.get(Deployment, i) for i in new_ids) if d is not None]
-    return prepare_sends(session, pending)
-
-
-def _newer_than(dep: Deployment, running_counter: int) -> bool:
-    return dep.release_counter > running_counter
 
 
 def handle_telemetry(
     session: Session, device_id: str, window: TelemetryWindow, known: Known | None = None
 ) -> IngestResult:
-    _device(session, device_id, known)
+    device = _device(session, device_id, known)
     result = IngestResult(ack=[window.msg_id])
     if known is not None:
         exists = (device_id, window.boot_id, window.seq) in known.windows
@@ -376,6 +295,7 @@ def handle_telemetry(
     if exists:
         result.ignored = "duplicate"
         return result
+    payload = window.model_dump(mode="json")
     session.add(
         TelemetryRecord(
             device_id=device_id,
@@ -388,9 +308,25 @@ def handle_telemetry(
             window_end=window.window_end,
             request_count=window.request_count,
             error_count=window.error_count,
-            payload=window.model_dump(mode="json"),
+            payload=payload,
         )
     )
+    # Its aggregate part waits for Known.remember (the message applied without error), then the batch's flush.
+    if known is not None and window.bundle_sha256 in known.bundle_profiles:
+        bundle_profile = known.bundle_profiles[window.bundle_sha256]
+    else:
+        bundle = session.get(Bundle, window.bundle_sha256)
+        bundle_profile = bundle.hardware_profile if bundle is not None else None
+    config = known.aggregation if known is not None else AggregationConfig()
+    part = window_part(
+        payload, window.window_end, device_id, device.hardware_profile, device.labels, bundle_profile, config
+    )
+    if known is not None:
+        known.staged[(device_id, window.boot_id, window.seq)] = part
+    else:
+        single = AggregateBatch()
+        single.add(part)
+        flush(session, single)
     return result
 
 

@@ -1,8 +1,22 @@
 """A rollout's status as the API shows it: state, stage sizes, counts per deployment state.
 
+Besides the plain columns, ``halted_by`` names the gate that halted the rollout (``failure_rate``,
+``min_devices``, ``telemetry``; null when none did) and ``reverted`` says whether its updated devices
+were ordered back to their previous bundle (``rollback``, a gate's rollback, ``abort --revert``).
+``revert`` tells, per device, whether such an order worked: of the ``ordered`` devices (latest attempt of
+an install the server ordered back), ``reverted`` run the previous bundle again (their rollback deployment
+committed, or a check-in showed it), ``pending`` still have the rollback in progress, and ``not_reverted``
+ended their rollback deployment without going back (failed or rolled back): a ``rolled_back`` rollout with
+``not_reverted > 0`` did not bring every device back.
+
 The status endpoint is on the hot path (``rollout status --watch``, dashboards), so it reads plain
 columns and lets the database count: no ORM objects, and the target list (thousands of device ids)
 is measured by ``json_array_length`` in SQL instead of being shipped and parsed.
+
+``gates`` lists the plan's telemetry gates as the engine judged them last (``name``, ``state`` passed /
+failed / not_evaluated, ``value``, ``threshold``, ``have``, ``need``, ``unit``, ``detail``; null before the
+first judgement); ``telemetry`` gives the requests seen on the release's hardware profiles since the
+rollout was created and the share whose release is known (``coverage``).
 """
 
 from __future__ import annotations
@@ -11,13 +25,14 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from edgeota_contract.states import DeploymentState
-from ota_server.models import Deployment, Rollout
+from ota_server.models import Bundle, Deployment, Rollout
 from ota_server.rollout.engine_logic import RETRYABLE_REASONS
 from ota_server.rollout.plan import Plan
 from ota_server.services.devices import deployment_json
+from ota_server.services.telemetry import attribution
 
 
 class RolloutLike(Protocol):
@@ -37,6 +52,9 @@ class RolloutLike(Protocol):
     updated_at: datetime
     created_by: str
     start_at: datetime | None
+    halted_by: str | None
+    reverted: bool
+    gate_results: dict[str, Any] | None
 
 
 STATUS_COLUMNS = (
@@ -54,6 +72,9 @@ STATUS_COLUMNS = (
     Rollout.updated_at,
     Rollout.created_by,
     Rollout.start_at,
+    Rollout.halted_by,
+    Rollout.reverted,
+    Rollout.gate_results,
 )
 
 
@@ -72,6 +93,43 @@ def rollout_status(session: Session, rollout_id: str, with_devices: bool = False
     if row is None:
         return None
     return _status(session, row, int(row.target_count or 0), with_devices)
+
+
+_TERMINAL = [s.value for s in DeploymentState if s.terminal]
+
+
+def _revert_counts(session: Session, rollout_id: str, mode: str) -> dict[str, int]:
+    """Per device, what a server-ordered revert of this rollout achieved (see the module docstring)."""
+    rb = aliased(Deployment)
+    rows = session.execute(
+        select(Deployment.state, rb.state, func.count())
+        .join(rb, rb.id == Deployment.reverted_by)
+        .where(Deployment.rollout_id == rollout_id, Deployment.mode == mode, Deployment.retried.is_(False))
+        .group_by(Deployment.state, rb.state)
+    ).all()
+    out = {"ordered": 0, "reverted": 0, "pending": 0, "not_reverted": 0}
+    for install_state, rollback_state, n in rows:
+        out["ordered"] += n
+        if install_state == DeploymentState.ROLLED_BACK.value or rollback_state == DeploymentState.COMMITTED.value:
+            out["reverted"] += n
+        elif rollback_state in _TERMINAL:
+            out["not_reverted"] += n
+        else:
+            out["pending"] += n
+    return out
+
+
+def _gates_json(session: Session, rollout: RolloutLike) -> dict[str, Any]:
+    """``gates`` (the telemetry gates as the engine last judged them; null before the first judgement),
+    ``gates_evaluated_at`` and ``telemetry`` (requests on the release's profiles since the rollout was created,
+    with version attribution coverage)."""
+    recorded = rollout.gate_results or {}
+    profiles = set(session.scalars(select(Bundle.hardware_profile).where(Bundle.release_id == rollout.release_id)))
+    return {
+        "gates": recorded.get("gates"),
+        "gates_evaluated_at": recorded.get("at"),
+        "telemetry": attribution(session, profiles, rollout.created_at),
+    }
 
 
 def _status(session: Session, rollout: RolloutLike, target_count: int, with_devices: bool) -> dict[str, Any]:
@@ -128,6 +186,10 @@ def _status(session: Session, rollout: RolloutLike, target_count: int, with_devi
         "updated_at": rollout.updated_at.isoformat(),
         "created_by": rollout.created_by,
         "start_at": rollout.start_at.isoformat() if rollout.start_at else None,
+        "halted_by": rollout.halted_by,
+        "reverted": bool(rollout.reverted),
+        **_gates_json(session, rollout),
+        "revert": _revert_counts(session, rollout.id, plan.mode),
     }
     if with_devices:
         deps = session.scalars(

@@ -9,28 +9,37 @@ refused or interrupted upload leaves nothing behind.
 Identity (device, and so the hardware profile) comes from the device token; the model and version
 are the device's claim in the ``X-Edgeota-Sample`` file name, accepted only when they name a stored
 bundle for the device's profile.
+
+Metadata: the agent writes ``meta.*`` arrays into the ``.npz`` (:func:`read_meta` states them): the
+sampling stream, per-row predictions and confidences, the device's time. They are checked strictly
+before anything is stored and kept as one ``samples`` row per file (:func:`record_sample`), so the
+content digest covers them too. A file without any ``meta.*`` member (an agent from before the
+streams) is a ``uniform`` sample without predictions.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import tarfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from edgeota_contract.manifest import NAME_PATTERN, SEMVER_PATTERN
 from edgeota_contract.topics import DEVICE_ID_PATTERN
-from ota_server.core.problems import ApiError
-from ota_server.models import Bundle, Device
+from ota_server.errors import InvalidRequest, MalformedInput, NotFound
+from ota_server.models import Bundle, Device, StoredSample
 
 MAX_ARCHIVE_SAMPLES = 10_000
 SAMPLE_HEADER = "x-edgeota-sample"
@@ -38,6 +47,14 @@ SAMPLE_HEADER = "x-edgeota-sample"
 _AGENT_NAME = re.compile(r"^(\d{1,24})-(.{3,200})-([0-9a-f]{12})\.npz$")
 _SHA_FILE = re.compile(r"^[0-9a-f]{64}\.npz$")
 _SEGMENTS = (NAME_PATTERN, SEMVER_PATTERN, NAME_PATTERN, DEVICE_ID_PATTERN)
+STREAMS = ("uniform", "hard")
+HARD_REASONS = ("low_confidence", "shadow_disagreement")
+MAX_SAMPLE_ROWS = 100_000
+_META_KEYS = frozenset(
+    {"stream", "time_ns", "model_name", "version", "bundle_sha256", "prediction", "confidence", "reason"}
+)
+_EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+_CLOCK_SLACK = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -88,41 +105,42 @@ def resolve_origin(session: Session, device_id: str, sample_name: str | None) ->
     """Match the agent's sample file name to a stored bundle for the calling device's profile.
 
     Raises:
-        ApiError: 400 when the name is missing or not the agent's shape, 404 for an unknown device,
-            422 when it names no stored bundle of the device's hardware profile.
+        MalformedInput: the name is missing or not the agent's shape.
+        NotFound: unknown device.
+        InvalidRequest: the name names no stored bundle of the device's hardware profile.
     """
     match = _AGENT_NAME.match(sample_name or "")
     if match is None:
-        raise ApiError(400, "Bad Request", "X-Edgeota-Sample must be <time>-<model>-<version>-<sha12>.npz")
+        raise MalformedInput("X-Edgeota-Sample must be <time>-<model>-<version>-<sha12>.npz")
     device = session.get(Device, device_id)
     if device is None:
-        raise ApiError(404, "Not Found", f"device {device_id} not found")
+        raise NotFound(f"device {device_id} not found")
     model_version, prefix = match.group(2), match.group(3)
     for bundle in session.scalars(select(Bundle).where(Bundle.sha256.like(f"{prefix}%"))):
         same_model = f"{bundle.model_name}-{bundle.version}" == model_version
         if same_model and bundle.hardware_profile == device.hardware_profile:
             return SampleOrigin(device_id, device.hardware_profile, bundle.model_name, bundle.version, bundle.sha256)
-    raise ApiError(422, "Unprocessable Content", f"{sample_name} names no bundle for profile {device.hardware_profile}")
+    raise InvalidRequest(f"{sample_name} names no bundle for profile {device.hardware_profile}")
 
 
 def check_npz(path: Path, limit: int) -> None:
     """Refuse anything but an ``.npz`` (zip of ``.npy`` members) whose content stays within ``4*limit``.
 
     Raises:
-        ApiError(400): not a readable zip, a member is not ``.npy``, or it inflates too far.
+        MalformedInput: not a readable zip, a member is not ``.npy``, or it inflates too far.
     """
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
             if not infos or any(not i.filename.endswith(".npy") or "/" in i.filename for i in infos):
-                raise ApiError(400, "Bad Request", "body must be an .npz of .npy arrays")
+                raise MalformedInput("body must be an .npz of .npy arrays")
             if sum(i.file_size for i in infos) > 4 * limit:
-                raise ApiError(400, "Bad Request", "sample arrays inflate beyond the size limit")
+                raise MalformedInput("sample arrays inflate beyond the size limit")
             bad = zf.testzip()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
-        raise ApiError(400, "Bad Request", f"body is not a valid .npz: {exc}") from exc
+        raise MalformedInput(f"body is not a valid .npz: {exc}") from exc
     if bad is not None:
-        raise ApiError(400, "Bad Request", f"corrupt member {bad} in .npz")
+        raise MalformedInput(f"corrupt member {bad} in .npz")
 
 
 def store_sample(root: Path, origin: SampleOrigin, tmp: Path) -> tuple[SampleInfo, bool]:
@@ -182,13 +200,13 @@ def list_samples(
 
 
 def sample_path(root: Path, model_name: str, version: str, profile: str, device_id: str, sha256: str) -> Path:
-    """The file of one sample. Raises ApiError(404) when absent or a segment has a bad shape."""
+    """The file of one sample. Raises NotFound when absent or a segment has a bad shape."""
     for value, pattern in zip((model_name, version, profile, device_id), _SEGMENTS, strict=True):
         if not re.match(pattern, value):
-            raise ApiError(404, "Not Found", "no such sample")
+            raise NotFound("no such sample")
     path = root / model_name / version / profile / device_id / f"{sha256}.npz"
     if not _SHA_FILE.match(path.name) or not path.is_file():
-        raise ApiError(404, "Not Found", "no such sample")
+        raise NotFound("no such sample")
     return path
 
 
@@ -214,3 +232,138 @@ def archive_stream(root: Path, samples: list[SampleInfo], index: bytes) -> Itera
         yield data
         yield _pad(len(data))
     yield b"\0" * (2 * tarfile.BLOCKSIZE)
+
+
+@dataclass(frozen=True)
+class SampleMeta:
+    """What a sample's ``meta.*`` arrays say, checked (see :func:`read_meta`)."""
+
+    stream: str
+    rows: int
+    reason: str | None = None
+    predictions: list[int] | None = None
+    confidences: list[float | None] | None = None
+    sampled_at: datetime | None = None
+
+
+def _text(value: np.ndarray, name: str) -> str:
+    if value.shape != () or value.dtype.kind != "U":
+        raise InvalidRequest(f"{name} must be a single string")
+    return str(value[()])
+
+
+def _leading_rows(inputs: dict[str, np.ndarray]) -> int:
+    """The rows a sample without predictions holds: the shared leading dimension of its inputs, else 1."""
+    firsts = {v.shape[0] for v in inputs.values() if v.ndim > 0}
+    if len(firsts) == 1 and all(v.ndim > 0 for v in inputs.values()):
+        return max(1, int(firsts.pop()))
+    return 1
+
+
+def read_meta(path: Path, origin: SampleOrigin, now: datetime) -> SampleMeta:
+    """Read and check the metadata of the validated ``.npz`` at ``path`` (after :func:`check_npz`).
+
+    Members: ``in.<name>`` (inputs; at least one when metadata is present) and ``meta.stream``
+    (``uniform`` | ``hard``), ``meta.time_ns`` (int, the device's clock, from 2000 to a day past ``now``),
+    optional ``meta.model_name``/``meta.version``/``meta.bundle_sha256`` (must name ``origin``), optional
+    ``meta.prediction`` (int >= 0 per row) with ``meta.confidence`` (float in [0, 1] or NaN per row, the same
+    length, and every input with that many leading rows), ``meta.reason`` (hard only, required there:
+    ``low_confidence`` | ``shadow_disagreement``). The hard stream needs predictions.
+
+    Raises:
+        MalformedInput: an array cannot be read without pickle, or an unknown ``meta.*`` member.
+        InvalidRequest: a value out of its range, a missing member, or a claim about another bundle.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise MalformedInput(f"sample arrays cannot be read: {exc}") from exc
+    meta = {k.removeprefix("meta."): v for k, v in arrays.items() if k.startswith("meta.")}
+    inputs = {k: v for k, v in arrays.items() if k.startswith("in.")}
+    if not meta:
+        return SampleMeta("uniform", _leading_rows(inputs))
+    unknown = sorted(set(meta) - _META_KEYS)
+    if unknown:
+        raise MalformedInput(f"unknown sample metadata: {', '.join('meta.' + k for k in unknown)}")
+    if not inputs:
+        raise InvalidRequest("sample holds no in.<name> input arrays")
+    for key in ("stream", "time_ns"):
+        if key not in meta:
+            raise InvalidRequest(f"meta.{key} is missing")
+    stream = _text(meta["stream"], "meta.stream")
+    if stream not in STREAMS:
+        raise InvalidRequest(f"meta.stream must be one of {', '.join(STREAMS)}")
+    claims = {"model_name": origin.model_name, "version": origin.version, "bundle_sha256": origin.bundle_sha256}
+    for key, expected in claims.items():
+        if key in meta and _text(meta[key], f"meta.{key}") != expected:
+            raise InvalidRequest(f"meta.{key} does not match the sample's bundle")
+    stamp = meta["time_ns"]
+    if stamp.shape != () or stamp.dtype.kind not in "iu":
+        raise InvalidRequest("meta.time_ns must be one integer")
+    ns = int(stamp)
+    if not int(_EARLIEST.timestamp()) * 10**9 <= ns <= int((now + _CLOCK_SLACK).timestamp()) * 10**9:
+        raise InvalidRequest("meta.time_ns is out of range")
+    sampled_at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=ns // 1000)
+    reason = _text(meta["reason"], "meta.reason") if "reason" in meta else None
+    if stream == "hard" and reason not in HARD_REASONS:
+        raise InvalidRequest(f"a hard sample needs meta.reason, one of {', '.join(HARD_REASONS)}")
+    if stream == "uniform" and reason is not None:
+        raise InvalidRequest("meta.reason is for hard samples only")
+    if ("prediction" in meta) != ("confidence" in meta):
+        raise InvalidRequest("meta.prediction and meta.confidence come together")
+    if "prediction" not in meta:
+        if stream == "hard":
+            raise InvalidRequest("a hard sample needs meta.prediction and meta.confidence")
+        return SampleMeta(stream, _leading_rows(inputs), reason, sampled_at=sampled_at)
+    pred, conf = meta["prediction"], meta["confidence"]
+    rows = pred.shape[0] if pred.ndim == 1 else 0
+    if pred.ndim != 1 or pred.dtype.kind not in "iu" or not 1 <= rows <= MAX_SAMPLE_ROWS:
+        raise InvalidRequest(f"meta.prediction must be 1 to {MAX_SAMPLE_ROWS} integers")
+    if conf.shape != pred.shape or conf.dtype.kind != "f":
+        raise InvalidRequest("meta.confidence must be one float per meta.prediction row")
+    if (pred < 0).any():
+        raise InvalidRequest("meta.prediction holds a negative class")
+    known = conf[~np.isnan(conf)]
+    if ((known < 0) | (known > 1)).any():  # inf lands here too
+        raise InvalidRequest("meta.confidence must lie in [0, 1] (NaN: unknown)")
+    if any(v.ndim == 0 or v.shape[0] != rows for v in inputs.values()):
+        raise InvalidRequest("every in.<name> array needs one leading row per meta.prediction row")
+    confidences = [None if math.isnan(c) else float(c) for c in conf.tolist()]
+    return SampleMeta(stream, rows, reason, [int(p) for p in pred.tolist()], confidences, sampled_at)
+
+
+def record_sample(session: Session, origin: SampleOrigin, info: SampleInfo, meta: SampleMeta) -> bool:
+    """Insert the ``samples`` row of a stored file unless it is there; returns whether it was inserted.
+
+    Idempotent (a re-sent upload, or two at once, keep one row), so a crash between the file's rename
+    and this insert is repaired by the device's retry (the agent deletes a sample only after a 2xx).
+    Commits ``session``.
+    """
+    key = (StoredSample.device_id == origin.device_id, StoredSample.bundle_sha256 == origin.bundle_sha256)
+    if session.scalar(select(StoredSample.id).where(*key, StoredSample.sha256 == info.sha256)) is not None:
+        return False
+    session.add(
+        StoredSample(
+            sha256=info.sha256,
+            device_id=origin.device_id,
+            bundle_sha256=origin.bundle_sha256,
+            model_name=origin.model_name,
+            version=origin.version,
+            hardware_profile=origin.hardware_profile,
+            stream=meta.stream,
+            reason=meta.reason,
+            rows=meta.rows,
+            predictions=meta.predictions,
+            confidences=meta.confidences,
+            sampled_at=meta.sampled_at,
+            received_at=info.received_at,
+            size=info.size,
+        )
+    )
+    try:
+        session.commit()
+    except IntegrityError:  # the same upload, committed by a concurrent request
+        session.rollback()
+        return False
+    return True

@@ -1,151 +1,190 @@
-"""Telemetry aggregation for rollout gates: merge stored windows, compare with the baseline and reference."""
+"""Telemetry for rollout gates: read the aggregates, evaluate the gates with the pure rule, say what they know.
+
+:func:`rollout_gate_results` gathers :class:`~ota_server.rollout.gate_results.GateInputs` from the
+telemetry aggregates (:mod:`ota_server.services.telemetry_aggregates`, a few rows per bundle and time
+bucket, never window payloads) and the bundles' reference stats, and returns one
+:class:`~ota_server.rollout.gate_results.GateResult` per gate the plan sets.
+
+What each gate reads:
+
+- the release's telemetry: every aggregate of the release's bundles (whichever device sent it);
+- the latency baseline: the aggregates of the bundles the rollout's devices ran before
+  (``deployments.previous_bundle_sha256``) on the release's hardware profiles;
+- the shadow gate: aggregates of windows that shadowed one of the release's bundles;
+- the drift gate: per bundle, its ``reference_stats.json`` input features against the observed ones.
+"""
 
 from __future__ import annotations
 
 import json
 import tarfile
-from dataclasses import replace
+from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from pydantic import ValidationError
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from edgeota_contract.manifest import REFERENCE_STATS_FILE
+from edgeota_contract.telemetry import ReferenceStats
 from ota_server.artifacts import ArtifactStore
-from ota_server.models import Bundle, Deployment, Rollout, TelemetryRecord
-from ota_server.rollout.plan import Gates, Plan
-from ota_server.rollout.telemetry_gates import TelemetryTotals, max_psi, shadow_gate_failure, telemetry_gate_failure
+from ota_server.drift import DriftKey, feature_key, reference_inputs
+from ota_server.models import Bundle, Deployment, Rollout, TelemetryAggregate
+from ota_server.rollout.gate_results import DriftInput, GateInputs, GateResult, configured, evaluate_gates
+from ota_server.rollout.plan import Plan
+from ota_server.rollout.telemetry_gates import TelemetryTotals, merge_all
+from ota_server.services.telemetry_aggregates import bucket_start, read_aggregates
 
-_REFERENCE_CACHE: dict[str, list[dict[str, Any]]] = {}
+_REFERENCE_CACHE: dict[str, ReferenceStats | None] = {}
+_AGG = TelemetryAggregate
 
 
-def reference_features(store: ArtifactStore, sha256: str) -> list[dict[str, Any]]:
-    """The ``features`` of a stored bundle's reference_stats.json ([] when absent or unreadable)."""
+def reference_stats(store: ArtifactStore, sha256: str) -> ReferenceStats | None:
+    """A stored bundle's ``reference_stats.json`` (None when absent or unreadable); cached per sha."""
     if sha256 not in _REFERENCE_CACHE:
-        features: list[dict[str, Any]] = []
+        stats: ReferenceStats | None = None
         try:
             with tarfile.open(store.local_path(sha256), mode="r:") as tar:
                 member = tar.extractfile(REFERENCE_STATS_FILE)
                 if member is not None:
-                    features = list(json.loads(member.read()).get("features", []))
-        except (OSError, KeyError, tarfile.TarError, ValueError):
-            features = []
+                    stats = ReferenceStats.model_validate(json.loads(member.read()))
+        except (OSError, KeyError, tarfile.TarError, ValueError, ValidationError):
+            stats = None
         if len(_REFERENCE_CACHE) > 256:
             _REFERENCE_CACHE.clear()
-        _REFERENCE_CACHE[sha256] = features
+        _REFERENCE_CACHE[sha256] = stats
     return _REFERENCE_CACHE[sha256]
 
 
-def _totals(session: Session, shas: set[str], devices: Select[str]) -> dict[str, TelemetryTotals]:
-    out: dict[str, TelemetryTotals] = {}
+def observed_inputs(totals: TelemetryTotals) -> dict[DriftKey, list[int]]:
+    """The observed input feature histograms by drift key."""
+    return {feature_key(name, feature): counts for (name, feature), counts in totals.features.items()}
+
+
+def same_bins(reference: dict[DriftKey, list[int]], observed: dict[DriftKey, list[int]]) -> dict[DriftKey, list[int]]:
+    """``observed`` without histograms whose bucket count differs from the reference's (another bin layout)."""
+    return {k: v for k, v in observed.items() if k not in reference or len(reference[k]) == len(v)}
+
+
+def _per_sha(session: Session, shas: Iterable[str], profiles: set[str] | None = None) -> dict[str, TelemetryTotals]:
+    """The aggregates of ``shas`` (on ``profiles``) merged per bundle sha (decoded rows are cached)."""
+    shas = set(shas)
     if not shas:
-        return out
-    rows = session.execute(
-        select(TelemetryRecord.bundle_sha256, TelemetryRecord.device_id, TelemetryRecord.payload).where(
-            TelemetryRecord.bundle_sha256.in_(shas), TelemetryRecord.device_id.in_(devices)
-        )
-    )
-    for sha, device_id, payload in rows:
-        out.setdefault(sha, TelemetryTotals()).add_window(payload, device_id)
+        return {}
+    where = [_AGG.bundle_sha256.in_(shas)]
+    if profiles is not None:
+        where.append(_AGG.hardware_profile.in_(profiles))
+    out: dict[str, TelemetryTotals] = {}
+    for row, totals in read_aggregates(session, *where):
+        out.setdefault(row.bundle_sha256, TelemetryTotals()).merge(totals)
     return out
 
 
-def _merge(parts: dict[str, TelemetryTotals]) -> TelemetryTotals:
-    total = TelemetryTotals()
-    for part in parts.values():
-        total.merge(part)
-    return total
-
-
-def _counted(session: Session, shas: set[str], devices: Select[str]) -> TelemetryTotals:
-    """Requests and errors of the windows, summed by the database (no payload is read)."""
+def _counts(session: Session, shas: set[str]) -> TelemetryTotals:
+    """Requests, errors and non-finite outputs of ``shas``, summed by the database."""
     if not shas:
         return TelemetryTotals()
-    requests, errors = session.execute(
+    row = session.execute(
         select(
-            func.coalesce(func.sum(TelemetryRecord.request_count), 0),
-            func.coalesce(func.sum(TelemetryRecord.error_count), 0),
-        ).where(TelemetryRecord.bundle_sha256.in_(shas), TelemetryRecord.device_id.in_(devices))
+            func.coalesce(func.sum(_AGG.requests), 0),
+            func.coalesce(func.sum(_AGG.errors), 0),
+            func.coalesce(func.sum(_AGG.nan_outputs), 0),
+            func.coalesce(func.sum(_AGG.windows), 0),
+        ).where(_AGG.bundle_sha256.in_(shas))
     ).one()
-    return TelemetryTotals(requests=int(requests), errors=int(errors))
+    return TelemetryTotals(requests=int(row[0]), errors=int(row[1]), nan_outputs=int(row[2]), windows=int(row[3]))
 
 
-def rollout_telemetry_failure(session: Session, store: ArtifactStore, rollout: Rollout) -> str | None:
-    """Evaluate the plan's telemetry gates on what the rollout's devices reported; None when all pass.
-
-    The database sums requests and errors first: below ``min_telemetry_requests``, or when the error-rate
-    gate is the only one set (or already fails), no window payload is read. Only the latency, drift and
-    shadow gates need the histograms in the payloads, and only they read them.
-    """
-    gates = Plan.from_json(rollout.plan).gates
-    wanted = (
-        gates.max_error_rate,
-        gates.max_nan_output_rate,
-        gates.max_p95_latency_ratio,
-        gates.max_drift_psi,
-        gates.min_shadow_agreement,
-    )
-    if all(g is None for g in wanted):
-        return None
-    devices = select(Deployment.device_id).where(Deployment.rollout_id == rollout.id, Deployment.mode == "install")
-    new_shas = set(session.scalars(select(Bundle.sha256).where(Bundle.release_id == rollout.release_id)))
-    failure: str | None = None
-    payload_gates = (gates.max_nan_output_rate, gates.max_p95_latency_ratio, gates.max_drift_psi)
-    if gates.max_error_rate is not None or any(g is not None for g in payload_gates):
-        counted = _counted(session, new_shas, devices)
-        failure = telemetry_gate_failure(
-            replace(gates, max_nan_output_rate=None, max_p95_latency_ratio=None, max_drift_psi=None),
-            counted,
-            None,
-            None,
+def _shadow(session: Session, candidates: set[str]) -> tuple[int, int]:
+    if not candidates:
+        return 0, 0
+    compared, agree = session.execute(
+        select(func.coalesce(func.sum(_AGG.shadow_compared), 0), func.coalesce(func.sum(_AGG.shadow_agree), 0)).where(
+            _AGG.shadow_sha256.in_(candidates)
         )
-        histograms = any(g is not None for g in payload_gates)
-        if failure is None and histograms and counted.requests >= max(1, gates.min_telemetry_requests):
-            failure = _histogram_failure(session, store, rollout.id, gates, new_shas, devices)
-    if failure is None and gates.min_shadow_agreement is not None:
-        device_ids = set(session.scalars(devices))
-        failure = shadow_gate_failure(gates, _shadow_totals(session, new_shas, device_ids))
-    return failure
+    ).one()
+    return int(compared), int(agree)
 
 
-def _histogram_failure(
-    session: Session,
-    store: ArtifactStore,
-    rollout_id: str,
-    gates: Gates,
-    new_shas: set[str],
-    devices: Select[str],
-) -> str | None:
-    """The non-finite-output, latency and drift gates, on the merged window payloads."""
-    new_parts = _totals(session, new_shas, devices)
+def gate_inputs(session: Session, store: ArtifactStore, rollout: Rollout, plan: Plan) -> GateInputs:
+    """What the rollout's gates read, from the aggregates (histograms only for the gates that need them)."""
+    names = configured(plan.gates)
+    bundles = list(
+        session.execute(select(Bundle.sha256, Bundle.hardware_profile).where(Bundle.release_id == rollout.release_id))
+    )
+    new_shas = {sha for sha, _ in bundles}
+    needs_histograms = "drift" in names
+    if needs_histograms or "p95_latency_ratio" in names:
+        parts = _per_sha(session, new_shas)
+        new = merge_all(parts)
+    else:
+        parts, new = {}, _counts(session, new_shas)
     baseline = None
-    if gates.max_p95_latency_ratio is not None:
-        old_shas = session.scalars(
-            select(Deployment.previous_bundle_sha256).where(
-                Deployment.rollout_id == rollout_id,
-                Deployment.mode == "install",
-                Deployment.previous_bundle_sha256.is_not(None),
+    if "p95_latency_ratio" in names:
+        old_shas = set(
+            session.scalars(
+                select(Deployment.previous_bundle_sha256)
+                .where(
+                    Deployment.rollout_id == rollout.id,
+                    Deployment.mode == "install",
+                    Deployment.previous_bundle_sha256.is_not(None),
+                )
+                .distinct()
             )
         )
-        baseline = _merge(_totals(session, {s for s in old_shas if s}, devices))
-    drift: float | None = None
-    if gates.max_drift_psi is not None:
-        for sha, part in new_parts.items():
-            value = max_psi(reference_features(store, sha), part.features)
-            if value is not None:
-                drift = value if drift is None else max(drift, value)
-    gates = replace(gates, max_error_rate=None)  # already judged on the database's sums
-    return telemetry_gate_failure(gates, _merge(new_parts), baseline, drift)
+        profiles = {p for _, p in bundles}
+        baseline = merge_all(_per_sha(session, {s for s in old_shas if s} - new_shas, profiles))
+    drift: dict[str, DriftInput] = {}
+    if "drift" in names:
+        for sha in sorted(new_shas):
+            stats = reference_stats(store, sha)
+            if stats is None or not stats.features:
+                continue
+            reference = reference_inputs(stats)
+            observed = observed_inputs(parts[sha]) if sha in parts else {}
+            drift[sha] = DriftInput(reference, same_bins(reference, observed))
+    shadow = _shadow(session, new_shas) if "shadow_agreement" in names else (0, 0)
+    return GateInputs(new=new, baseline=baseline, drift=drift, shadow=shadow)
 
 
-def _shadow_totals(session: Session, candidate_shas: set[str], devices: set[str]) -> TelemetryTotals:
-    """Shadow summaries about the candidate bundles, from windows of whatever model the devices serve."""
-    total = TelemetryTotals()
-    if not devices:
-        return total
-    rows = session.scalars(select(TelemetryRecord.payload).where(TelemetryRecord.device_id.in_(devices)))
-    for payload in rows:
-        shadow = payload.get("shadow")
-        if shadow and shadow.get("candidate_bundle_sha256") in candidate_shas:
-            total.add_shadow(shadow)
-    return total
+def rollout_gate_results(session: Session, store: ArtifactStore, rollout: Rollout) -> tuple[GateResult, ...]:
+    """Every telemetry gate of the rollout's plan, judged now (empty when the plan sets none)."""
+    plan = Plan.from_json(rollout.plan)
+    if not configured(plan.gates):
+        return ()
+    return evaluate_gates(plan.gates, gate_inputs(session, store, rollout, plan))
+
+
+def record_gate_results(rollout: Rollout, results: tuple[GateResult, ...], now: datetime) -> None:
+    """Keep the latest verdicts on the rollout row for the status API (written only when they change)."""
+    gates = [g.as_json() for g in results]
+    current = rollout.gate_results or {}
+    if current.get("gates") == gates and current.get("stage") == rollout.current_stage:
+        return
+    rollout.gate_results = {"stage": rollout.current_stage, "at": now.isoformat(), "gates": gates}
+
+
+def attribution(
+    session: Session, profiles: set[str] | None = None, since: datetime | None = None, bucket_seconds: int = 300
+) -> dict[str, Any]:
+    """Version attribution coverage: the share of requests whose bundle sha names a stored bundle (goal: 1.0).
+
+    ``profiles``: only these hardware profiles; ``since``: from the bucket holding this time on.
+    """
+    stmt = select(func.coalesce(func.sum(_AGG.requests), 0), func.coalesce(func.sum(_AGG.attributed_requests), 0))
+    if profiles is not None:
+        stmt = stmt.where(_AGG.hardware_profile.in_(profiles))
+    if since is not None:
+        stmt = stmt.where(_AGG.bucket_start >= bucket_start(since, bucket_seconds))
+    requests, known = session.execute(stmt).one()
+    return coverage_json(int(requests), int(known))
+
+
+def coverage_json(requests: int, attributed: int) -> dict[str, Any]:
+    """``{"requests", "attributed_requests", "coverage"}`` (coverage None without requests)."""
+    return {
+        "requests": requests,
+        "attributed_requests": attributed,
+        "coverage": attributed / requests if requests else None,
+    }

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeota_contract.messages import (
     Ack,
@@ -64,7 +65,7 @@ class SimDevice:
 
     # ------------------------------------------------------------ connection
     def connect(self) -> None:
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id, protocol=mqtt.MQTTv311)
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.device_id, protocol=mqtt.MQTTv311)
         c.username_pw_set(self.prov.mqtt.username, self.prov.mqtt.password)
         c.will_set(
             device_topic(self.device_id, Channel.PRESENCE),
@@ -73,7 +74,7 @@ class SimDevice:
             retain=True,
         )
         c.on_connect = self._on_connect
-        c.on_message = lambda _c, _u, msg: self.inbox.put(msg.payload)
+        c.on_message = lambda _c, _u, msg: self.inbox.put(bytes(msg.payload))
         c.connect(self.prov.mqtt.host, self.prov.mqtt.port, keepalive=30)
         self.client = c
         c.loop_start()

@@ -19,7 +19,7 @@ from ota_server.context import ServerContext
 from ota_server.engine import tick
 from ota_server.ingest_queue import Incoming, IngestQueue, IngestWriters, apply_batch, writer_sessions
 from ota_server.models import Deployment, DeviceMessage, DeviceModel, StatusEvent, TelemetryRecord
-from ota_server.services import ingest
+from ota_server.services import ingest, ingest_prefetch
 
 from .conftest import AUTH, BundleFactory, upload
 from .helpers import BOOT, acked, assignments, commands, status_report
@@ -132,7 +132,7 @@ def test_a_conflicting_insert_is_undone_alone_and_acked(
     try:
         assert apply_batch(ctx, sessions, [first]) == ["ok"]
         # Hide the stored copy from the batch's look-up, as if another process inserted it concurrently.
-        monkeypatch.setattr(ingest, "prefetch", lambda _s, _b, **_k: ingest.Known())
+        monkeypatch.setattr(ingest_prefetch, "prefetch", lambda _s, _b, **_k: ingest_prefetch.Known())
         copy = window("dev0", 5, msg_id="copy-of-five")
         outcomes = apply_batch(ctx, sessions, [window("dev0", 4), copy, window("dev0", 6)])
     finally:
@@ -384,3 +384,22 @@ def test_check_ins_and_reports_of_one_device_in_one_batch_see_each_others_rows(
         states = {d.device_id: d.state for d in session.scalars(select(Deployment))}
     assert states == {"dev0": DeploymentState.COMMITTED.value, "dev1": DeploymentState.NOTIFIED.value}
     assert len(assignments(ctx, "dev1")) == 3  # the rollout's, then one fresh assignment per check-in
+
+
+def test_a_batch_size_of_zero_from_an_old_config_means_one_through_the_writers(
+    client: TestClient, ctx: ServerContext, make_bundle: BundleFactory
+) -> None:
+    """``ingest_batch_max = 0`` once chose a per-message path; it is gone, so 0 is read as batches of one."""
+    ctx.settings = ctx.settings.model_copy(update={"ingest_batch_max": 0})
+    a = fleet(client, ctx, make_bundle, 1)["dev0"]
+    writers = IngestWriters(ctx)
+    assert writers.batch_max == 1
+    items = [status(a, DeploymentState.DOWNLOADING), status(a, DeploymentState.COMMITTED)]
+    for item in items:
+        assert writers.submit(item.topic, item.payload)
+    writers.start()
+    assert writers.stop(drain_seconds=60) == 0
+    assert ctx.metrics.snapshot()["ingest_batches"] == 2 and acked(ctx, "dev0") == {msg_id(i) for i in items}
+    with ctx.sessions() as session:
+        dep = session.get(Deployment, a.deployment_id)
+        assert dep is not None and dep.state == DeploymentState.COMMITTED.value

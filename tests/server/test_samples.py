@@ -148,8 +148,8 @@ def test_real_agent_sampler_uploads_to_the_route(
 
     import uvicorn
 
-    from device_agent.sampling import InputSampler
     from device_agent.settings import AgentSettings
+    from device_agent.telemetry.sampling import InputSampler
     from tests.conftest import free_port, wait_for_port
 
     dev = _device(client, "cam-1")
@@ -178,3 +178,18 @@ def test_real_agent_sampler_uploads_to_the_route(
     assert listing["count"] == 2
     got = [np.load(io.BytesIO(client.get(s["download_url"], headers=AUTH).content))["in.x"] for s in listing["samples"]]
     assert sorted(float(g[0, 0]) for g in got) == [0.0, 1.0]
+
+
+def test_uploads_past_the_device_rate_are_refused_with_retry_after(
+    client: TestClient, ctx: ServerContext, bundle_sha: str
+) -> None:
+    from ota_server.context import RateLimiter
+
+    dev = _device(client, "cam-1")
+    ctx.limiter = RateLimiter(0.001, 1)  # one upload, then (practically) none
+    first = _post(client, "cam-1", _npz(0), dev, bundle_sha)
+    assert first.status_code == 201, first.text  # type: ignore[attr-defined]
+    refused = _post(client, "cam-1", _npz(1), dev, bundle_sha)
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "5"  # type: ignore[attr-defined]
+    assert refused.json()["detail"] == "sample upload rate exceeded"  # type: ignore[attr-defined]
+    assert client.get("/api/v1/samples", headers=AUTH).json()["count"] == 1

@@ -22,9 +22,9 @@ from edgeota_contract.telemetry import (
 )
 from edgeota_contract.topics import Channel, device_topic
 from ota_server.context import ServerContext
-from ota_server.mqtt_bridge import process_message
 
 from .conftest import AUTH, BundleFactory, make_token, upload
+from .helpers import deliver
 
 EDGES = [-1.5, -0.5, 0.0, 0.5, 1.5]
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
@@ -83,7 +83,7 @@ class Fleet:
             spool_dropped=dropped,
         )
         topic = device_topic(device, Channel.TELEMETRY)
-        assert process_message(self.ctx, topic, window.model_dump_json().encode()) == "ok"
+        assert deliver(self.ctx, topic, window.model_dump_json().encode()) == "ok"
         self.sent.append(
             dict(device=device, lat=latencies, x=x, classes=classes, errors=errors, n=n, dropped=dropped, shadow=shadow)
         )
@@ -144,11 +144,13 @@ def test_summary_matches_numpy_reference(client: TestClient, fleet: tuple[Fleet,
         expected = _psi(ref_counts[j], np.asarray(_hist(x[:, j], EDGES), dtype=float))
         assert psis[j]["psi"] == pytest.approx(expected, rel=1e-9)
         assert (psis[j]["psi"] > 0.25) == (j == SHIFTED)
-        assert psis[j]["label"] == ("act" if j == SHIFTED else "stable")
+        assert psis[j]["label"] == psis[j]["level"] == ("drift" if j == SHIFTED else "stable")
+        assert psis[j]["p_adjusted"] is not None and (psis[j]["p_adjusted"] < 1e-6) == (j == SHIFTED)
+        assert 0 <= psis[j]["js_distance"] <= 1 and psis[j]["n"] == psis[j]["values"]
         assert psis[j]["values"] == int(np.isfinite(x[:, j]).sum())
         if j != SHIFTED:
             assert psis[j]["psi"] < 0.02  # reference-like data
-    assert g["drift"]["features"][0]["feature"] == SHIFTED and g["drift"]["label"] == "act"
+    assert g["drift"]["features"][0]["feature"] == SHIFTED and g["drift"]["label"] == "drift"
     assert g["drift"]["max_psi"] == psis[SHIFTED]["psi"]
     classes = np.concatenate([w["classes"] for w in f.sent])
     assert g["outputs"]["y"]["class_counts"] == np.bincount(classes, minlength=3).tolist()
@@ -157,6 +159,16 @@ def test_summary_matches_numpy_reference(client: TestClient, fleet: tuple[Fleet,
     assert shadow["compared"] == sum(w["n"] for w in shadowed)
     assert shadow["agreement"] == pytest.approx(sum(w["n"] - w["errors"] for w in shadowed) / shadow["compared"])
     assert g["spool_dropped"] == 4 + 2  # per device the latest cumulative figure, summed
+    assert g["attribution"] == {"requests": n, "attributed_requests": n, "coverage": 1.0}
+
+
+def test_aggregates_and_windows_give_the_same_summary(client: TestClient, fleet: tuple[Fleet, list[list[int]]]) -> None:
+    """The aggregate rows (no until, since on a bucket edge) and the windows (any filter) merge to the same groups."""
+    by_aggregates = _summary(client, since=T0.isoformat())
+    by_windows = _summary(client, since=T0.isoformat(), until="2030-01-01T00:00:00Z")
+    assert (by_aggregates["source"], by_windows["source"]) == ("aggregates", "windows")
+    assert by_aggregates["groups"] == by_windows["groups"] and by_aggregates["groups"]
+    assert by_aggregates["attribution"]["coverage"] == 1.0
 
 
 def test_summary_filters(client: TestClient, fleet: tuple[Fleet, list[list[int]]]) -> None:
@@ -197,37 +209,57 @@ def test_summary_auth_and_bad_parameters(client: TestClient, fleet: tuple[Fleet,
 def test_cli_summary(client: TestClient, fleet: tuple[Fleet, list[list[int]]], monkeypatch: pytest.MonkeyPatch) -> None:
     import typer
 
-    from ota_server import cli
+    from ota_server import cli, cli_common
     from ota_server.client import ApiClient, ClientSettings
 
     def in_process(server: str | None, token: str | None) -> ApiClient:
-        api = ApiClient(ClientSettings(url="http://testserver", token=token))
-        api._http = client  # the real app over the in-process transport
-        client.headers.update({"Authorization": f"Bearer {token}"} if token else {})
-        return api
+        # the real app over the in-process transport
+        return ApiClient(ClientSettings(url="http://testserver", token=token), http=client)
 
-    monkeypatch.setattr(cli, "_client", in_process)
+    monkeypatch.setattr(cli_common, "client", in_process)
     app = typer.Typer()
     cli.register(app)
     runner = CliRunner()
     token = AUTH["Authorization"].split()[1]
     table = runner.invoke(app, ["telemetry", "summary", "--model", "digits", "--token", token])
     assert table.exit_code == 0, table.output
-    assert "digits" in table.stdout and "act" in table.stdout
+    assert "digits" in table.stdout and "drift" in table.stdout and "attribution 100.0%" in table.stdout
     out = runner.invoke(app, ["telemetry", "summary", "--json", "--profile", "x86", "--token", token])
     assert out.exit_code == 0 and json.loads(out.stdout)["groups"][0]["requests"] == sum(w["n"] for w in fleet[0].sent)
     refused = runner.invoke(app, ["telemetry", "summary", "--version", "bad", "--token", token])
     assert refused.exit_code != 0 and "422" in str(refused.exception)
 
 
-def test_drift_labels_follow_the_usual_psi_reading() -> None:
-    from ota_server.rollout.telemetry_gates import drift_label
+def test_unknown_bundles_lower_attribution_and_few_values_are_insufficient(
+    client: TestClient, ctx: ServerContext, make_bundle: BundleFactory
+) -> None:
+    """A window whose bundle sha names no stored bundle is counted but not attributed; a feature with fewer
+    values than the drift rule's minimum has a PSI but no verdict (``insufficient``), never ``drift``."""
+    rng = np.random.default_rng(3)
+    reference, _ = _reference(rng)
+    sha = upload(client, make_bundle("1.0.0", "x86", reference=reference)).json()["bundle_sha256"]
+    body = {"device_id": "cam-5", "hardware_profile": "x86", "labels": {"cohort": "east"}}
+    assert client.post("/api/v1/devices", json=body, headers=AUTH).status_code == 201
+    f = Fleet(ctx, sha, rng)
+    f.send("cam-5", T0, n=60)  # 60 values per feature: under the minimum of 200
+    f.sha = "e" * 64  # a bundle this server never stored
+    f.send("cam-5", T0, n=40)
+    summary = _summary(client, cohort="cohort=east")
+    assert summary["source"] == "aggregates"  # the configured cohort label is an aggregate dimension
+    assert summary["attribution"] == {"requests": 100, "attributed_requests": 60, "coverage": 0.6}
+    (group,) = summary["groups"]  # same model, version and (the device's) profile: one group
+    assert group["bundle_sha256"] == sorted([sha, "e" * 64]) and group["attribution"]["coverage"] == 0.6
+    assert group["drift"]["label"] == "insufficient"
+    shifted = next(d for d in group["drift"]["features"] if d["feature"] == SHIFTED)
+    assert shifted["level"] == "insufficient" and shifted["psi"] > 0.25 and shifted["note"] == "100 of 200 values"
+    assert _summary(client, cohort="cohort=west")["groups"] == []
 
-    assert [drift_label(v) for v in (0.0, 0.0999, 0.1, 0.25, 0.2501, 3.0)] == [
-        "stable",
-        "stable",
-        "watch",
-        "watch",
-        "act",
-        "act",
-    ]
+
+def test_a_later_window_shows_in_the_next_summary(client: TestClient, fleet: tuple[Fleet, list[list[int]]]) -> None:
+    """Decoded aggregate rows are cached between reviews: a row a new window changed is read again."""
+    f, _ = fleet
+    before = _summary(client)["groups"][0]
+    f.send("cam-1", T0 + timedelta(minutes=2), n=70)  # the same time bucket as earlier windows: an updated row
+    after = _summary(client)["groups"][0]
+    assert after["requests"] == before["requests"] + 70 and after["windows"] == before["windows"] + 1
+    assert after == _summary(client, since=T0.isoformat(), until="2030-01-01T00:00:00Z")["groups"][0]

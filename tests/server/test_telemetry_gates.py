@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from fastapi.testclient import TestClient
@@ -16,13 +17,14 @@ from edgeota_contract.telemetry import (
 )
 from edgeota_contract.topics import Channel, device_topic
 from ota_server.context import ServerContext
+from ota_server.drift import feature_key
 from ota_server.engine import tick
-from ota_server.mqtt_bridge import process_message
+from ota_server.rollout.gate_results import DriftInput, GateInputs, GateResult, evaluate_gates
 from ota_server.rollout.plan import Gates
-from ota_server.rollout.telemetry_gates import TelemetryTotals, max_psi, telemetry_gate_failure
+from ota_server.rollout.telemetry_gates import TelemetryTotals
 
 from .conftest import AUTH, BundleFactory, upload
-from .helpers import BOOT, assignments, finish
+from .helpers import BOOT, assignments, deliver, finish
 
 N = len(LATENCY_EDGES_MS) + 1
 _seq = iter(range(10_000, 1_000_000))
@@ -82,46 +84,91 @@ def _a(version: str = "1.0.0") -> Assignment:
     )
 
 
+def judge(gates: Gates, new: TelemetryTotals, **kw: object) -> GateResult:
+    (result,) = evaluate_gates(gates, GateInputs(new=new, **kw))  # type: ignore[arg-type]
+    return result
+
+
 def test_error_rate_gate_waits_for_enough_requests() -> None:
     gates = Gates(max_error_rate=0.05, min_telemetry_requests=100)
-    assert telemetry_gate_failure(gates, totals(window(_a(), 50, 40)), None, None) is None
-    failing = totals(window(_a(), 50, 40), window(_a(), 60, 0))
-    assert "error rate" in (telemetry_gate_failure(gates, failing, None, None) or "")
-    assert telemetry_gate_failure(gates, totals(window(_a(), 200, 5)), None, None) is None
+    waiting = judge(gates, totals(window(_a(), 50, 40)))
+    assert (waiting.state, waiting.have, waiting.need, waiting.unit) == ("not_evaluated", 50, 100, "requests")
+    assert waiting.describe() == "gate error_rate not evaluated: 50 of 100 requests"
+    failing = judge(gates, totals(window(_a(), 50, 40), window(_a(), 60, 0)))
+    assert failing.state == "failed" and "error rate" in failing.detail
+    assert failing.value == 40 / 110 and failing.threshold == 0.05
+    passed = judge(gates, totals(window(_a(), 200, 5)))
+    assert passed.state == "passed" and passed.value == 5 / 200
 
 
 def test_p95_latency_gate_compares_with_previous_release() -> None:
     gates = Gates(max_p95_latency_ratio=1.5, min_telemetry_requests=10)
     old = totals(window(_a(), 100, 0, lat_bucket=5))  # p95 <= 2 ms
-    assert "p95 latency" in (telemetry_gate_failure(gates, totals(window(_a(), 100, 0, lat_bucket=8)), old, None) or "")
-    assert telemetry_gate_failure(gates, totals(window(_a(), 100, 0, lat_bucket=5)), old, None) is None
-    assert telemetry_gate_failure(gates, totals(window(_a(), 100, 0, lat_bucket=8)), None, None) is None
+    slow = judge(gates, totals(window(_a(), 100, 0, lat_bucket=8)), baseline=old)
+    assert slow.state == "failed" and "p95 latency" in slow.detail and slow.value is not None and slow.value > 1.5
+    assert judge(gates, totals(window(_a(), 100, 0, lat_bucket=5)), baseline=old).state == "passed"
+    # no baseline (the devices ran nothing before): the gate cannot judge, and says so
+    blind = judge(gates, totals(window(_a(), 100, 0, lat_bucket=8)))
+    assert (blind.state, blind.have, blind.need) == ("not_evaluated", 0, 10) and "baseline" in blind.detail
 
 
 def test_nan_output_gate_counts_values_per_successful_request() -> None:
     gates = Gates(max_nan_output_rate=0.0, min_telemetry_requests=100)
-    assert telemetry_gate_failure(gates, totals(window(_a(), 50, 0, nan_values=5)), None, None) is None  # too few
-    assert telemetry_gate_failure(gates, totals(window(_a(), 200, 0)), None, None) is None
+    assert judge(gates, totals(window(_a(), 50, 0, nan_values=5))).state == "not_evaluated"  # too few
+    assert judge(gates, totals(window(_a(), 200, 0))).state == "passed"
     failing = totals(window(_a(), 200, 0), window(_a(), 100, 50, nan_values=1))
     assert failing.nan_outputs == 1
-    assert "1 non-finite output values in 250 requests" in (telemetry_gate_failure(gates, failing, None, None) or "")
+    result = judge(gates, failing)
+    assert result.state == "failed" and "1 non-finite output values in 250 requests" in result.detail
     lenient = Gates(max_nan_output_rate=0.01, min_telemetry_requests=100)
-    assert telemetry_gate_failure(lenient, failing, None, None) is None  # 0.004 per request
-    assert telemetry_gate_failure(Gates(min_telemetry_requests=1), failing, None, None) is None  # gate off
+    assert judge(lenient, failing).state == "passed"  # 0.004 per request
+    assert evaluate_gates(Gates(min_telemetry_requests=1), GateInputs(new=failing)) == ()  # gate off
 
 
-def test_drift_psi_against_reference() -> None:
-    ref = [{"input": "x", "feature": 0, "edges": [0.5], "counts": [50, 50]}]
-    same = {("x", 0): [500, 500]}
-    shifted = {("x", 0): [990, 10]}
-    assert (max_psi(ref, same) or 0) < 0.01
-    assert (max_psi(ref, shifted) or 0) > 0.25
+def _drift_input(observed: list[int]) -> dict[str, DriftInput]:
+    ref = {feature_key("x", 0): [500, 500]}
+    return {"sha": DriftInput(ref, {feature_key("x", 0): observed})}
+
+
+def test_drift_gate_needs_values_not_requests() -> None:
+    """The old gate failed a healthy release on ~19 sampled values; now below the minimum it says so."""
     gates = Gates(max_drift_psi=0.25, min_telemetry_requests=1)
-    assert "drift" in (telemetry_gate_failure(gates, totals(window(_a(), 10, 0)), None, max_psi(ref, shifted)) or "")
+    few = judge(gates, TelemetryTotals(requests=10_000), drift=_drift_input([19, 0]))  # PSI huge, 19 values
+    assert (few.state, few.have, few.need, few.unit) == ("not_evaluated", 19, 200, "values")
+    assert few.describe() == "gate drift not evaluated: 19 of 200 values"
+    shifted = judge(gates, TelemetryTotals(), drift=_drift_input([990, 10]))
+    assert shifted.state == "failed" and "x[0]" in shifted.detail and (shifted.value or 0) > 0.25
+    same = judge(gates, TelemetryTotals(), drift=_drift_input([510, 490]))
+    assert same.state == "passed" and "stable" in same.detail
+    # max_drift_psi is the effect-size floor: a significant but small shift is not drift under a high floor
+    small = _drift_input([6500, 3500])  # PSI ~0.09, p tiny at 10,000 values
+    assert judge(Gates(max_drift_psi=0.25), TelemetryTotals(), drift=small).state == "passed"
+    assert judge(Gates(max_drift_psi=0.05), TelemetryTotals(), drift=small).state == "failed"
+    none = judge(gates, TelemetryTotals())
+    assert none.state == "not_evaluated" and "no reference" in none.detail
+    fewer = judge(replace(gates, min_drift_values=10), TelemetryTotals(), drift=_drift_input([19, 0]))
+    assert fewer.state == "failed"  # a plan may lower the minimum
+
+
+def test_shadow_agreement_gate() -> None:
+    gates = Gates(min_shadow_agreement=0.9, min_telemetry_requests=100)
+    assert judge(gates, TelemetryTotals(), shadow=(50, 10)).state == "not_evaluated"  # too few comparisons yet
+    low = judge(gates, TelemetryTotals(), shadow=(150, 110))
+    assert low.state == "failed" and "shadow agreement" in low.detail and low.unit == "comparisons"
+    assert judge(gates, TelemetryTotals(), shadow=(200, 190)).state == "passed"
+    assert evaluate_gates(Gates(), GateInputs(new=TelemetryTotals(), shadow=(150, 10))) == ()
+
+
+def test_results_round_trip_as_json_without_infinity() -> None:
+    gates = Gates(max_p95_latency_ratio=1.5, min_telemetry_requests=10)
+    old = totals(window(_a(), 100, 0, lat_bucket=5))
+    past_last_edge = judge(gates, totals(window(_a(), 100, 0, lat_bucket=N - 1)), baseline=old)
+    assert past_last_edge.state == "failed" and past_last_edge.value is None  # inf: no JSON number
+    assert GateResult.from_json(past_last_edge.as_json()) == past_last_edge
 
 
 def _send(ctx: ServerContext, device_id: str, w: TelemetryWindow) -> None:
-    assert process_message(ctx, device_topic(device_id, Channel.TELEMETRY), w.model_dump_json().encode()) == "ok"
+    assert deliver(ctx, device_topic(device_id, Channel.TELEMETRY), w.model_dump_json().encode()) == "ok"
 
 
 def test_rollout_halts_on_error_rate_and_drift(
@@ -171,26 +218,27 @@ def test_rollout_halts_on_error_rate_and_drift(
         else:
             drifted = FeatureSummary(input="x", feature=0, edges=[0.5], counts=[95, 5])
             _send(ctx, "t1", window(a, 100, 0, features=[drifted]))
+            tick(ctx)  # 100 values: PSI is large, but too few values for a verdict (the old gate failed here)
+            status = client.get(f"/api/v1/rollouts/{rid}", headers=AUTH).json()
+            assert status["state"] == "running"
+            (gate,) = status["gates"]
+            assert (gate["name"], gate["state"], gate["have"], gate["need"], gate["unit"]) == (
+                "drift",
+                "not_evaluated",
+                100,
+                200,
+                "values",
+            )
+            _send(ctx, "t1", window(a, 150, 0, features=[drifted.model_copy(update={"counts": [140, 10]})]))
             expected = "drift"
         tick(ctx)
         status = client.get(f"/api/v1/rollouts/{rid}", headers=AUTH).json()
         assert status["state"] == "paused" and status["reason"] == "gate_failed" and expected in status["detail"]
+        assert status["halted_by"] == "telemetry" and status["gates"][0]["state"] == "failed"
+        audit = client.get("/api/v1/audit", params={"entity_id": rid}, headers=AUTH).json()
+        paused = [e for e in audit if e["action"] == "rollout.paused"]
+        assert paused and paused[-1]["after"]["gates"][0]["state"] == "failed"
         client.post(f"/api/v1/rollouts/{rid}/abort", headers=AUTH)
-
-
-def test_shadow_agreement_gate() -> None:
-    from ota_server.rollout.telemetry_gates import shadow_gate_failure
-
-    gates = Gates(min_shadow_agreement=0.9, min_telemetry_requests=100)
-    low = TelemetryTotals()
-    low.add_shadow({"compared": 50, "top1_agree": 10})
-    assert shadow_gate_failure(gates, low) is None  # too few comparisons yet
-    low.add_shadow({"compared": 100, "top1_agree": 100})
-    assert "shadow agreement" in (shadow_gate_failure(gates, low) or "")
-    good = TelemetryTotals()
-    good.add_shadow({"compared": 200, "top1_agree": 190})
-    assert shadow_gate_failure(gates, good) is None
-    assert shadow_gate_failure(Gates(), low) is None
 
 
 def test_rollout_halts_on_p95_latency_against_what_the_devices_ran_before(
@@ -220,3 +268,22 @@ def test_rollout_halts_on_p95_latency_against_what_the_devices_ran_before(
     tick(ctx)
     status = client.get(f"/api/v1/rollouts/{rid}", headers=AUTH).json()
     assert status["state"] == "paused" and "p95 latency" in status["detail"], status["detail"]
+
+
+def test_gate_fields_are_validated_and_kept_in_the_plan(client: TestClient, make_bundle: BundleFactory) -> None:
+    release = upload(client, make_bundle("1.0.0", "x86")).json()["release_id"]
+    base = {"release_id": release, "stages": [{"percent": 100}]}
+    for bad in (
+        {"on_missing_data": "maybe"},
+        {"gates": {"gate_data_timeout_seconds": -1}},
+        {"gates": {"min_drift_values": 0}},
+    ):
+        resp = client.post("/api/v1/rollouts", json={**base, **bad}, headers=AUTH)
+        assert resp.status_code == 422, (bad, resp.text)
+    body = {**base, "on_missing_data": "pass", "gates": {"gate_data_timeout_seconds": 30, "min_drift_values": 500}}
+    created = client.post("/api/v1/rollouts", json=body, headers=AUTH)
+    assert created.status_code == 201, created.text
+    plan = created.json()["plan"]
+    assert plan["on_missing_data"] == "pass"
+    assert (plan["gates"]["gate_data_timeout_seconds"], plan["gates"]["min_drift_values"]) == (30, 500)
+    assert created.json()["telemetry"] == {"requests": 0, "attributed_requests": 0, "coverage": None}

@@ -1,0 +1,178 @@
+"""``kill -9`` of a real agent process inside an update step, followed to the server's record.
+
+Real `edgeota server run`, real Mosquitto, real `edgeota agent run` processes. The agent is killed in the
+middle of a step, not at a step boundary: halfway through the download (the ``download_mid`` point), and
+halfway through unpacking into the staging slot (after the first model file is written, injected by a
+wrapper around the bundle unpacker). A fresh agent process then finishes the update. Afterwards the
+server's status history of the deployment (its ``status_events``) is a consistent sequence ending in
+``committed``, the device runs the new version, and the agent's slot holds exactly the verified files.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from device_agent.store import read_state
+from edgeota_contract.bundle import create_bundle, sha256_file
+from edgeota_contract.manifest import Lineage, release_counter_from_version
+from edgeota_contract.provisioning import DeviceProvisioning
+from edgeota_contract.states import DeploymentState, deployment_transition_allowed
+from tests.agent.bundles import CLASSES, FEATURES, make_payload
+from tests.agent.conftest import FAST_AGENT, PROFILE
+from tests.conftest import Broker
+
+from .conftest import Keys
+from .procs import ServerProcess
+from .test_tuf_process import deployment, publish, running_version, start_rollout, wait_for
+
+pytestmark = pytest.mark.integration
+
+# Run the agent with the bundle unpacker wrapped: SIGKILL once the first file is written into the slot.
+UNPACK_KILLER = """
+import os, runpy, signal, sys
+import edgeota_contract.bundle as bundle
+original = bundle._check_member
+def check_then_die(reader, entry, dest):
+    original(reader, entry, dest)
+    if dest is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+bundle._check_member = check_then_die
+sys.argv = ["edgeota", *sys.argv[1:]]
+runpy.run_module("edgeota.cli", run_name="__main__")
+"""
+
+
+def _bundle(tmp_path: Path, keys: Keys, version: str) -> Path:
+    """A valid bundle of about 2 MiB (a long model card), so the download and the unpack take many chunks."""
+    out = tmp_path / f"digits-{version}.bundle.tar"
+    payload = make_payload(seed=int(version.split(".")[1]))
+    payload["model_card.md"] = b"# card\n" + b"c" * (2 << 20)
+    create_bundle(
+        out,
+        payload,
+        keys.release,
+        model_name="digits",
+        version=version,
+        release_counter=release_counter_from_version(version),
+        hardware_profile=PROFILE,
+        inputs=[{"name": "x", "dtype": "float32", "shape": [None, FEATURES]}],
+        outputs=[{"name": "y", "dtype": "float32", "shape": [None, CLASSES]}],
+        opset=17,
+        execution_provider="CPUExecutionProvider",
+        recipe="fp32",
+        metrics={"smoke_atol": 1e-4, "smoke_rtol": 1e-3},
+        lineage=Lineage(
+            source_model_sha256="a" * 64,
+            packager_version="0.1.0",
+            created_at=datetime(2026, 1, 1, tzinfo=UTC),
+            created_by="tests",
+        ),
+    )
+    return out
+
+
+@contextmanager
+def _agent(config: Path, point: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEOTA_AGENT_")}
+    args = ["agent", "run", "--config", str(config)]
+    if point == "unpack_mid":
+        cmd = [sys.executable, "-c", UNPACK_KILLER, *args]
+    else:
+        cmd = [sys.executable, "-m", "edgeota.cli", *args]
+        if point is not None:
+            env["EDGEOTA_AGENT_CRASH_AT"] = point
+    with open(config.with_suffix(".log"), "ab") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+
+
+def _server_history(db: Path, deployment_id: str) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT state FROM status_events WHERE deployment_id = ? ORDER BY id", (deployment_id,))
+        return [str(r[0]) for r in rows]
+
+
+def _assert_consistent(history: list[str]) -> None:
+    """Repeats are fine (a report re-sent after the restart); going backwards or skipping ahead is not."""
+    current = DeploymentState.NOTIFIED
+    for raw in history:
+        state = DeploymentState(raw)
+        assert state == current or deployment_transition_allowed(current, state), history
+        current = state
+    assert current == DeploymentState.COMMITTED, history
+
+
+def test_kill_9_inside_steps_then_the_server_sees_a_consistent_sequence(
+    tmp_path: Path, keys: Keys, mqtt_broker: Broker
+) -> None:
+    db = tmp_path / "server.db"
+    proc = ServerProcess(tmp_path, f"sqlite:///{db}", keys, mqtt_broker)
+    with proc.running() as server:
+        device_id = f"crash-{os.getpid()}"
+        toml = server.api("POST", "/api/v1/devices", json={"device_id": device_id, "hardware_profile": PROFILE})
+        prov = DeviceProvisioning.model_validate(tomllib.loads(toml["agent_toml"]))
+        state_dir = tmp_path / "device" / "state"
+        prov.agent.update({**FAST_AGENT, "state_dir": str(state_dir), "trial_seconds": 0.5})
+        config = tmp_path / "device" / "agent.toml"
+        config.parent.mkdir()
+        config.write_text(prov.to_toml())
+        with _agent(config) as agent:
+            first = start_rollout(server, publish(server, _bundle(tmp_path, keys, "1.0.0")), device_id)
+            wait_for(lambda: deployment(server, first).get("state") == "committed", 90, "v1 committed", agent)
+
+        for minor, point in enumerate(("download_mid", "unpack_mid"), start=1):
+            version = f"1.{minor}.0"
+            rollout = start_rollout(server, publish(server, _bundle(tmp_path, keys, version)), device_id)
+            with _agent(config, point) as killed:
+                try:
+                    killed.wait(timeout=90)
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"the agent was not killed at {point}")
+                assert killed.returncode == -signal.SIGKILL, killed.returncode
+            dep = read_state(state_dir).deployment
+            assert dep is not None, f"{point}: no deployment in progress after the kill"
+            if point == "download_mid":
+                part = state_dir / "download" / f"{dep.assignment.bundle_sha256}.part"
+                assert 0 < part.stat().st_size < dep.assignment.bundle_size  # really halfway
+            else:
+                slot = state_dir / "slots" / dep.target_slot
+                written = sorted(p.name for p in slot.iterdir())
+                assert 0 < len(written) < 4, written  # really halfway through the unpack
+            with _agent(config) as agent:
+                wait_for(
+                    lambda r=rollout: deployment(server, r).get("state") == "committed",  # type: ignore[misc]
+                    90,
+                    f"{version} committed after the kill at {point}",
+                    agent,
+                )
+                wait_for(lambda v=version: running_version(server, device_id) == v, 30, "check-in", agent)  # type: ignore[misc]
+            deployment_id = deployment(server, rollout)["deployment_id"]
+            _assert_consistent(_server_history(db, deployment_id))
+            state = read_state(state_dir)
+            info = state.active()
+            assert info is not None and info.version == version
+            folder = state_dir / "slots" / str(state.active_slot)
+            assert sorted(p.name for p in folder.iterdir()) == sorted(f.name for f in info.manifest.files)
+            for entry in info.manifest.files:
+                assert sha256_file(folder / entry.name) == entry.sha256
+            assert list((state_dir / "download").iterdir()) == []
