@@ -12,8 +12,10 @@ at batch 1, one thread, best and median of interleaved rounds):
 - ``fp32``: the wheel's model;
 - ``ort_quantize_static_defaults`` (and ``ort_quantize_dynamic_defaults``): ONNX Runtime with
   default arguments, the same calibration pages at batch 1;
-- ``olive_onnx_static_quantization_defaults``: only when ``olive`` imports in this interpreter
-  (it is not installed by this benchmark: the Olive environment pulls torch);
+- ``olive_static_defaults`` (and ``_on_simplified``): Olive's ``OnnxStaticQuantization`` pass with its
+  defaults and the same calibration pages, run in the packager benchmark's Olive venv
+  (``bench/.work/olive-venv``, created on first use); when that venv cannot be made or Olive fails
+  on the model, the row holds the exact error instead;
 - ``edgeota_full_int8``: the packager's ``int8-qdq`` recipe (x86-avx2), everything int8;
 - ``edgeota_mixed_default``: ``int8-qdq-mixed`` on x86-avx2 at the profile's mask-IoU gate (0.90);
 - ``edgeota_mixed_strict_quarter`` / ``_half``: the same with stricter per-model tolerances that
@@ -148,25 +150,38 @@ def measure(
     return rows
 
 
-def _olive_defaults(model: Path, calib: Any, calib_path: Path, out: Path) -> tuple[bytes | None, str | None]:
-    """Olive's OnnxStaticQuantization with defaults, if Olive is already installed; (None, why) otherwise.
+def olive_defaults(
+    models: dict[Path, str], calib_path: Path, axes: dict[str, int], out: Path
+) -> tuple[dict[str, bytes], dict[str, str], dict[str, Any]]:
+    """Olive's OnnxStaticQuantization with defaults on each ``{model file: row name}``; never raises.
 
-    Uses this interpreter when ``olive`` imports here, else the packager benchmark's Olive venv if it
-    exists; never creates one (that environment pulls torch).
+    Runs in the packager benchmark's Olive venv, creating it on first use. Returns (models by row
+    name, exact errors by row name, details: the venv's state and each run's Olive config and time).
     """
-    import importlib.util
+    from bench.packager_bench import ensure_olive_venv, run_olive
 
-    from bench.packager_bench import OLIVE_VENV, run_olive
-
-    venv_python = OLIVE_VENV / "bin" / "python"
-    if importlib.util.find_spec("olive") is not None:
-        python = Path(sys.executable)
-    elif venv_python.exists():
-        python = venv_python
-    else:
-        return None, "olive is not installed (not in .venv, no bench/.work/olive-venv); not installed by this bench"
-    model_bytes, info = run_olive(python, model, calib_path, calib.axes, out)
-    return model_bytes, None if model_bytes is not None else str(info.get("error"))
+    try:
+        python, env = ensure_olive_venv()
+    except Exception as exc:  # a timeout or OS error while building the venv is a result, not a crash
+        python, env = None, {"error": f"creating the Olive venv raised {type(exc).__name__}: {exc}"}
+    if "venv" in env:  # the results speak of the repository, not of this machine's layout
+        env = {**env, "venv": Path(env["venv"]).resolve().relative_to(Path(__file__).resolve().parents[1]).as_posix()}
+    details: dict[str, Any] = {"env": env}
+    if python is None:
+        return {}, {name: f"Olive venv unavailable: {env['error']}" for name in models.values()}, details
+    found: dict[str, bytes] = {}
+    errors: dict[str, str] = {}
+    for model, name in models.items():
+        try:
+            model_bytes, info = run_olive(python, model, calib_path, axes, out / name)
+        except Exception as exc:
+            model_bytes, info = None, {"error": f"{type(exc).__name__}: {exc}"}
+        if model_bytes is None:
+            errors[name] = str(info["error"])
+        else:
+            found[name] = model_bytes
+            details[name] = {k: v for k, v in info.items() if k != "model_path"}
+    return found, errors, details
 
 
 def simplified_model(model: Path, calib: Any, work: Path) -> Path:
@@ -264,11 +279,14 @@ def run(results_dir: Path, quick: bool) -> dict[str, Any]:
         more, more_errors = ort_peers(simple, calib, tmp / "simplified")
         models.update({f"{k}_on_simplified": v for k, v in more.items()})
         errors.update({f"{k}_on_simplified": v for k, v in more_errors.items()})
-        olive_model, olive_error = _olive_defaults(example.model_path, calib, example.calibration_path, tmp / "olive")
-        if olive_model is not None:
-            models["olive_onnx_static_quantization_defaults"] = olive_model
-        elif olive_error:
-            errors["olive_onnx_static_quantization_defaults"] = olive_error
+        olive_models, olive_errors, olive = olive_defaults(
+            {example.model_path: "olive_static_defaults", simple: "olive_static_defaults_on_simplified"},
+            example.calibration_path,
+            calib.axes,
+            tmp / "olive",
+        )
+        models.update(olive_models)
+        errors.update(olive_errors)
         runs_info: dict[str, Any] = {}
         for label, recipe in (("edgeota_full_int8", "int8-qdq"), ("edgeota_mixed_default", "int8-qdq-mixed")):
             info = _package(example, tmp / label, recipe, search_budget)
@@ -288,6 +306,8 @@ def run(results_dir: Path, quick: bool) -> dict[str, Any]:
             if model is not None:
                 models[label] = model
         rows = measure(models, evald, rounds, runs, ["score_map"])
+        for name, error in olive_errors.items():  # the row says why Olive has no figures
+            rows[name] = {"error": error}
         silero = silero_case(tmp / "silero", quick, rounds, runs * 5, search_budget)
     fp32 = rows["fp32"]
     goals: dict[str, Any] = {}
@@ -317,6 +337,7 @@ def run(results_dir: Path, quick: bool) -> dict[str, Any]:
         "cpu": cpu_report(),
         "rows": rows,
         "errors": errors,
+        "olive": olive,
         "packaging": runs_info,
         "goals": goals,
         "silero_static": silero,

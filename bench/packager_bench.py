@@ -35,7 +35,8 @@ GOALS = {
 PROFILES = ["x86-avx2", "rpi4", "qcom-qnn-npu"]
 WORK = Path(__file__).resolve().parent / ".work"
 OLIVE_VENV = WORK / "olive-venv"
-OLIVE_REQUIREMENTS = ["olive-ai==0.13.*", "requests", "onnxruntime", "onnx"]
+# torch pinned to the CPU build: Olive depends on torch, and an unpinned torch pulls several GB of CUDA wheels.
+OLIVE_REQUIREMENTS = ["torch==2.13.0", "olive-ai==0.13.*", "requests", "onnxruntime", "onnx"]
 RESULT_MARK = "EDGEOTA_RESULT "
 
 # Run by the Olive venv's python: registers a dataset yielding the calibration samples one by one

@@ -16,7 +16,16 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-BENCHMARKS = ("bench.packager_bench", "bench.agent_bench", "bench.server_bench", "bench.fleet_bench")
+BENCHMARKS = (
+    "bench.packager_bench",
+    "bench.mixed_precision_bench",
+    "bench.agent_bench",
+    "bench.serving_bench",
+    "bench.server_bench",
+    "bench.telemetry_bench",
+    "bench.drift_bench",
+    "bench.fleet_bench",
+)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
