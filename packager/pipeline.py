@@ -34,7 +34,9 @@ def op_support_config(profile: HardwareProfile) -> OpSupportConfig:
     )
 
 
-def _static_config(q: QuantizationSpec, fixed: int | None) -> StaticQuantizeConfig:
+def _static_config(q: QuantizationSpec, fixed: int | None, exclude_top_k: int = 0) -> StaticQuantizeConfig:
+    """The static quantization step of ``q``; ``exclude_top_k`` only for the plain static pass (the mixed
+    search decides for itself which nodes stay in float)."""
     return StaticQuantizeConfig(
         format=q.format,
         per_channel=q.per_channel,
@@ -46,6 +48,7 @@ def _static_config(q: QuantizationSpec, fixed: int | None) -> StaticQuantizeConf
         percentile=q.percentile,
         reduce_range=q.reduce_range,
         op_types=q.op_types,
+        exclude_top_k=exclude_top_k,
         keep_float=q.keep_float or None,
     )
 
@@ -82,24 +85,7 @@ def recipe_passes(
             )
         )
     elif q.mode == "static":
-        passes.append(
-            StaticQuantize(
-                StaticQuantizeConfig(
-                    format=q.format,
-                    per_channel=q.per_channel,
-                    activation_type=q.activation_type,
-                    weight_type=q.weight_type,
-                    calibration=q.calibration,
-                    calibration_samples=q.calibration_samples,
-                    calibration_batch=fixed or 32,
-                    percentile=q.percentile,
-                    reduce_range=q.reduce_range,
-                    op_types=q.op_types,
-                    exclude_top_k=q.exclude_top_k,
-                    keep_float=q.keep_float or None,
-                )
-            )
-        )
+        passes.append(StaticQuantize(_static_config(q, fixed, q.exclude_top_k)))
     elif q.mode == "dynamic":
         passes.append(
             DynamicQuantize(

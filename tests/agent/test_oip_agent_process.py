@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -29,44 +26,11 @@ from tests.agent.conftest import BundleRef, Keys, assignment, signed, write_conf
 from tests.agent.http_server import BundleServer
 from tests.agent.mqtt_helpers import Recorder
 from tests.conftest import Broker, free_port
+from tests.server.procs import agent_process, wait_for_agent
 
 pytestmark = pytest.mark.integration
 
 SERVE_TOKEN = "local-serve-token-0123456789"
-
-
-@contextmanager
-def agent_process(config: Path) -> Iterator[subprocess.Popen[bytes]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEOTA_AGENT_")}
-    with open(config.with_suffix(".log"), "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeota.cli", "agent", "run", "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def _wait(check: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen[bytes], log: Path) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        assert proc.poll() is None, f"agent exited with {proc.returncode}: {log.read_text()[-3000:]}"
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}; agent log: {log.read_text()[-3000:]}")
 
 
 def _uds_client(sock: Path, token: str | None = None) -> httpx.Client:
@@ -108,10 +72,10 @@ def test_clients_over_socket_and_tcp_see_no_failure_across_swaps_and_rollback(
     stop_file = tmp_path / "stop"
     try:
         with agent_process(config) as proc:
-            _wait(lambda: sock.exists(), 30, "the socket", proc, log)
+            wait_for_agent(lambda: sock.exists(), 30, "the socket", proc, log)
             assert stat.S_IMODE(sock.stat().st_mode) == 0o660
             recorder.publish_cmd(signed(assignment(v1, device_id=device, deployment_id="dep-1"), keys.server))
-            _wait(lambda: _committed(recorder, "dep-1") and _ready(sock), 60, "v1 committed", proc, log)
+            wait_for_agent(lambda: _committed(recorder, "dep-1") and _ready(sock), 60, "v1 committed", proc, log)
             for kind, target in (("uds", str(sock)), ("tcp", f"http://127.0.0.1:{port}")):
                 out = tmp_path / f"client-{kind}.json"
                 args = ["--uds", target] if kind == "uds" else ["--url", target]
@@ -138,13 +102,13 @@ def test_clients_over_socket_and_tcp_see_no_failure_across_swaps_and_rollback(
             def seen(version: str) -> bool:
                 return all(Path(f"{out}.{version}").exists() for _, out in clients)
 
-            _wait(lambda: seen("1.0.0"), 60, "both clients answered by 1.0.0", proc, log)
+            wait_for_agent(lambda: seen("1.0.0"), 60, "both clients answered by 1.0.0", proc, log)
             recorder.publish_cmd(signed(assignment(v2, device_id=device, deployment_id="dep-2"), keys.server))
-            _wait(lambda: _committed(recorder, "dep-2"), 60, "v2 committed", proc, log)
-            _wait(lambda: seen("1.1.0"), 60, "both clients answered by 1.1.0", proc, log)
+            wait_for_agent(lambda: _committed(recorder, "dep-2"), 60, "v2 committed", proc, log)
+            wait_for_agent(lambda: seen("1.1.0"), 60, "both clients answered by 1.1.0", proc, log)
             back = assignment(v1, device_id=device, deployment_id="dep-3", mode="rollback")
             recorder.publish_cmd(signed(back, keys.server))
-            _wait(lambda: _committed(recorder, "dep-3"), 60, "rollback committed", proc, log)
+            wait_for_agent(lambda: _committed(recorder, "dep-3"), 60, "rollback committed", proc, log)
             time.sleep(1.0)
             stop_file.write_text("stop")
             results = []
@@ -161,7 +125,7 @@ def test_clients_over_socket_and_tcp_see_no_failure_across_swaps_and_rollback(
                 return sum(w["request_count"] for w in windows.values())
 
             # every request reached the serving path and was counted in a telemetry window, no more and no less
-            _wait(lambda: counted() >= total, 30, "telemetry counting every request", proc, log)
+            wait_for_agent(lambda: counted() >= total, 30, "telemetry counting every request", proc, log)
             time.sleep(1.5)
             assert counted() == total
     finally:
@@ -203,7 +167,7 @@ def test_bad_requests_get_4xx_in_protocol_format(
     x = sample_inputs(1)
     good = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": x.ravel().tolist()}]}
     with agent_process(config) as proc:
-        _wait(lambda: _ready(sock, SERVE_TOKEN), 30, "the endpoint", proc, log)
+        wait_for_agent(lambda: _ready(sock, SERVE_TOKEN), 30, "the endpoint", proc, log)
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
         tcp = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {SERVE_TOKEN}"})
         with _uds_client(sock, SERVE_TOKEN) as uds, tcp:

@@ -5,13 +5,9 @@ Mosquitto. In process, the same shows that the agent's own poller delivered the 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,41 +20,9 @@ from tests.agent.conftest import FAST_AGENT, PROFILE
 from tests.agent.mqtt_helpers import Recorder
 from tests.conftest import Broker
 from tests.server.conftest import Keys as ServerKeys
-from tests.server.procs import ServerProcess
+from tests.server.procs import ServerProcess, agent_process, wait_for_agent
 
 pytestmark = pytest.mark.integration
-
-
-def _wait(check: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen[bytes], log: Path) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        assert proc.poll() is None, f"agent exited with {proc.returncode}: {log.read_text()[-3000:]}"
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; agent log: {log.read_text()[-3000:]}")
-
-
-@contextmanager
-def agent_process(config: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(config.with_suffix(".log"), "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeota.cli", "agent", "run", "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
 
 
 @pytest.fixture
@@ -140,7 +104,7 @@ def test_polling_agent_process_installs_and_commits_a_release(
     polled_before = server.api("GET", "/api/v1/metrics").get("commands_polled", 0)
     with agent_process(config) as agent:
         deployment = roll_out(server, bundle, device_id)
-        dep = _wait(lambda: finished(deployment), 90, "the deployment to finish", agent, log)
+        dep = wait_for_agent(lambda: finished(deployment), 90, "the deployment to finish", agent, log)
         assert dep["state"] == "committed", dep  # known to the server only through the agent's MQTT reports
         models = server.api("GET", f"/api/v1/devices/{device_id}").get("models") or []
         assert [(m["model_name"], m["version"]) for m in models] == [("digits", "1.0.0")]

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,58 @@ from .conftest import ADMIN, AUTH, Keys
 from .simdevice import SimDevice
 
 EDGEOTA = str(Path(sys.executable).with_name("edgeota"))
+AGENT_RUN = [sys.executable, "-m", "edgeota.cli", "agent", "run", "--config"]
+
+
+@contextmanager
+def agent_process(
+    config: Path, command: list[str] | None = None, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``edgeota agent run --config CONFIG`` (or ``command``) as a child in its own session, logging to CONFIG.log.
+
+    ``EDGEOTA_AGENT_*`` variables of the test's own environment are not passed on unless ``env`` names them; the
+    process group gets SIGTERM at the end, then SIGKILL after 15 s.
+    """
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEOTA_AGENT_")}
+    child_env.update(env or {})
+    with open(config.with_suffix(".log"), "ab") as log:
+        proc = subprocess.Popen(
+            command or [*AGENT_RUN, str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=child_env,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+
+
+def wait_for_agent(
+    check: Callable[[], Any],
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[bytes],
+    log: Path | None = None,
+    interval: float = 0.2,
+) -> Any:
+    """``check()``'s first truthy value within ``timeout`` s; fails at once if the agent process exits."""
+    tail = (lambda: f": {log.read_text()[-3000:]}") if log is not None else (lambda: "")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        assert proc.poll() is None, f"agent exited with {proc.returncode} while waiting for {what}{tail()}"
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}{tail()}")
 
 
 class ServerProcess:

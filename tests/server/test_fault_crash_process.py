@@ -33,8 +33,8 @@ from tests.agent.conftest import FAST_AGENT, PROFILE
 from tests.conftest import Broker
 
 from .conftest import Keys
-from .procs import ServerProcess
-from .test_tuf_process import deployment, publish, running_version, start_rollout, wait_for
+from .procs import ServerProcess, agent_process, wait_for_agent
+from .test_tuf_process import deployment, publish, running_version, start_rollout
 
 pytestmark = pytest.mark.integration
 
@@ -84,26 +84,13 @@ def _bundle(tmp_path: Path, keys: Keys, version: str) -> Path:
 
 @contextmanager
 def _agent(config: Path, point: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEOTA_AGENT_")}
     args = ["agent", "run", "--config", str(config)]
     if point == "unpack_mid":
-        cmd = [sys.executable, "-c", UNPACK_KILLER, *args]
-    else:
-        cmd = [sys.executable, "-m", "edgeota.cli", *args]
-        if point is not None:
-            env["EDGEOTA_AGENT_CRASH_AT"] = point
-    with open(config.with_suffix(".log"), "ab") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+        with agent_process(config, command=[sys.executable, "-c", UNPACK_KILLER, *args]) as proc:
+            yield proc
+        return
+    with agent_process(config, env={"EDGEOTA_AGENT_CRASH_AT": point} if point is not None else None) as proc:
         yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
 
 
 def _server_history(db: Path, deployment_id: str) -> list[str]:
@@ -138,7 +125,7 @@ def test_kill_9_inside_steps_then_the_server_sees_a_consistent_sequence(
         config.write_text(prov.to_toml())
         with _agent(config) as agent:
             first = start_rollout(server, publish(server, _bundle(tmp_path, keys, "1.0.0")), device_id)
-            wait_for(lambda: deployment(server, first).get("state") == "committed", 90, "v1 committed", agent)
+            wait_for_agent(lambda: deployment(server, first).get("state") == "committed", 90, "v1 committed", agent)
 
         for minor, point in enumerate(("download_mid", "unpack_mid"), start=1):
             version = f"1.{minor}.0"
@@ -159,13 +146,13 @@ def test_kill_9_inside_steps_then_the_server_sees_a_consistent_sequence(
                 written = sorted(p.name for p in slot.iterdir())
                 assert 0 < len(written) < 4, written  # really halfway through the unpack
             with _agent(config) as agent:
-                wait_for(
+                wait_for_agent(
                     lambda r=rollout: deployment(server, r).get("state") == "committed",  # type: ignore[misc]
                     90,
                     f"{version} committed after the kill at {point}",
                     agent,
                 )
-                wait_for(lambda v=version: running_version(server, device_id) == v, 30, "check-in", agent)  # type: ignore[misc]
+                wait_for_agent(lambda v=version: running_version(server, device_id) == v, 30, "check-in", agent)  # type: ignore[misc]
             deployment_id = deployment(server, rollout)["deployment_id"]
             _assert_consistent(_server_history(db, deployment_id))
             state = read_state(state_dir)

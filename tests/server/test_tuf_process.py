@@ -5,14 +5,7 @@ reason reported to the server, and the old model keeps serving."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 import tomllib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,41 +19,9 @@ from tests.agent.conftest import FAST_AGENT, PROFILE
 from tests.conftest import Broker
 
 from .conftest import Keys
-from .procs import ServerProcess
+from .procs import ServerProcess, agent_process, wait_for_agent
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen[bytes]) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        assert proc.poll() is None, f"agent exited with {proc.returncode} while waiting for {what}"
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@contextmanager
-def agent_process(config: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(config.with_suffix(".log"), "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeota.cli", "agent", "run", "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
 
 
 def publish(server: ServerProcess, bundle: Path) -> str:
@@ -117,7 +78,7 @@ def test_agent_installs_through_tuf_and_refuses_expired_metadata(
 
         with agent_process(config) as agent:
             first = start_rollout(server, publish(server, v1), "tuf-dev")
-            wait_for(lambda: deployment(server, first).get("state") == "committed", 90, "v1 committed", agent)
+            wait_for_agent(lambda: deployment(server, first).get("state") == "committed", 90, "v1 committed", agent)
             assert (state / "tuf" / "timestamp.json").is_file()  # the agent refreshed the repository
             assert running_version(server, "tuf-dev") == "1.0.0"
 
@@ -126,7 +87,7 @@ def test_agent_installs_through_tuf_and_refuses_expired_metadata(
             release = publish(server, v2)  # v2 becomes a target on upload ...
             repo.add_bundles([("00" * 32, 1, {})], now=datetime.now(UTC) - timedelta(days=2))  # ... then goes stale
             second = start_rollout(server, release, "tuf-dev")
-            dep = wait_for(
+            dep = wait_for_agent(
                 lambda: (d := deployment(server, second)).get("state") in ("failed", "committed") and d,
                 90,
                 "v2 finished",
