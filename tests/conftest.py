@@ -7,10 +7,12 @@ test failure, not a skip: CI starts both (see .ci/run).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -45,6 +47,64 @@ def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
 class Broker:
     host: str
     port: int
+
+
+PRESENCE_FILTER = "edgeota/v1/devices/+/presence"
+
+
+def _mqtt_client(host: str, port: int) -> object:
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgeota-test-sweeper-{uuid.uuid4().hex[:8]}")
+    client.connect(host, port)
+    return client
+
+
+def retained_presence(host: str = MQTT_HOST, port: int = MQTT_PORT, quiet: float = 1.0) -> set[str]:
+    """Topics holding a retained device presence message on the broker (read within ``quiet`` s of SUBACK)."""
+    topics: set[str] = set()
+    subscribed = threading.Event()
+    client = _mqtt_client(host, port)
+    client.on_message = lambda _c, _u, msg: topics.add(msg.topic) if msg.retain and msg.payload else None  # type: ignore[attr-defined]
+    client.on_subscribe = lambda *_args: subscribed.set()  # type: ignore[attr-defined]
+    client.loop_start()  # type: ignore[attr-defined]
+    try:
+        client.subscribe(PRESENCE_FILTER, qos=1)  # type: ignore[attr-defined]
+        subscribed.wait(5)
+        time.sleep(quiet)
+    finally:
+        client.loop_stop()  # type: ignore[attr-defined]
+        client.disconnect()  # type: ignore[attr-defined]
+    return topics
+
+
+def clear_retained(topics: set[str], host: str = MQTT_HOST, port: int = MQTT_PORT) -> None:
+    """Remove the retained message of each topic (an empty retained publish)."""
+    if not topics:
+        return
+    client = _mqtt_client(host, port)
+    client.loop_start()  # type: ignore[attr-defined]
+    try:
+        for topic in sorted(topics):
+            client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)  # type: ignore[attr-defined]
+    finally:
+        client.loop_stop()  # type: ignore[attr-defined]
+        client.disconnect()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leave_no_retained_presence() -> Iterator[None]:
+    """The suite's devices leave retained presence messages (their last will, "online"/"offline") on the shared
+    broker; at the end of the session the ones that were not there before it are removed. A last will that the
+    broker publishes after the session ended (a killed agent's keep-alive still running out) is not caught."""
+    try:
+        before: set[str] | None = retained_presence()
+    except OSError:
+        before = None  # no shared broker: the tests that need it fail on their own
+    yield
+    if before is not None:
+        with contextlib.suppress(OSError):
+            clear_retained(retained_presence() - before)
 
 
 @pytest.fixture(scope="session")
