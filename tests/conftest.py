@@ -99,11 +99,11 @@ def _leave_no_retained_presence() -> Iterator[None]:
     broker publishes after the session ended (a killed agent's keep-alive still running out) is not caught."""
     try:
         before: set[str] | None = retained_presence()
-    except OSError:
-        before = None  # no shared broker: the tests that need it fail on their own
+    except Exception:  # best effort: no shared broker (the tests that need it fail on their own), or a client error
+        before = None
     yield
     if before is not None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(Exception):  # best effort: a clean-up failure must not fail the session
             clear_retained(retained_presence() - before)
 
 
