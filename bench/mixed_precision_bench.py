@@ -42,8 +42,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 QUALITY_KEYS = ("mask_iou", "mask_agreement", "top1_agreement", "cosine_mean", "sqnr_db")
 STRICT_LEVELS = {"edgeota_mixed_strict_quarter": 0.25, "edgeota_mixed_strict_half": 0.5}
 BUDGET_MS = 200.0
@@ -129,24 +127,9 @@ def measure(
             "int8_weight_share": share,
             **{k: v for k, v in quality.items() if k in QUALITY_KEYS},
         }
-    per_round: dict[str, list[float]] = {k: [] for k in sessions}
-    for session, feed in sessions.values():
-        for _ in range(10):
-            session.run(None, feed)
-    for _ in range(rounds):
-        for name, (session, feed) in sessions.items():
-            samples = []
-            for _ in range(runs):
-                t0 = time.perf_counter_ns()
-                session.run(None, feed)
-                samples.append((time.perf_counter_ns() - t0) / 1e6)
-            per_round[name].append(float(np.percentile(samples, 50)))
-    for name, p50s in per_round.items():
-        rows[name].update({"best_p50_ms": min(p50s), "median_p50_ms": float(np.median(p50s))})
-    base = rows["fp32"]
-    for row in rows.values():
-        if "best_p50_ms" in row:
-            row["speedup_vs_fp32"] = base["best_p50_ms"] / row["best_p50_ms"]
+    from bench.packager_bench import interleaved_latency
+
+    interleaved_latency(sessions, rows, rounds, runs, warmup=10)
     return rows
 
 

@@ -110,6 +110,31 @@ def ensure_olive_venv(venv: Path = OLIVE_VENV) -> tuple[Path | None, dict[str, A
     return python, {"venv": str(venv), "created": True, "versions": ok.stdout.strip()}
 
 
+def interleaved_latency(
+    sessions: dict[str, tuple[Any, Any]], rows: dict[str, dict[str, Any]], rounds: int, runs: int, warmup: int
+) -> None:
+    """p50 latency per model, the models interleaved round by round so that drift in the machine's load
+    touches all alike; adds ``best_p50_ms``, ``median_p50_ms`` and ``speedup_vs_fp32`` to ``rows``."""
+    per_round: dict[str, list[float]] = {k: [] for k in sessions}
+    for session, feed in sessions.values():
+        for _ in range(warmup):
+            session.run(None, feed)
+    for _ in range(rounds):
+        for name, (session, feed) in sessions.items():
+            samples = []
+            for _ in range(runs):
+                t0 = time.perf_counter_ns()
+                session.run(None, feed)
+                samples.append((time.perf_counter_ns() - t0) / 1e6)
+            per_round[name].append(float(np.percentile(samples, 50)))
+    for name, p50s in per_round.items():
+        rows[name].update({"best_p50_ms": min(p50s), "median_p50_ms": float(np.median(p50s))})
+    base = rows["fp32"]
+    for row in rows.values():
+        if "best_p50_ms" in row:
+            row["speedup_vs_fp32"] = base["best_p50_ms"] / row["best_p50_ms"]
+
+
 def run_olive(
     python: Path, model: Path, calibration: Path, axes: dict[str, int], out: Path
 ) -> tuple[bytes | None, Any]:
@@ -188,24 +213,9 @@ def measure(models: dict[str, bytes], eval_data: Any, rounds: int, runs: int) ->
             continue
         sessions[name] = (session, single_feed(session, eval_data))
         rows[name] = {"size_bytes": len(model), "size_ratio_vs_fp32": len(model) / len(models["fp32"]), **quality}
-    per_round: dict[str, list[float]] = {k: [] for k in sessions}
-    for session, feed in sessions.values():
-        for _ in range(100):
-            session.run(None, feed)
-    for _ in range(rounds):
-        for name, (session, feed) in sessions.items():
-            samples = []
-            for _ in range(runs):
-                t0 = time.perf_counter_ns()
-                session.run(None, feed)
-                samples.append((time.perf_counter_ns() - t0) / 1e6)
-            per_round[name].append(float(np.percentile(samples, 50)))
-    for name, p50s in per_round.items():
-        rows[name].update({"best_p50_ms": min(p50s), "median_p50_ms": float(np.median(p50s))})
+    interleaved_latency(sessions, rows, rounds, runs, warmup=100)
     base = rows["fp32"]
     for row in rows.values():
-        if "best_p50_ms" in row:
-            row["speedup_vs_fp32"] = base["best_p50_ms"] / row["best_p50_ms"]
         if "accuracy" in row and "accuracy" in base:
             row["accuracy_drop_points"] = (base["accuracy"] - row["accuracy"]) * 100
     return rows
