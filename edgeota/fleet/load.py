@@ -14,8 +14,10 @@
 
 Pools are read once per bundle and data set per process and shared (read-only) by every sampler.
 
-A :class:`Drift` moves every feature by ``shift`` standard deviations of the pool (and scales its
-spread by ``scale``): what a sensor knocked out of calibration does to a model's inputs.
+A :class:`Drift` moves every feature (or only the flat feature indices it names) by ``shift`` standard
+deviations of the pool (and scales its spread by ``scale``): what a sensor knocked out of calibration does
+to a model's inputs. With the digits source, :meth:`InputSampler.sample_labelled` also returns each row's
+true digit, so a simulated application can report feedback labels.
 """
 
 from __future__ import annotations
@@ -37,20 +39,32 @@ InputSource = Literal["test_vectors", "digits"]
 INPUT_SOURCES: tuple[str, ...] = ("test_vectors", "digits")
 _CACHE_LOCK = threading.Lock()
 _BUNDLE_CACHE: dict[tuple[str, tuple[str, ...]], tuple[dict[str, Array], ReferenceStats | None]] = {}
-_DIGITS: list[Array] = []
+_DIGITS: list[tuple[Array, Array]] = []
+
+
+def _digits() -> tuple[Array, Array]:
+    with _CACHE_LOCK:
+        if not _DIGITS:
+            from sklearn.datasets import load_digits
+
+            loaded = load_digits()
+            data = (loaded.data / 16.0).astype(np.float32)
+            labels = np.asarray(loaded.target, dtype=np.int64)
+            data.setflags(write=False)
+            labels.setflags(write=False)
+            _DIGITS.append((data, labels))
+        return _DIGITS[0]
 
 
 def digits_pool() -> Array:
     """scikit-learn's digits images as float32 rows of 64 pixels in [0, 1] (pixel / 16, as the example model
     was trained); loaded once per process, read-only."""
-    with _CACHE_LOCK:
-        if not _DIGITS:
-            from sklearn.datasets import load_digits
+    return _digits()[0]
 
-            data = (load_digits().data / 16.0).astype(np.float32)
-            data.setflags(write=False)
-            _DIGITS.append(data)
-        return _DIGITS[0]
+
+def digits_labels() -> Array:
+    """The true digit of each row of :func:`digits_pool` (int64, read-only)."""
+    return _digits()[1]
 
 
 def natural_pools(inputs: Sequence[TensorSpec], source: InputSource) -> dict[str, Array]:
@@ -72,6 +86,8 @@ def natural_pools(inputs: Sequence[TensorSpec], source: InputSource) -> dict[str
 class Drift:
     shift: float = 0.0  # in pool standard deviations
     scale: float = 1.0
+    features: tuple[int, ...] = ()
+    """Flat feature indices within a row to move (``()``: every feature)."""
 
     @property
     def active(self) -> bool:
@@ -127,6 +143,7 @@ class InputSampler:
         self._pools = dict(pools or {})
         self._reference = reference
         self._rng = np.random.default_rng(seed)
+        self._natural: dict[str, Array] = {}  # the pools drawn from the digits data set (rows have labels)
 
     @classmethod
     def from_bundle_dir(
@@ -144,31 +161,42 @@ class InputSampler:
         arrays with every later sampler of the same key (thousands of simulated devices run the same bundle).
         """
         pools, reference = _bundle_pools(bundle_dir, inputs, cache_key)
-        return cls(inputs, {**pools, **natural_pools(inputs, source)}, reference, seed)
+        natural = natural_pools(inputs, source)
+        sampler = cls(inputs, {**pools, **natural}, reference, seed)
+        sampler._natural = natural
+        return sampler
 
     def sample(self, batch: int = 1, drift: Drift | None = None) -> dict[str, Array]:
         """One batch per input, named as the model expects; drifted when ``drift`` is active."""
+        return self.sample_labelled(batch, drift)[0]
+
+    def sample_labelled(self, batch: int = 1, drift: Drift | None = None) -> tuple[dict[str, Array], Array | None]:
+        """Like :meth:`sample`, plus the true digit of each row when the first input is drawn from the digits
+        data set (None otherwise)."""
         out: dict[str, Array] = {}
-        for spec in self.inputs:
-            x = self._draw(spec, batch)
+        labels: Array | None = None
+        for index, spec in enumerate(self.inputs):
+            x, rows = self._draw(spec, batch)
+            if index == 0 and rows is not None and self._pools.get(spec.name) is self._natural.get(spec.name):
+                labels = np.asarray(digits_labels()[rows])
             if drift is not None and drift.active and np.issubdtype(x.dtype, np.floating):
                 x = self._drift(spec, x, drift)
             out[spec.name] = x
-        return out
+        return out, labels
 
-    def _draw(self, spec: TensorSpec, batch: int) -> Array:
+    def _draw(self, spec: TensorSpec, batch: int) -> tuple[Array, Array | None]:
         pool = self._pools.get(spec.name)
         if pool is not None:
             rows = self._rng.integers(0, len(pool), size=batch)
-            return np.ascontiguousarray(pool[rows])
+            return np.ascontiguousarray(pool[rows]), rows
         shape = _concrete_shape(spec, batch)
         dtype = np.dtype(spec.dtype if spec.dtype != "float" else "float32")
         refs = [f for f in (self._reference.features if self._reference else []) if f.input == spec.name]
         if refs and np.issubdtype(dtype, np.floating):
-            return self._from_histograms(refs, shape).astype(dtype)
+            return self._from_histograms(refs, shape).astype(dtype), None
         if np.issubdtype(dtype, np.integer):
-            return self._rng.integers(0, 10, size=shape).astype(dtype)
-        return self._rng.random(size=shape).astype(dtype)
+            return self._rng.integers(0, 10, size=shape).astype(dtype), None
+        return self._rng.random(size=shape).astype(dtype), None
 
     def _from_histograms(self, refs: Sequence[Any], shape: list[int]) -> Array:
         x = np.empty(shape, dtype=np.float64)
@@ -200,4 +228,9 @@ class InputSampler:
         std = ref.std(axis=0)
         std = np.where(std > 0, std, float(np.std(ref)) or 1.0)
         moved: Array = ((x - mean) * drift.scale + mean + drift.shift * std).astype(x.dtype)
-        return moved
+        if not drift.features:
+            return moved
+        flat_x = x.reshape(len(x), -1).copy()
+        chosen = [f for f in drift.features if 0 <= f < flat_x.shape[1]]
+        flat_x[:, chosen] = moved.reshape(len(x), -1)[:, chosen]
+        return flat_x.reshape(x.shape)
