@@ -1,4 +1,5 @@
-"""Content-addressed bundle storage behind a small interface (local folder now, S3 later)."""
+"""Content-addressed bundle storage behind a small interface: a local folder (the default) or an
+S3-compatible object store (:mod:`ota_server.artifacts_s3`)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def delete(self, sha256: str) -> None: ...
+
+    def redirect_url(self, sha256: str) -> str | None:
+        """A URL devices may download the blob from instead of the server (e.g. presigned), or None."""
+        return None
 
 
 class LocalArtifactStore(ArtifactStore):

@@ -30,7 +30,7 @@ from ota_server.api.routes import (
     tokens,
     tuf,
 )
-from ota_server.artifacts import LocalArtifactStore
+from ota_server.artifacts import ArtifactStore, LocalArtifactStore
 from ota_server.context import ServerContext
 from ota_server.core.config import Settings
 from ota_server.core.problems import install_problem_handlers
@@ -56,6 +56,32 @@ ROUTE_MODULES = (
 )
 
 
+def open_artifact_store(settings: Settings) -> ArtifactStore:
+    """The configured bundle store. Raises ContractError (one line) when the object store is not usable."""
+    if settings.artifact_store == "local":
+        return LocalArtifactStore(settings.resolved_artifact_dir)
+    from ota_server.artifacts_s3 import ArtifactStoreError, S3ArtifactStore, S3Config
+
+    if not settings.s3_bucket:
+        raise ContractError("artifact_store = 's3' needs s3_bucket", ReasonCode.MALFORMED_MESSAGE)
+    secret = settings.s3_secret_access_key
+    config = S3Config(
+        bucket=settings.s3_bucket,
+        prefix=settings.s3_prefix,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        access_key_id=settings.s3_access_key_id,
+        secret_access_key=secret.get_secret_value() if secret is not None else None,
+        presign_seconds=settings.s3_presign_seconds,
+        redirect_downloads=settings.s3_redirect_downloads,
+    )
+    try:
+        # The server reads some bundles itself (drift references, TUF targets): a local copy is kept.
+        return S3ArtifactStore(config, settings.data_dir / "artifact_cache")
+    except ArtifactStoreError as exc:
+        raise ContractError(str(exc), ReasonCode.MALFORMED_MESSAGE) from exc
+
+
 def build_context(settings: Settings, migrate: bool = True) -> ServerContext:
     """Migrate the database (unless ``migrate`` is false: an API worker whose core already did) and load keys.
 
@@ -77,7 +103,7 @@ def build_context(settings: Settings, migrate: bool = True) -> ServerContext:
         settings=settings,
         engine=engine,
         sessions=make_sessionmaker(engine),
-        store=LocalArtifactStore(settings.resolved_artifact_dir),
+        store=open_artifact_store(settings),
         server_key=load_or_create_server_key(settings.resolved_server_key),
         release_keys=release_keys,
         release_key_pems=[public_pem(release_keys.get(k)).decode() for k in release_keys.key_ids],  # type: ignore[arg-type]

@@ -45,6 +45,23 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./edgeota-data")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite file in data_dir")
     artifact_dir: Path | None = Field(default=None, description="bundle store; default data_dir/artifacts")
+    artifact_store: Literal["local", "s3"] = Field(
+        default="local", description="where bundles live: artifact_dir, or an S3-compatible object store (s3_*)"
+    )
+    s3_bucket: str | None = Field(default=None, description="bucket of the s3 artifact store (must exist)")
+    s3_prefix: str = Field(default="bundles/", max_length=512, description="object name prefix of the bundles")
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, Ceph, ...); default AWS for s3_region"
+    )
+    s3_region: str = Field(default="us-east-1", description="region of the bucket")
+    s3_access_key_id: str | None = Field(default=None, description="default: boto3's own chain (env, profile, role)")
+    s3_secret_access_key: SecretStr | None = None
+    s3_presign_seconds: int = Field(
+        default=900, ge=60, le=7 * 86400, description="lifetime of the presigned download URLs devices are sent to"
+    )
+    s3_redirect_downloads: bool = Field(
+        default=True, description="answer device downloads with a 307 to a presigned URL; false: the server streams"
+    )
     public_url: str = Field(default="http://127.0.0.1:8080", description="URL devices use to reach this server")
 
     mqtt_enabled: bool = True

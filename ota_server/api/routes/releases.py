@@ -109,6 +109,7 @@ def _file_iter(path: Path, start: int, length: int) -> Iterator[bytes]:
     responses={
         200: {"description": "the bundle archive", "content": BINARY},
         206: {"description": "partial content", "content": BINARY},
+        307: {"description": "download it from the object store (artifact_store = s3): a presigned URL"},
         304: {"description": "not modified"},
         416: {"description": "range not satisfiable"},
     },
@@ -137,6 +138,9 @@ def download(
     inm = request.headers.get("if-none-match")
     if inm and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
         return Response(status_code=304, headers=headers)
+    redirect = ctx.store.redirect_url(sha256)
+    if redirect is not None:  # an object store serves the bytes (and the Range the device sends again)
+        return Response(status_code=307, headers={"Location": redirect, "Cache-Control": "no-store"})
     path = ctx.store.local_path(sha256)
     size = os.path.getsize(path)
     range_header = request.headers.get("range")
