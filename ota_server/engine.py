@@ -1,8 +1,8 @@
-"""The rollout engine loop: one tick every ``engine_tick_seconds``, only while holding the lease.
+"""The rollout engine loop: one tick every ``engine_tick_seconds``, only while this process leads.
 
-The lease is a row in ``engine_lease`` (works on SQLite and PostgreSQL alike): a process may
-act only while its unexpired lease is in the database, so with several server processes one
-engine acts at a time. Every decision comes from the pure :mod:`ota_server.rollout.engine_logic`
+Leadership (:mod:`ota_server.engine_leader`) is a PostgreSQL advisory lock held on one connection
+(taken over the moment its holder's connection ends) or, on SQLite, a lease row in ``engine_lease``
+(taken over once it expires), so with several server processes one engine acts at a time. Every decision comes from the pure :mod:`ota_server.rollout.engine_logic`
 over state read from the database, so a restarted server resumes exactly where it stopped. Each
 rollout's step is one unit of work (:func:`ota_server.rollout.unit_of_work.unit_of_work`): lock,
 decide and apply (:func:`ota_server.services.rollouts.advance`), commit, then send.
@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from edgeota_contract.logs import log_event
 from edgeota_contract.states import DeploymentState, RolloutState
 from ota_server.context import ServerContext
+from ota_server.engine_leader import AdvisoryLockLeadership, Leadership, choose
 from ota_server.models import Deployment, EngineLease, Rollout, utcnow
 from ota_server.rollout.unit_of_work import lock_rollout, unit_of_work
 from ota_server.services import rollouts as svc
@@ -59,6 +60,28 @@ def release_lease(ctx: ServerContext, holder: str) -> None:
             lease.expires_at = utcnow() - timedelta(seconds=1)
 
 
+class LeaseLeadership:
+    """The ``engine_lease`` row as a :class:`ota_server.engine_leader.Leadership`."""
+
+    kind = "lease"
+
+    def __init__(self, ctx: ServerContext, holder: str) -> None:
+        self.ctx, self.holder = ctx, holder
+
+    def acquire(self) -> bool:
+        return acquire_lease(self.ctx, self.holder)
+
+    def release(self) -> None:
+        release_lease(self.ctx, self.holder)
+
+
+def make_leadership(ctx: ServerContext, holder: str) -> Leadership:
+    """The configured leadership (``engine_leadership``). Raises ValueError for an advisory lock off PostgreSQL."""
+    if choose(ctx.engine, ctx.settings.engine_leadership) == "advisory_lock":
+        return AdvisoryLockLeadership(ctx.engine)
+    return LeaseLeadership(ctx, holder)
+
+
 def tick(ctx: ServerContext, actor: str = "engine") -> int:
     """Run every running rollout one step, each in its own unit of work; returns the number of effects applied."""
     applied = 0
@@ -86,11 +109,12 @@ def send_pending(ctx: ServerContext) -> int:
 
 
 class EngineLoop:
-    """Background thread running :func:`tick` while it holds the lease."""
+    """Background thread running :func:`tick` while this process leads (see :func:`make_leadership`)."""
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.holder = f"engine-{uuid.uuid4().hex[:12]}"
+        self.leadership = make_leadership(ctx, self.holder)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.is_leader = False
@@ -105,16 +129,21 @@ class EngineLoop:
             self._thread.join(timeout=10)
         if self.is_leader:
             try:
-                release_lease(self.ctx, self.holder)
+                self.leadership.release()
             except Exception as exc:
                 log_event(log, "lease_release_failed", logging.WARNING, error=repr(exc))
+            self.is_leader = False
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.is_leader = acquire_lease(self.ctx, self.holder)
-                if self.is_leader:
+                leading = self.leadership.acquire()
+                if leading != self.is_leader:
+                    log_event(log, "engine_leader" if leading else "engine_follower", way=self.leadership.kind)
+                self.is_leader = leading
+                if leading:
                     tick(self.ctx)
             except Exception as exc:  # the loop must survive a database hiccup
+                self.is_leader = False
                 log_event(log, "engine_tick_failed", logging.ERROR, error=repr(exc))
             self._stop.wait(self.ctx.settings.engine_tick_seconds)

@@ -37,6 +37,7 @@ from ota_server.core.problems import install_problem_handlers
 from ota_server.core.security import load_or_create_server_key
 from ota_server.core.unstorable import RefuseUnstorableText
 from ota_server.db import make_engine, make_sessionmaker, upgrade_to_head
+from ota_server.engine_leader import choose as choose_leadership
 from ota_server.tuf_service import TufRefresher, open_repository, prepare_repository
 
 log = logging.getLogger("edgeota.server")
@@ -90,6 +91,10 @@ def build_context(settings: Settings, migrate: bool = True) -> ServerContext:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url)
+    try:
+        choose_leadership(engine, settings.engine_leadership)
+    except ValueError as exc:
+        raise ContractError(str(exc), ReasonCode.MALFORMED_MESSAGE) from exc
     if migrate:
         try:
             upgrade_to_head(engine)

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     max_bundle_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     engine_tick_seconds: float = Field(default=1.0, gt=0, le=3600)
     engine_lease_seconds: float = Field(default=15.0, gt=0)
+    engine_leadership: Literal["auto", "advisory_lock", "lease"] = Field(
+        default="auto",
+        description="how server processes pick the one running the engine: a PostgreSQL advisory lock (taken over "
+        "when its holder's connection ends) or a lease row (taken over after engine_lease_seconds); auto: the lock on "
+        "PostgreSQL",
+    )
     device_heartbeat_timeout_seconds: float = Field(default=300.0, gt=0)
     assignment_ttl_seconds: float = Field(default=3600.0, gt=0)
     ingest_rate_per_device: float = Field(default=20.0, gt=0, description="sustained device messages/s")
