@@ -46,6 +46,9 @@ def register(app: typer.Typer) -> None:
 
     app.add_typer(dataset_app, name="dataset")
     server_app.add_typer(tuf_app, name="tuf")
+    from ota_server.cli_ingest import server_ingest
+
+    server_app.command("ingest")(server_ingest)
 
 
 # ------------------------------------------------------------------ server

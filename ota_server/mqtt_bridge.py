@@ -7,7 +7,10 @@ network thread only parses the topic and queues, blocking while the writer's que
 That is the only ingest path. Commands go out QoS 1, signed by the server key. Protocol ``auto``
 tries MQTT 5 and falls back to 3.1.1 (the embedded demo broker speaks only 3.1.1).
 Malformed payloads, unknown devices and reports for unknown deployments are logged,
-counted and dropped; the network thread never dies on a bad message.
+counted and dropped; the network thread never dies on a bad message. With ``mqtt_shared_group`` the
+subscriptions are MQTT shared subscriptions (``$share/<group>/...``): the broker gives each message to one
+process of the group, so several processes (``edgeota server ingest``) split the ingest; with
+``mqtt_subscribe = false`` the process only publishes.
 """
 
 from __future__ import annotations
@@ -134,8 +137,17 @@ class MqttBridge:
             log_event(log, "mqtt_refused", logging.ERROR, reason=str(reason_code))
             self._refused.set()
             return
-        for topic in server_subscriptions():
-            client.subscribe(topic, qos=1)
+        settings = self.ctx.settings
+        group = settings.mqtt_shared_group
+        # The broker keeps a persistent session's subscriptions: drop the ones this configuration does not want.
+        unwanted = server_subscriptions() if group or not settings.mqtt_subscribe else []
+        if group and not settings.mqtt_subscribe:
+            unwanted += server_subscriptions(group)
+        if unwanted:
+            client.unsubscribe(unwanted)
+        if settings.mqtt_subscribe:
+            for topic in server_subscriptions(group):
+                client.subscribe(topic, qos=1)
         self.connected.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _flags: Any, reason_code: Any, _props: Any) -> None:

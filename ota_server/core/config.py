@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     mqtt_tls: bool = False
     mqtt_ca_file: Path | None = None
     mqtt_protocol: Literal["auto", "3.1.1", "5"] = "auto"
+    mqtt_shared_group: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="MQTT shared-subscription group: every server and `server ingest` process in the group gets a "
+        "share of the device messages instead of all of them",
+    )
+    mqtt_subscribe: bool = Field(
+        default=True, description="false: this process publishes commands but ingests no device message"
+    )
     mqtt_client_id: str | None = Field(
         default=None, description="persistent MQTT session id; default edgeota-server-<hash of data_dir>"
     )
