@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgeota-installed
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv browser demo test test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -20,9 +20,22 @@ $(STAMP): pyproject.toml setup.py device_agent/_telemetry_native.c
 	@touch $(STAMP)
 
 demo: venv
-	$(PY) -m edgeota.cli demo
+	$(PY) -m edgeota.cli demo --loop --approve
+
+# The dashboard's browser tests drive Debian's Chromium through its chromedriver (never a browser download).
+# Installed as root with apt-get when missing. If that fails, `make test` goes on and the browser tests fail,
+# each saying the browser is missing (tests/web/browser.py): they never skip.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "error: /usr/bin/chromium or /usr/bin/chromedriver missing; as root: apt-get install -y chromium chromium-driver" >&2; \
+	  exit 1; \
+	fi; \
+	echo "installing Debian's chromium and chromium-driver (apt-get)"; \
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver
 
 test: venv
+	-@$(MAKE) --no-print-directory browser
 	$(PY) -m pytest -q -ra
 
 test-fast: venv

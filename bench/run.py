@@ -25,6 +25,7 @@ BENCHMARKS = (
     "bench.telemetry_bench",
     "bench.drift_bench",
     "bench.fleet_bench",
+    "bench.dashboard_bench",
 )
 RESULTS = Path(__file__).resolve().parent / "results"
 

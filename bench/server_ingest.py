@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.ingest_processes import start_ingest_processes, stop_processes
 from bench.server_bench import ADMIN, _bundle, _free_port, _with_pg_database
 from ota_server.client import ApiClient, ApiClientError
 
@@ -197,8 +198,14 @@ def _publish(host: str, port: int, streams: list[list[tuple[str, bytes]]], clien
     return start
 
 
-def run_ingest(database: str, devices: int, windows: int, batch_max: int, workers: int | None) -> dict[str, Any]:
-    """One server (real process, real Mosquitto) ingesting every device's reports at once; stored per second."""
+def run_ingest(
+    database: str, devices: int, windows: int, batch_max: int, workers: int | None, ingest_processes: int = 0
+) -> dict[str, Any]:
+    """One server (real process, real Mosquitto) ingesting every device's reports at once; stored per second.
+
+    ``ingest_processes`` > 0: that many ``edgeota server ingest`` processes share the device topics (MQTT 5 shared
+    subscription group ``ingest``) and ``edgeota server run`` only publishes (``mqtt_subscribe = false``).
+    """
     from sqlalchemy import create_engine, func, select
 
     from edgeota.broker import start_broker
@@ -223,6 +230,11 @@ def run_ingest(database: str, devices: int, windows: int, batch_max: int, worker
                 "EDGEOTA_SERVER_PUBLIC_URL": url,
                 "EDGEOTA_SERVER_INGEST_BATCH_MAX": str(batch_max),
                 **({"EDGEOTA_SERVER_INGEST_WORKERS": str(workers)} if workers else {}),
+                **(
+                    {"EDGEOTA_SERVER_MQTT_SHARED_GROUP": "ingest", "EDGEOTA_SERVER_MQTT_SUBSCRIBE": "false"}
+                    if ingest_processes
+                    else {}
+                ),
             }
             exe = str(Path(sys.executable).with_name("edgeota"))
             proc = subprocess.Popen(
@@ -233,6 +245,7 @@ def run_ingest(database: str, devices: int, windows: int, batch_max: int, worker
             )
             db = create_engine(db_url)
             acks = None
+            ingesters: list[subprocess.Popen[bytes]] = []
             try:
                 api = ApiClient.connect(url, ADMIN, 60)
                 deadline = time.monotonic() + 60
@@ -243,6 +256,8 @@ def run_ingest(database: str, devices: int, windows: int, batch_max: int, worker
                     except ApiClientError:
                         pass
                     time.sleep(0.2)
+                if ingest_processes:  # after `server run` migrated the database
+                    ingesters = start_ingest_processes(exe, env, work, ingest_processes)
                 release = api.upload(bundle).release_id
                 for i in range(devices):
                     api.provision("x86", device_id=f"ing-{i:05d}")
@@ -282,9 +297,19 @@ def run_ingest(database: str, devices: int, windows: int, batch_max: int, worker
                             select(func.count()).select_from(Deployment).where(Deployment.state == "committed")
                         ),
                     }
+                    keys = (TelemetryRecord.device_id, TelemetryRecord.boot_id, TelemetryRecord.seq)
+                    distinct_windows = select(*keys).distinct().subquery()
+                    distinct_events = select(StatusEvent.deployment_id, StatusEvent.state).distinct().subquery()
+                    stored["telemetry_windows_doubled"] = (stored["telemetry_windows"] or 0) - (
+                        conn.scalar(select(func.count()).select_from(distinct_windows)) or 0
+                    )
+                    stored["status_events_doubled"] = (stored["status_events"] or 0) - (
+                        conn.scalar(select(func.count()).select_from(distinct_events)) or 0
+                    )
             finally:
                 if acks is not None:
                     acks.close()
+                stop_processes(ingesters)
                 db.dispose()
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -298,6 +323,11 @@ def run_ingest(database: str, devices: int, windows: int, batch_max: int, worker
         "database": "sqlite" if database == "sqlite" else "postgresql",
         "ingest_batch_max": batch_max,
         "ingest_workers": 0 if batch_max == 0 else workers or (1 if database == "sqlite" else 2),
+        "ingest_processes": ingest_processes,
+        "sent_stored_doubled": {
+            "telemetry": [len(expected["telemetry"]), stored["telemetry_windows"], stored["telemetry_windows_doubled"]],
+            "status": [len(expected["status"]), stored["status_events"], stored["status_events_doubled"]],
+        },
         "path": "old: one transaction per message on the network thread" if batch_max == 0 else "batched writers",
         "devices": devices,
         "messages_sent": sent,

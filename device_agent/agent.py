@@ -15,6 +15,8 @@ Typical use on a device::
     agent = Agent(AgentConfig.load("agent.toml"))
     agent.start()
     outputs = agent.predict({"x": batch})
+    outputs, prediction = agent.predict_tracked({"x": batch})   # remembered for feedback
+    agent.feedback(prediction.prediction_id, label=3)           # the true class, sent to the server
     ...
     agent.stop()
 """
@@ -30,8 +32,18 @@ from typing import TYPE_CHECKING
 
 from device_agent._lazy import lazy_module
 from device_agent.fsutil import FreeSpaceProbe, disk_free
+from device_agent.health import ConnectionHealth, ServerCheck
 from device_agent.lock import StateDirLock
 from device_agent.loop import Ticker, Timer, UpdateWorker
+from device_agent.serving.predictions import (
+    PREDICTION_ID,
+    Prediction,
+    PredictionMemory,
+    feedback_answer,
+    feedback_item,
+    parse_feedback,
+    record,
+)
 from device_agent.serving.runtime import LoadedModel, ModelRuntime, SessionCache
 from device_agent.serving.shadow import ShadowRunner
 from device_agent.settings import AgentConfig
@@ -40,13 +52,14 @@ from device_agent.telemetry.spool import Spool
 from device_agent.transport.base import Transport, TransportFactory
 from device_agent.transport.factory import build_transport
 from device_agent.transport.outbox import Outbox, describe
+from device_agent.transport.status import ObservableTransport
 from device_agent.update.commands import CommandHandler
 from device_agent.update.executor import CrashHook, Executor
 from device_agent.update.repair import give_back_boot_attempt
 from device_agent.wiring import build_recorder, build_sampler, open_endpoint, restore_models
 from edgeota_contract.errors import EdgeotaError
 from edgeota_contract.logs import log_event
-from edgeota_contract.messages import Assignment, CheckIn, new_id
+from edgeota_contract.messages import Assignment, CheckIn, FeedbackItem, new_id
 from edgeota_contract.states import ReasonCode
 
 if TYPE_CHECKING:
@@ -104,6 +117,9 @@ class Agent:
         self.boot_id = new_id()
         self.cache = session_cache or SessionCache()
         self.runtime = ModelRuntime()
+        s = self.settings
+        self.predictions = PredictionMemory(s.feedback_max_predictions, s.feedback_max_age_seconds)
+        """Recent answers by prediction id (the endpoint's and :meth:`predict_tracked`'s), for :meth:`feedback`."""
         self.telemetry = build_recorder(self.settings)
         self.runtime.add_listener(self.telemetry.record)
         self.sampler = build_sampler(self.settings, lambda: self.shadow.candidate if self.shadow is not None else None)
@@ -124,6 +140,9 @@ class Agent:
         self._ticker: Ticker | None = None
         self._worker: UpdateWorker | None = None
         self.transport: Transport | None = None  # while started and connecting
+        self.health: ConnectionHealth | None = None
+        """Broker and server reachability while started with a transport (``<state_dir>/connection.json``)."""
+        self._server_check: ServerCheck | None = None
         self.shadow: ShadowRunner | None = None
         self._serve = serve
         self.endpoint: InferenceEndpoint | None = None
@@ -160,7 +179,8 @@ class Agent:
             self._stop.clear()
             self._store = StateStore(self.settings.state_dir)
             spool = Spool(self.settings.state_dir / "telemetry.sqlite", self.settings.spool_max_windows)
-            self._outbox = Outbox(self.boot_id, self.settings, self._store, spool)
+            feedback = Spool(self.settings.state_dir / "feedback.sqlite", self.settings.feedback_spool_max_reports)
+            self._outbox = Outbox(self.boot_id, self.settings, self._store, spool, feedback)
             self._executor = Executor(
                 self.config,
                 self._store,
@@ -209,13 +229,22 @@ class Agent:
         )
         self._ticker.start()
         if self._connect:
+            self.health = ConnectionHealth(s.state_dir, self.device_id)
             self.transport = self._transport_factory(self.config, self.boot_id)
+            if isinstance(self.transport, ObservableTransport):
+                self.transport.observe(self.health.broker)
             self.outbox.transport = self.transport
             self.transport.start(self.handle_command, self._on_connected)
+            if s.server_check_seconds > 0:
+                server = self.config.provisioning.server
+                self._server_check = ServerCheck(
+                    server.url, s.server_check_seconds, self.health, allow_insecure_http=s.allow_insecure_http
+                )
+                self._server_check.start()
         self._wake_worker()  # resume an interrupted update, send what is queued
         if self._serve and s.serve_enabled:
             try:
-                self.endpoint = open_endpoint(self.settings, self.runtime)
+                self.endpoint = open_endpoint(self.settings, self.runtime, self._remember, self._endpoint_feedback)
             except BaseException:
                 self.stop()
                 raise
@@ -233,6 +262,9 @@ class Agent:
         if endpoint is not None:
             endpoint.stop()
         transport, self.transport = self.transport, None
+        check, self._server_check = self._server_check, None
+        if check is not None:
+            check.stop()
         if abrupt and transport is not None:
             self.outbox.transport = None
             transport.abort()
@@ -253,6 +285,11 @@ class Agent:
             transport.stop()
             self.outbox.transport = None
         self.outbox.spool.close()
+        health, self.health = self.health, None
+        if health is not None:
+            health.close()
+        if self.outbox.feedback is not None:
+            self.outbox.feedback.close()
         self._lock.release()
         log_event(log, "agent_stopped", device=self.device_id)
 
@@ -321,6 +358,45 @@ class Agent:
             ModelError: bad inputs or an inference failure.
         """
         return self.runtime.predict(inputs)
+
+    def predict_tracked(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Prediction]:
+        """:meth:`predict`, and remember the answer for :meth:`feedback`: returns the outputs and the
+        :class:`~device_agent.serving.predictions.Prediction` (its ``prediction_id``, release, top-1 per row).
+
+        Raises as :meth:`predict`.
+        """
+        model = self.runtime.current
+        prediction_id = new_id()
+        token = PREDICTION_ID.set(prediction_id)  # the sampler tags kept inputs with it
+        try:
+            outputs = self.runtime.predict_on(model, inputs)  # NoModelError when model is None
+        finally:
+            PREDICTION_ID.reset(token)
+        assert model is not None
+        return outputs, record(self.predictions, prediction_id, model.manifest, model.bundle_sha256, outputs)
+
+    def feedback(
+        self, prediction_id: str, *, label: int | str | None = None, reward: float | None = None, row: int = 0
+    ) -> FeedbackItem:
+        """Report the true ``label`` (a class index) and/or a ``reward`` in [0, 1] for a remembered prediction;
+        the item is spooled (durable) before this returns and sent to the server until acked.
+
+        Raises:
+            FeedbackError: unknown or expired prediction (``status`` 404), or a bad value (400).
+            EdgeotaError: the agent is not started.
+        """
+        item = feedback_item(self.predictions, prediction_id, label=label, reward=reward, row=row)
+        self.outbox.add_feedback([item])
+        return item
+
+    def _remember(self, model: LoadedModel, outputs: dict[str, np.ndarray], prediction_id: str) -> None:
+        if self.predictions.max_predictions > 0:  # feedback off: no per-request work at all
+            record(self.predictions, prediction_id, model.manifest, model.bundle_sha256, outputs)
+
+    def _endpoint_feedback(self, model_name: str, body: bytes) -> dict[str, object]:
+        """The endpoint's feedback call: every item valid and spooled as one report, or none (raises FeedbackError)."""
+        items = parse_feedback(body, self.predictions, model_name)
+        return feedback_answer(self.outbox.add_feedback(items).msg_id, items)
 
     def handle_command(self, payload: bytes) -> None:
         """Act on one signed command (from the transport or a file). Never raises for a bad command: it is

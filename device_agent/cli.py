@@ -18,7 +18,9 @@ from typing import Any
 
 import typer
 
+from edgeota_contract import tables as tb
 from edgeota_contract.errors import EdgeotaError
+from edgeota_contract.tables import Output
 
 agent_app = typer.Typer(
     help="The on-device agent: verified model updates, inference and telemetry.", no_args_is_help=True
@@ -133,15 +135,49 @@ def _wait(agent: Any, timeout: float, show: Callable[[str], None]) -> bool:
 
 
 @agent_app.command("status")
-def status(config: Path = CONFIG_OPTION) -> None:
-    """Show the state folder: active slot, model, version, deployment in progress and the last one."""
+def status(config: Path = CONFIG_OPTION, output: Output = tb.output_option()) -> None:
+    """Show the state folder: active slot, model, version, deployment in progress and the last one; and, while an
+    agent runs on it, whether that agent reaches its broker and its server (and why not)."""
+    from device_agent.health import health_lines, read_health
     from device_agent.settings import AgentConfig
 
     try:
         cfg = AgentConfig.load(config)
+        if output is Output.json:
+            tb.print_json({**_status_data(cfg.settings.state_dir), "health": read_health(cfg.settings.state_dir)})
+            return
         _print_status(cfg.settings.state_dir)
     except EdgeotaError as exc:
         raise _fail(str(exc)) from None
+    sys.stdout.write("\n".join(health_lines(read_health(cfg.settings.state_dir))) + "\n")
+
+
+def _status_data(state_dir: Path) -> dict[str, Any]:
+    """What ``agent status --output json`` prints (besides ``health``): the same facts as the text."""
+    from device_agent.store import read_state
+
+    state = read_state(state_dir)
+    info = state.active()
+    dep, last = state.deployment, state.last_deployment
+    return {
+        "state_dir": str(state_dir),
+        "active_slot": state.active_slot,
+        "model_name": info.model_name if info else None,
+        "version": info.version if info else None,
+        "release_counter": info.manifest.release_counter if info else None,
+        "bundle_sha256": info.bundle_sha256 if info else None,
+        "in_progress": {"deployment_id": dep.deployment_id, "step": dep.step.value} if dep else None,
+        "last_deployment": None
+        if last is None
+        else {
+            "deployment_id": last.deployment_id,
+            "model_name": last.model_name,
+            "version": last.version,
+            "state": last.state.value,
+            "reason": last.reason.value,
+        },
+        "unacked_reports": len(state.outbox),
+    }
 
 
 def _print_status(state_dir: Path) -> None:

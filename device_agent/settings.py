@@ -85,6 +85,22 @@ class AgentSettings(BaseSettings):
     spool_max_windows: int = Field(default=10_000, ge=1)
     spool_drain_batch: int = Field(default=20, ge=1, description="spooled windows sent per retry tick")
     outbox_max_reports: int = Field(default=500, ge=10)
+    # application feedback (true labels, rewards) for predictions served by the local endpoint or predict_tracked
+    feedback_max_predictions: int = Field(
+        default=10_000,
+        ge=0,
+        description="recent predictions remembered for feedback (oldest forgotten first; ~300 bytes each plus ~60"
+        " a row, first 64 rows of a request); 0: no feedback through the agent",
+    )
+    feedback_max_age_seconds: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="a prediction older than this takes no feedback (404); report it to the"
+        " server's POST /api/v1/feedback instead",
+    )
+    feedback_spool_max_reports: int = Field(
+        default=10_000, ge=1, description="feedback reports kept until acked (oldest dropped and counted beyond)"
+    )
     # raw-input sampling for retraining (off by default)
     sample_rate: float = Field(default=0.0, ge=0, le=1, description="share of requests kept, uniformly at random")
     sample_max_files: int = Field(default=1000, ge=1, description="uniform stream: sample files stored, at most")
@@ -104,6 +120,12 @@ class AgentSettings(BaseSettings):
         description="POST target on the server (the OTA server's sample route); None disables uploads",
     )
     mqtt_connect_probe_seconds: float = Field(default=5.0, gt=0, description="auto protocol: wait for MQTT 5")
+    server_check_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="how often the agent checks that its server answers (GET /healthz; the first check at start,"
+        " retried sooner while it fails); the result is logged and shown by `edgeota agent status`; 0: never",
+    )
     # how commands arrive (device_agent.transport): reports always go over MQTT, the only way the server takes them
     command_transport: Literal["mqtt", "http_poll"] = Field(
         default="mqtt",
@@ -161,6 +183,30 @@ class AgentSettings(BaseSettings):
         return self.serve_socket if self.serve_socket.is_absolute() else self.state_dir / self.serve_socket
 
 
+def check_endpoints(provisioning: DeviceProvisioning) -> None:
+    """Refuse a server URL that is not an absolute http(s) URL (``127.0.0.1:8080`` would otherwise fail only at
+    the first download, hours later) and a broker host written as a URL.
+
+    Raises:
+        ContractError: naming the field, the value and the expected form.
+    """
+    from urllib.parse import urlsplit
+
+    url = provisioning.server.url
+    split = urlsplit(url)
+    if split.scheme not in ("http", "https") or not split.hostname:
+        raise ContractError(
+            f"[server] url {url!r} is not an http(s) URL: write it with its scheme, e.g. http://{url.split('://')[-1]}",
+            ReasonCode.MALFORMED_MESSAGE,
+        )
+    host = provisioning.mqtt.host
+    if "://" in host or "/" in host or not host.strip():
+        raise ContractError(
+            f"[mqtt] host {host!r} must be a host name or address (no scheme, no path; the port goes in [mqtt] port)",
+            ReasonCode.MALFORMED_MESSAGE,
+        )
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` names the loopback interface (``localhost`` or a 127/8 or ::1 address)."""
     if host == "localhost":
@@ -207,6 +253,7 @@ class AgentConfig:
             raise ContractError(f"[agent] {loc}: {err['msg']}", ReasonCode.MALFORMED_MESSAGE) from exc
         from device_agent.transport.http import FetchError, check_token_transport
 
+        check_endpoints(provisioning)
         try:  # the token goes to the server URL's origin only, so this one check covers every request with it
             check_token_transport(provisioning.server.url, settings.allow_insecure_http)
         except FetchError as exc:

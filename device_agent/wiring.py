@@ -22,7 +22,7 @@ from device_agent.update.repair import repair
 from edgeota_contract.logs import log_event
 
 if TYPE_CHECKING:
-    from device_agent.serving.http_endpoint import InferenceEndpoint
+    from device_agent.serving.http_endpoint import Answered, Feedback, InferenceEndpoint
 
 log = logging.getLogger("device_agent")
 
@@ -78,8 +78,14 @@ def restore_models(
             log_event(log, "shadow_model_load_failed", level=logging.ERROR, detail=str(exc))
 
 
-def open_endpoint(settings: AgentSettings, runtime: ModelRuntime) -> InferenceEndpoint:
-    """Open the inference endpoint the settings describe, serving ``runtime``'s current model.
+def open_endpoint(
+    settings: AgentSettings,
+    runtime: ModelRuntime,
+    on_answer: Answered | None = None,
+    feedback: Feedback | None = None,
+) -> InferenceEndpoint:
+    """Open the inference endpoint the settings describe, serving ``runtime``'s current model; ``on_answer`` sees
+    every answer with its prediction id, ``feedback`` takes the feedback calls (none: they answer 404).
 
     Imported here: an embedded agent never loads ``http.server``. Raises what the endpoint's start raises
     (a socket that cannot be bound).
@@ -98,6 +104,8 @@ def open_endpoint(settings: AgentSettings, runtime: ModelRuntime) -> InferenceEn
         ),
         lambda: runtime.current,
         runtime.predict_on,
+        on_answer=on_answer,
+        feedback=feedback,
     )
     endpoint.start()
     return endpoint

@@ -27,7 +27,7 @@ app = typer.Typer(
 keys_app = typer.Typer(help="Ed25519 release and server keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
-COMPONENT_CLIS = ("packager.cli", "ota_server.cli", "device_agent.cli", "edgeota.demo_cli")
+COMPONENT_CLIS = ("packager.cli", "ota_server.cli", "device_agent.cli", "edgeota.demo_cli", "edgeota.evaluation.cli")
 
 
 def _print_version(value: bool) -> None:

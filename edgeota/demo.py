@@ -4,7 +4,8 @@ Steps: start a broker and the OTA server (SQLite, local artifact store) under ``
 a release key; train the tiny digits model twice (v1, v2) and package each for three hardware
 profiles; derive a deliberately slow v3; provision simulated devices running the real agent;
 roll out v1, then v2, in canary stages to completion; roll out v3 and watch the canary devices'
-trial windows fail, the rollout's failure gate fire and the rollout roll back on its own.
+trial windows fail, the rollout's failure gate fire and the rollout roll back on its own. With ``loop``
+(``--loop``, or alone with ``--loop-only``), then the retraining loop of :mod:`edgeota.demo_loop`.
 
 Guarantees: every process the demo starts (broker, server) is stopped on return, on an error
 and on Ctrl-C/SIGTERM (see :mod:`edgeota.procs`); agents run as threads of this process.
@@ -24,6 +25,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from edgeota import demo_loop
 from edgeota.broker import BrokerPreference
 from edgeota.fleet.simulator import FleetConfig, FleetSimulator
 from edgeota.fleet.stack import Stack, local_stack, prepare_workdir
@@ -46,6 +48,9 @@ class DemoOptions:
     workdir: Path = Path(".demo")
     broker: BrokerPreference = "auto"
     profiles: tuple[str, ...] = PROFILES
+    rollouts: bool = True  # the rollout story (v1, v2, the bad v3)
+    loop: bool = False  # the retraining loop (edgeota.demo_loop), after the rollout story when both run
+    approve: bool = False  # the loop's approval stage is granted by the demo itself
 
 
 @dataclass
@@ -90,13 +95,25 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> bool:
     console = console or Console(file=sys.stdout)
     logging.getLogger().setLevel(logging.ERROR)  # the agents' own logs would drown the story
     workdir = prepare_workdir(opts.workdir)
-    say = Narrator(console, 7)
-    console.print(f"[bold]edgeota demo[/]: {opts.devices} simulated devices, work folder {workdir}\n")
+    total = 1 + (6 if opts.rollouts else 0) + (demo_loop.STEPS + (0 if opts.rollouts else 1) if opts.loop else 0)
+    say = Narrator(console, total)
+    fleet = f"{opts.devices} simulated devices" if opts.rollouts else "the loop's simulated devices"
+    console.print(f"[bold]edgeota demo[/]: {fleet}, work folder {workdir}\n")
+    env = demo_loop.loop_server_env(workdir) if opts.loop else None
     with signals_raise():
         t = say.step("Starting an MQTT broker and the OTA server (SQLite, local artifact store)")
-        with local_stack(workdir, opts.broker) as stack:
+        with local_stack(workdir, opts.broker, server_env_extra=env) as stack:
             say.done(t, f"{stack.broker.kind} on {stack.broker.host}:{stack.broker.port}, server at {stack.server_url}")
-            return _story(opts, stack, say, console)
+            ok = _story(opts, stack, say, console) if opts.rollouts else True
+            if opts.loop:
+                if opts.rollouts:
+                    console.print()
+                loop_opts = demo_loop.LoopOptions(opts.profiles, opts.quick, opts.approve, opts.keep_running)
+                ok = demo_loop.run_loop(loop_opts, stack, say, console) and ok
+                console.print(
+                    "[bold green]demo finished as expected[/]" if ok else "[bold red]demo did not go as expected[/]"
+                )
+            return ok
 
 
 def _story(opts: DemoOptions, stack: Stack, say: Narrator, console: Console) -> bool:
@@ -128,6 +145,9 @@ def _story(opts: DemoOptions, stack: Stack, say: Narrator, console: Console) -> 
             rate_per_device=2.0 if opts.quick else 3.0,
             prefix="demo",
             agent_overrides={"trial_seconds": 3.0, "trial_requests": 15} if opts.quick else {},
+            # Natural inputs (the digits images), not the bundle's handful of test vectors: the same traffic the
+            # reference statistics describe, so drift verdicts and alert rules see an undrifted fleet.
+            input_source="digits",
         )
         with FleetSimulator(fleet) as sim:
             sim.provision()
@@ -143,7 +163,7 @@ def _story(opts: DemoOptions, stack: Stack, say: Narrator, console: Console) -> 
                 outcomes.append(outcome)
                 say.done(t, f"rollout {outcome.state} ({outcome.reason or 'ok'})")
             ok = _summary(console, opts, stack, sim, outcomes)
-            if opts.keep_running:
+            if opts.keep_running and not opts.loop:  # with the loop, the loop's fleet is kept running instead
                 _keep_running(console, stack)
             return ok
 
@@ -306,7 +326,12 @@ def _summary(
         )
     console.print(f"\n[bold]Where to look[/]: API docs {stack.docs_url} (token: see below with --keep-running)")
     console.print(f"  logs, database, bundles and device folders: {stack.workdir}")
-    console.print("[bold green]demo finished as expected[/]" if ok else "[bold red]demo did not go as expected[/]")
+    if opts.loop:  # the loop comes next; the demo's own verdict is printed at the very end
+        console.print(
+            "[green]rollout story finished as expected[/]" if ok else "[red]rollout story did not go as expected[/]"
+        )
+    else:
+        console.print("[bold green]demo finished as expected[/]" if ok else "[bold red]demo did not go as expected[/]")
     return ok
 
 

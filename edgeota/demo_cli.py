@@ -117,16 +117,41 @@ def demo(
     keep_running: bool = typer.Option(False, "--keep-running", help="Leave server, broker and fleet up at the end."),
     workdir: Path = typer.Option(Path(".demo"), "--workdir", help="Where keys, bundles, database and logs go."),
     broker: str = typer.Option("auto", "--broker", help="auto, mosquitto or amqtt."),
+    loop: bool = typer.Option(
+        False,
+        "--loop",
+        help="After the rollouts, the retraining loop: drift on cohort north, the alert, an export, retraining,"
+        " packaging, the evaluation's blessing, a gated rollout to north, drift back to stable (`make demo`).",
+    ),
+    loop_only: bool = typer.Option(False, "--loop-only", help="Only the retraining loop (trains its own 1.1.0)."),
+    approve: bool = typer.Option(
+        False,
+        "--approve",
+        help="The loop's gated rollout has a stage that needs approval: grant it (else the demo prints the"
+        " `edgeota rollout approve` command and waits up to 15 minutes for an operator).",
+    ),
 ) -> None:
-    """The whole loop on one machine: train, package, publish, roll out v1 and v2, catch a bad v3 and roll it back."""
+    """The whole loop on one machine: train, package, publish, roll out v1 and v2, catch a bad v3 and roll it back;
+    with --loop, then drift on one cohort, retraining, a blessed and gated rollout, and the cohort stable again."""
     from edgeota.demo import DemoOptions, run_demo
     from edgeota.procs import Terminated
 
     if broker not in ("auto", "mosquitto", "amqtt"):
         raise _fail(f"unknown broker {broker!r}: choose auto, mosquitto or amqtt")
+    if approve and not (loop or loop_only):
+        raise _fail("--approve grants the retraining loop's approval stage: add --loop or --loop-only")
     try:
         ok = run_demo(
-            DemoOptions(devices=devices, quick=quick, keep_running=keep_running, workdir=workdir, broker=broker)  # type: ignore[arg-type]
+            DemoOptions(
+                devices=devices,
+                quick=quick,
+                keep_running=keep_running,
+                workdir=workdir,
+                broker=broker,  # type: ignore[arg-type]
+                rollouts=not loop_only,
+                loop=loop or loop_only,
+                approve=approve,
+            )
         )
     except (KeyboardInterrupt, Terminated):
         typer.secho("\ninterrupted: every process the demo started has been stopped", err=True, fg="yellow")

@@ -5,8 +5,8 @@ Server -> device: a :class:`SignedCommand` envelope on the device's ``cmd`` topi
 :class:`CheckinRequest` or :class:`ShadowStop`); ``sig`` is the server key's signature over
 exactly those UTF-8 bytes. A device acts on nothing that fails :func:`verify_command`.
 
-Device -> server: :class:`StatusReport`, :class:`CheckIn`, :class:`TelemetryWindow` and
-:class:`Presence`. Each (but presence) has a ``msg_id`` (for acks), and a ``boot_id`` and
+Device -> server: :class:`StatusReport`, :class:`CheckIn`, :class:`TelemetryWindow`,
+:class:`FeedbackReport` and :class:`Presence`. Each (but presence) has a ``msg_id`` (for acks), and a ``boot_id`` and
 per-boot ``seq`` (so ingest can deduplicate and order). Use :func:`parse_device_message`
 to parse one with the size limit and a clear error.
 """
@@ -235,6 +235,49 @@ class TelemetryWindow(_DeviceMsg):
         return self
 
 
+MAX_FEEDBACK_ITEMS = 500
+"""Items in one :class:`FeedbackReport` (a report stays far below ``MAX_MESSAGE_BYTES``)."""
+
+
+class FeedbackItem(_Msg):
+    """What an application said about one prediction (one row of one request) the device served.
+
+    ``prediction_id`` is the id the agent returned with the answer (``parameters.prediction_id``), ``row`` the
+    row of a batched request (0 otherwise). ``predicted`` (the top-1 class index as text) and ``confidence``
+    are what the agent remembered of its answer (None for an output that is not a class output). At least one
+    of ``label`` (the true class, as text) and ``reward`` (the application's own reward in [0, 1]) is set.
+    """
+
+    prediction_id: str = Field(pattern=_ID)
+    row: int = Field(default=0, ge=0, le=1_000_000)
+    model_name: str = Field(pattern=NAME_PATTERN)
+    version: str = Field(pattern=SEMVER_PATTERN, max_length=128)
+    bundle_sha256: str = Field(pattern=SHA256_PATTERN)
+    predicted: str | None = Field(default=None, max_length=128)
+    confidence: float | None = Field(default=None, ge=0, le=1)
+    label: str | None = Field(default=None, min_length=1, max_length=128)
+    reward: float | None = Field(default=None, ge=0, le=1)
+    predicted_at: datetime | None = None
+
+    @model_validator(mode="after")
+    def _label_or_reward(self) -> FeedbackItem:
+        if self.label is None and self.reward is None:
+            raise ValueError("feedback needs a label or a reward")
+        return self
+
+
+class FeedbackReport(_DeviceMsg):
+    """A batch of application feedback, spooled and re-sent until acked (on the ``feedback`` channel).
+
+    The server stores each item once per (device, prediction id, row): a later item for the same prediction
+    replaces its label or reward. ``spool_dropped``: feedback reports the device's full spool dropped so far.
+    """
+
+    kind: Literal["feedback"] = "feedback"
+    items: list[FeedbackItem] = Field(min_length=1, max_length=MAX_FEEDBACK_ITEMS)
+    spool_dropped: int = Field(default=0, ge=0)
+
+
 class Presence(BaseModel):
     """Retained on ``presence``; the offline form is the MQTT last will."""
 
@@ -243,12 +286,19 @@ class Presence(BaseModel):
     boot_id: str = Field(pattern=_ID)
 
 
-DeviceMessage = Annotated[StatusReport | CheckIn | TelemetryWindow, Field(discriminator="kind")]
+DeviceMessage = Annotated[StatusReport | CheckIn | TelemetryWindow | FeedbackReport, Field(discriminator="kind")]
 _DEVICE_MESSAGE = TypeAdapter(DeviceMessage)
-_EXPECTED_KIND = {Channel.STATUS: "status", Channel.CHECKIN: "checkin", Channel.TELEMETRY: "telemetry"}
+_EXPECTED_KIND = {
+    Channel.STATUS: "status",
+    Channel.CHECKIN: "checkin",
+    Channel.TELEMETRY: "telemetry",
+    Channel.FEEDBACK: "feedback",
+}
 
 
-def parse_device_message(channel: Channel, payload: bytes) -> StatusReport | CheckIn | TelemetryWindow | Presence:
+def parse_device_message(
+    channel: Channel, payload: bytes
+) -> StatusReport | CheckIn | TelemetryWindow | FeedbackReport | Presence:
     """Parse a payload received on a device channel; raises ContractError with a short reason."""
     if len(payload) > MAX_MESSAGE_BYTES:
         raise ContractError(

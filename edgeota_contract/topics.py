@@ -6,6 +6,7 @@ Per device ``{id}``::
     edgeota/v1/devices/{id}/status     device -> server   deployment status reports (QoS 1)
     edgeota/v1/devices/{id}/checkin    device -> server   what the device really runs (QoS 1)
     edgeota/v1/devices/{id}/telemetry  device -> server   telemetry windows (QoS 1)
+    edgeota/v1/devices/{id}/feedback   device -> server   application feedback: true labels, rewards (QoS 1)
     edgeota/v1/devices/{id}/presence   device -> server   "online"/"offline" (last will, retained)
 
 The server takes a device's identity from the topic it published on (the broker's ACL only
@@ -31,9 +32,10 @@ class Channel(StrEnum):
     CHECKIN = "checkin"
     TELEMETRY = "telemetry"
     PRESENCE = "presence"
+    FEEDBACK = "feedback"
 
 
-DEVICE_TO_SERVER = (Channel.STATUS, Channel.CHECKIN, Channel.TELEMETRY, Channel.PRESENCE)
+DEVICE_TO_SERVER = (Channel.STATUS, Channel.CHECKIN, Channel.TELEMETRY, Channel.PRESENCE, Channel.FEEDBACK)
 
 
 def validate_device_id(device_id: str) -> str:
@@ -75,4 +77,5 @@ def mosquitto_acl_patterns() -> list[str]:
         f"pattern write {PREFIX}/devices/%u/checkin",
         f"pattern write {PREFIX}/devices/%u/telemetry",
         f"pattern write {PREFIX}/devices/%u/presence",
+        f"pattern write {PREFIX}/devices/%u/feedback",
     ]

@@ -20,13 +20,15 @@ import os
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from edgeota_contract.errors import ContractError
 from edgeota_contract.messages import MAX_MESSAGE_BYTES
 from edgeota_contract.topics import PREFIX, mosquitto_acl_patterns
 from ota_server.core.config import Settings
 from ota_server.core.security import mosquitto_password_hash
-from ota_server.db import make_engine, make_sessionmaker, upgrade_to_head
+from ota_server.db import make_sessionmaker
+from ota_server.local_db import database_error, open_server_database
 from ota_server.models import Device
 
 BROKER_LIMITS: dict[str, int] = {
@@ -42,6 +44,26 @@ BROKER_LIMITS: dict[str, int] = {
 
 BROKER_IDENTITY = "use_username_as_clientid true\n"
 """A client's id is its user name: no device can take over another's session by naming its client id."""
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    """What is wrong with writing a broker configuration for ``settings`` that is not worth refusing it for.
+
+    The configuration turns anonymous access off, so a server without a user name and password of its own
+    could no longer connect to the broker it configures.
+    """
+    if not settings.mqtt_username:
+        return [
+            "no server user is configured (mqtt_username / EDGEOTA_SERVER_MQTT_USERNAME) and this configuration "
+            "turns anonymous access off: the server could not connect to the broker; set the server's mqtt_username "
+            "and mqtt_password, then run this again"
+        ]
+    if settings.mqtt_password is None:
+        return [
+            f"server user {settings.mqtt_username!r} has no password (mqtt_password / EDGEOTA_SERVER_MQTT_PASSWORD), "
+            "so it is not in passwd and the server could not log in; set it, then run this again"
+        ]
+    return []
 
 
 def render_limits() -> str:
@@ -73,13 +95,17 @@ def write_broker_config(settings: Settings, out: Path) -> list[Path]:
     """Write ``passwd``, ``acl`` and ``edgeota.conf`` into ``out``; returns the paths.
 
     Raises:
-        ContractError: a device id could not be a Mosquitto user name (contains ``:``).
+        ContractError: a device id could not be a Mosquitto user name (contains ``:``); the server's database
+            does not exist or cannot be read (:func:`ota_server.local_db.open_server_database`).
     """
-    engine = make_engine(settings.resolved_database_url)
+    engine = open_server_database(settings)
     try:
-        upgrade_to_head(engine)
         with make_sessionmaker(engine)() as session:
-            entries = [(d.id, d.mqtt_password_hash) for d in session.scalars(select(Device).order_by(Device.id))]
+            # A decommissioned device gets no password: its MQTT access ends when this file is reloaded.
+            active = select(Device).where(Device.decommissioned_at.is_(None)).order_by(Device.id)
+            entries = [(d.id, d.mqtt_password_hash) for d in session.scalars(active)]
+    except SQLAlchemyError as exc:
+        raise database_error(exc) from None
     finally:
         engine.dispose()
     server_user = settings.mqtt_username

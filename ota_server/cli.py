@@ -7,21 +7,15 @@ CLI modules share (options, client, printing) is in :mod:`ota_server.cli_common`
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import typer
-from rich.console import Group
-from rich.table import Table
 
 from edgeota_contract.errors import ContractError, EdgeotaError
 from ota_server import cli_common as common
+from ota_server import cli_fleet
 from ota_server.cli_common import ServerOpt, TokenOpt, console
-from ota_server.cli_telemetry import gates_renderables
-
-if TYPE_CHECKING:
-    from ota_server.api.responses import RolloutStatus
 
 server_app = typer.Typer(help="Run and administer the OTA server.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
@@ -30,6 +24,9 @@ release_app = typer.Typer(help="Publish and inspect releases.", no_args_is_help=
 rollout_app = typer.Typer(help="Create and control rollouts.", no_args_is_help=True)
 broker_app = typer.Typer(help="Mosquitto configuration for the provisioned fleet.", no_args_is_help=True)
 server_app.add_typer(token_app, name="token")
+cli_fleet.register(device_app, release_app, rollout_app)  # list, show, decommission, status: ota_server.cli_fleet
+RolloutIdArg = typer.Argument(..., help="rollout id (see `edgeota rollout list`)")
+ReasonOpt = typer.Option("", "--reason", help="why (recorded in the audit log)")
 
 
 def register(app: typer.Typer) -> None:
@@ -45,6 +42,9 @@ def register(app: typer.Typer) -> None:
     from ota_server.cli_dataset import dataset_app
 
     app.add_typer(dataset_app, name="dataset")
+    from ota_server.cli_alerts import alerts_app
+
+    app.add_typer(alerts_app, name="alerts")
     server_app.add_typer(tuf_app, name="tuf")
     from ota_server.cli_ingest import server_ingest
 
@@ -57,8 +57,8 @@ def register(app: typer.Typer) -> None:
 @server_app.command("run")
 def server_run(
     config: Path | None = typer.Option(None, "--config", help="TOML config file (env vars override it)"),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8080, "--port", min=1, max=65535),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8080, "--port", min=1, max=65535, help="HTTP port to listen on"),
     workers: int | None = typer.Option(
         None,
         "--workers",
@@ -68,14 +68,17 @@ def server_run(
         "process runs the rollout engine and MQTT bridge and N processes serve HTTP",
     ),
 ) -> None:
-    """Run the server: migrations, rollout engine, MQTT bridge, HTTP API (stops cleanly on SIGTERM/SIGINT)."""
+    """Run the server: migrations, rollout engine, MQTT bridge, HTTP API (stops cleanly on SIGTERM/SIGINT).
+
+    Creates its data folder when missing. Unless public_url is set, devices are told http://HOST:PORT.
+    """
     import uvicorn
 
     from edgeota_contract.logs import configure_logging
     from ota_server.core.config import Settings
     from ota_server.main import create_app
 
-    settings = Settings.load(config)
+    settings = Settings.load(config).listening_on(host, port)
     configure_logging(settings.log_level)
     n = settings.api_workers if workers is None else workers
     if n > 0:
@@ -90,7 +93,7 @@ def server_run(
 @token_app.command("create")
 def token_create(
     role: str = typer.Option(..., "--role", help="admin | release_manager | operator | viewer"),
-    name: str = typer.Option("cli", "--name"),
+    name: str = typer.Option("cli", "--name", help="a name for the token, shown in the audit log"),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
@@ -105,55 +108,35 @@ def token_create(
 
 @device_app.command("provision")
 def device_provision(
-    profile: str = typer.Option(..., "--profile"),
+    profile: str = typer.Option(..., "--profile", help="the device's hardware profile, e.g. x86-avx2"),
     label: list[str] = typer.Option([], "--label", help="key=value, repeatable"),
-    device_id: str | None = typer.Option(None, "--id"),
+    device_id: str | None = typer.Option(None, "--id", help="device id (default: dev-<random>)"),
     out: Path | None = typer.Option(None, "--out", help="write agent.toml here (mode 0600)"),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
-    """Register a device and write its agent.toml."""
-    result = common.client(server, token).provision(profile, common.parse_labels(label), device_id)
-    if out is not None:
-        import os
+    """Register a device and write its agent.toml.
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(result.agent_toml)
-        typer.echo(f"provisioned {result.device_id}; wrote {out}")
-    else:
-        typer.echo(result.agent_toml)
+    The profile must be one the server knows (its profile folder, its hardware_profiles setting, a release).
 
+    With --out the file is reserved before the device is registered: an unwritable path registers nothing.
+    """
+    from ota_server.cli_output import OutputError, ReservedFile
 
-@device_app.command("list")
-def device_list(
-    profile: str | None = typer.Option(None, "--profile"),
-    label: str | None = typer.Option(None, "--label", help="selector k=v,k2=v2"),
-    online: bool | None = typer.Option(None, "--online/--offline"),
-    as_json: bool = typer.Option(False, "--json"),
-    server: str | None = ServerOpt,
-    token: str | None = TokenOpt,
-) -> None:
-    rows = common.client(server, token).devices(label, online=online, profile=profile)
-    if as_json:
-        common.print_json(rows)
+    labels = common.parse_labels(label)
+    if out is None:
+        typer.echo(common.client(server, token).provision(profile, labels, device_id).agent_toml)
         return
-    table = Table("device", "profile", "online", "last seen", "labels")
-    for r in rows:
-        table.add_row(
-            r.device_id,
-            r.hardware_profile,
-            "yes" if r.online else "no",
-            r.last_seen or "-",
-            ",".join(f"{k}={v}" for k, v in r.labels.items()),
-        )
-    console.print(table)
-
-
-@device_app.command("show")
-def device_show(device_id: str, server: str | None = ServerOpt, token: str | None = TokenOpt) -> None:
-    common.print_json(common.client(server, token).device(device_id))
+    with ReservedFile(out) as reserved:
+        result = common.client(server, token).provision(profile, labels, device_id)
+        try:
+            reserved.commit(result.agent_toml)
+        except OutputError as exc:
+            raise OutputError(
+                f"device {result.device_id} is registered but its credentials were not saved ({exc}); "
+                f"decommission it (edgeota device decommission {result.device_id}) and provision again"
+            ) from None
+    typer.echo(f"provisioned {result.device_id}; wrote {out}")
 
 
 # ------------------------------------------------------------------ releases
@@ -184,35 +167,25 @@ def release_publish(
             progress.advance(task)
 
 
-@release_app.command("list")
-def release_list(server: str | None = ServerOpt, token: str | None = TokenOpt) -> None:
-    rows = common.client(server, token).releases()
-    table = Table("release", "model", "version", "profiles")
-    for r in rows:
-        table.add_row(r.release_id, r.model_name, r.version, ",".join(b.hardware_profile for b in r.bundles))
-    console.print(table)
-
-
-@release_app.command("show")
-def release_show(release_id: str, server: str | None = ServerOpt, token: str | None = TokenOpt) -> None:
-    common.print_json(common.client(server, token).release(release_id))
-
-
 # ------------------------------------------------------------------ rollouts
 
 
 @rollout_app.command("create")
 def rollout_create(
-    release_id: str = typer.Option(..., "--release"),
+    release: list[str] = typer.Option(
+        ..., "--release", help="release id (see `edgeota release list`); repeat for the arms of --strategy bandit"
+    ),
     stage: list[str] = typer.Option(["100%"], "--stage", help="10%[:soak[:approve]] or COUNT; repeatable"),
-    profile: list[str] = typer.Option([], "--profile"),
-    label: list[str] = typer.Option([], "--label"),
-    device: list[str] = typer.Option([], "--device"),
-    min_devices: int = typer.Option(1, "--min-devices"),
-    max_failure_rate: float = typer.Option(0.0, "--max-failure-rate"),
-    min_count: int = typer.Option(1, "--min-count"),
-    device_timeout: float = typer.Option(900.0, "--device-timeout"),
-    on_failure: str = typer.Option("rollback", "--on-failure"),
+    profile: list[str] = typer.Option([], "--profile", help="select devices of this hardware profile; repeatable"),
+    label: list[str] = typer.Option([], "--label", help="select devices with this label key=value; repeatable"),
+    device: list[str] = typer.Option([], "--device", help="select this device id; repeatable"),
+    min_devices: int = typer.Option(1, "--min-devices", help="gate: devices that must commit in each stage"),
+    max_failure_rate: float = typer.Option(
+        0.0, "--max-failure-rate", help="gate: highest share of failed devices, 0-1 (0.05 = 5%)"
+    ),
+    min_count: int = typer.Option(1, "--min-count", help="finished devices before the failure rate is judged"),
+    device_timeout: float = typer.Option(900.0, "--device-timeout", help="seconds a device may take to report"),
+    on_failure: str = typer.Option("rollback", "--on-failure", help="rollback | pause: what a failed gate does"),
     max_concurrent: int | None = typer.Option(None, "--max-concurrent", help="cap on deployments in flight"),
     max_error_rate: float | None = typer.Option(None, "--max-error-rate", help="telemetry gate"),
     max_nan_rate: float | None = typer.Option(None, "--max-nan-rate", help="telemetry gate: NaN/inf per request"),
@@ -228,16 +201,41 @@ def rollout_create(
         "fail", "--on-missing-data", help="fail | pass: a gate still without data when the wait ends"
     ),
     start_at: str | None = typer.Option(None, "--start-at", help="ISO time of a scheduled start"),
-    strategy: str = typer.Option("canary", "--strategy", help="canary | blue_green | ab | shadow"),
+    strategy: str = typer.Option("canary", "--strategy", help="canary | blue_green | ab | shadow | bandit"),
     split: float | None = typer.Option(None, "--split", help="ab: percent of devices on the release"),
     window: list[str] = typer.Option([], "--window", help="daily UTC maintenance window HH:MM-HH:MM; repeatable"),
     max_retries: int = typer.Option(0, "--max-retries", min=0, max=10, help="retries of transient device failures"),
     retry_backoff: float = typer.Option(60.0, "--retry-backoff", min=0, help="seconds before the first retry"),
-    start: bool = typer.Option(False, "--start"),
-    dry_run: bool = typer.Option(False, "--dry-run"),
+    start: bool = typer.Option(False, "--start", help="start at once (default: a draft; `edgeota rollout start`)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print which devices each stage takes; store nothing"),
+    allow_empty: bool = typer.Option(
+        False, "--allow-empty", help="create it even when the selection targets no device (refused otherwise)"
+    ),
+    override_blessing: str | None = typer.Option(
+        None, "--override-blessing", help="reason to start (--start/--start-at) a release that is not blessed (audited)"
+    ),
+    bandit_floor: float = typer.Option(0.1, "--bandit-floor", help="bandit: share every healthy arm keeps"),
+    bandit_interval: float = typer.Option(60.0, "--bandit-interval", help="bandit: seconds between steps"),
+    bandit_max_moves: int = typer.Option(10, "--bandit-max-moves", help="bandit: devices moved per step at most"),
+    bandit_draws: int = typer.Option(2000, "--bandit-draws", help="bandit: Thompson draws per step"),
+    bandit_seed: int = typer.Option(0, "--bandit-seed", help="bandit: base seed of the draws (0: random, recorded)"),
+    bandit_win: float = typer.Option(
+        0.95, "--bandit-win-probability", help="bandit: an arm this likely to be best for the hold time wins"
+    ),
+    bandit_hold: float = typer.Option(600.0, "--bandit-win-hold", help="bandit: seconds the leader must hold"),
+    bandit_until_stopped: bool = typer.Option(
+        False, "--bandit-until-stopped", help="bandit: no winner, run until paused or aborted"
+    ),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
+    """Create a rollout of a release to the selected devices, stage by stage (prints its id).
+
+    With --strategy bandit and --release A --release B ...: split the devices between the releases and move them
+    toward the one with the best feedback rewards (Thompson sampling; see docs/rollouts.md)."""
+    from ota_server.cli_bandit import bandit_request
+
+    release_id = release[0]
     body: dict[str, Any] = {
         "release_id": release_id,
         "selector": {"hardware_profiles": profile, "labels": common.parse_labels(label), "device_ids": device},
@@ -255,6 +253,7 @@ def rollout_create(
         "strategy": strategy,
         "start": start,
         "dry_run": dry_run,
+        "allow_empty": allow_empty,
     }
     optional = {
         "max_concurrent": max_concurrent,
@@ -268,10 +267,26 @@ def rollout_create(
     body["gates"].update({k: v for k, v in optional.items() if v is not None})
     if start_at:
         body["start_at"] = start_at
+    if override_blessing is not None:
+        body["override_blessing"] = override_blessing
     if split is not None:
         body["split_percent"] = split
     if window:
         body["maintenance_windows"] = common.parse_windows(window)
+    body.update(
+        bandit_request(
+            release,
+            strategy,
+            floor=bandit_floor,
+            interval=bandit_interval,
+            max_moves=bandit_max_moves,
+            draws=bandit_draws,
+            seed=bandit_seed,
+            win_probability=bandit_win,
+            win_hold=bandit_hold,
+            until_stopped=bandit_until_stopped,
+        )
+    )
     client = common.client(server, token)
     if dry_run:
         common.print_json(client.dry_run_rollout(release_id, body))
@@ -287,81 +302,78 @@ def _command(
 
 
 @rollout_app.command("start")
-def rollout_start(rollout_id: str, server: str | None = ServerOpt, token: str | None = TokenOpt) -> None:
-    _command("start", rollout_id, server, token)
+def rollout_start(
+    rollout_id: str = RolloutIdArg,
+    override_blessing: str | None = typer.Option(
+        None, "--override-blessing", help="reason to start a release whose latest evaluation is not blessed (audited)"
+    ),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Start a draft or scheduled rollout (refused for a release that is not blessed, unless overridden)."""
+    out = common.client(server, token).command(rollout_id, "start", override_blessing=override_blessing)
+    typer.echo(f"rollout {rollout_id}: {out.state}")
 
 
 @rollout_app.command("pause")
 def rollout_pause(
-    rollout_id: str,
-    reason: str = typer.Option("", "--reason"),
+    rollout_id: str = RolloutIdArg,
+    reason: str = ReasonOpt,
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
+    """Pause a running rollout: no new assignments until it is resumed."""
     _command("pause", rollout_id, server, token, reason)
 
 
 @rollout_app.command("resume")
-def rollout_resume(rollout_id: str, server: str | None = ServerOpt, token: str | None = TokenOpt) -> None:
+def rollout_resume(
+    rollout_id: str = RolloutIdArg, server: str | None = ServerOpt, token: str | None = TokenOpt
+) -> None:
+    """Resume a paused rollout."""
     _command("resume", rollout_id, server, token)
 
 
 @rollout_app.command("approve")
-def rollout_approve(rollout_id: str, server: str | None = ServerOpt, token: str | None = TokenOpt) -> None:
+def rollout_approve(
+    rollout_id: str = RolloutIdArg, server: str | None = ServerOpt, token: str | None = TokenOpt
+) -> None:
+    """Approve the current stage of a rollout whose stage needs approval (COUNT:SOAK:approve)."""
     _command("approve", rollout_id, server, token)
 
 
 @rollout_app.command("abort")
 def rollout_abort(
-    rollout_id: str,
+    rollout_id: str = RolloutIdArg,
     revert: bool = typer.Option(False, "--revert", help="also revert updated devices"),
-    reason: str = typer.Option("", "--reason"),
+    reason: str = ReasonOpt,
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
+    """Stop a rollout for good: open deployments are cancelled (--revert: updated devices go back too)."""
     _command("abort", rollout_id, server, token, reason, revert)
+
+
+@rollout_app.command("retry-failed")
+def rollout_retry_failed(
+    rollout_id: str = RolloutIdArg,
+    reason: str = ReasonOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Give every failed device of the rollout a new attempt (the rollout's state stays)."""
+    _command("retry_failed", rollout_id, server, token, reason)
 
 
 @rollout_app.command("rollback")
 def rollout_rollback(
-    rollout_id: str,
-    reason: str = typer.Option("", "--reason"),
+    rollout_id: str = RolloutIdArg,
+    reason: str = ReasonOpt,
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
+    """End a rollout and send every updated device back to the bundle it ran before."""
     _command("rollback", rollout_id, server, token, reason)
-
-
-def _status_table(r: RolloutStatus) -> Group:
-    table = Table(title=f"rollout {r.rollout_id}  {r.state}  stage {r.current_stage + 1}/{r.stage_count}")
-    for state in r.counts:
-        table.add_column(state)
-    table.add_row(*(str(v) for v in r.counts.values()))
-    return Group(table, *gates_renderables(r))
-
-
-@rollout_app.command("status")
-def rollout_status(
-    rollout_id: str,
-    watch: bool = typer.Option(False, "--watch", help="refresh until the rollout ends"),
-    interval: float = typer.Option(1.0, "--interval"),
-    server: str | None = ServerOpt,
-    token: str | None = TokenOpt,
-) -> None:
-    client = common.client(server, token)
-    r = client.rollout(rollout_id, deployments=False)
-    if not watch:
-        console.print(_status_table(r))
-        return
-    from rich.live import Live
-
-    terminal = {"completed", "aborted", "rolled_back"}
-    with Live(_status_table(r), console=console, refresh_per_second=4) as live:
-        while r.state not in terminal:
-            time.sleep(interval)
-            r = client.rollout(rollout_id, deployments=False)
-            live.update(_status_table(r))
-    typer.echo(f"rollout {rollout_id}: {r.state} {r.detail}")
 
 
 # ------------------------------------------------------------------ broker
@@ -372,11 +384,18 @@ def broker_config(
     out: Path = typer.Option(..., "--out", help="folder for passwd, acl and mosquitto.conf snippet"),
     config: Path | None = typer.Option(None, "--config", help="server TOML config (for the database URL)"),
 ) -> None:
-    """Write a Mosquitto password file and ACL for every provisioned device plus the server user."""
-    from ota_server.broker_config import write_broker_config
+    """Write a Mosquitto password file and ACL for every provisioned device plus the server user.
+
+    Needs the server's existing database (run it with the settings of `server run`).
+
+    Warns when the server has no broker user of its own: the configuration turns anonymous access off.
+    """
+    from ota_server.broker_config import config_warnings, write_broker_config
     from ota_server.core.config import Settings
 
     settings = Settings.load(config)
+    for warning in config_warnings(settings):
+        typer.secho(f"warning: {warning}", err=True, fg="yellow")
     try:
         paths = write_broker_config(settings, out)
     except OSError as exc:

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
+from edgeota_contract import humanize as hz
+from edgeota_contract import tables as tb
 from edgeota_contract.errors import ContractError
+from edgeota_contract.tables import Col, Output
 from ota_server import cli_common as common
 from ota_server.cli_common import ServerOpt, TokenOpt
 
@@ -37,7 +39,7 @@ def _drift_report(path: Path | None) -> dict[str, Any] | None:
 def dataset_export(
     out: Path = typer.Option(..., "--out", help="folder to create (must not exist, or be empty)"),
     model_name: str = typer.Option(..., "--model", help="model name"),
-    version: str | None = typer.Option(None, "--version"),
+    version: str | None = typer.Option(None, "--version", help="one release version"),
     profile: str | None = typer.Option(None, "--profile", help="hardware profile"),
     since: str | None = typer.Option(None, "--since", help="ISO 8601 time with zone; samples received at or after"),
     until: str | None = typer.Option(None, "--until", help="ISO 8601 time with zone; samples received at or before"),
@@ -51,7 +53,8 @@ def dataset_export(
         help="release the retrained model descends from (default: the latest release in the data)",
     ),
     drift_report: Path | None = typer.Option(None, "--drift-report", help="JSON file recorded in the manifest"),
-    as_json: bool = typer.Option(False, "--json", help="print the manifest"),
+    output: Output = tb.output_option(),
+    as_json: bool = typer.Option(False, "--json", help=tb.JSON_FLAG_HELP),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
@@ -68,16 +71,18 @@ def dataset_export(
         parent_release=parent_release,
         drift_report=_drift_report(drift_report),
     )
-    if as_json:
-        common.print_json(manifest)
+    if tb.chosen(output, as_json) is Output.json:
+        tb.print_json(manifest)
         return
-    table = Table("partition", "rows", "uniform", "hard")
-    for f in manifest.files:
-        table.add_row(f.path, str(f.rows), *(str(f.streams.get(s, {}).get("rows", 0)) for s in ("uniform", "hard")))
-    common.console.print(table)
+    rows = [
+        (f.path, hz.count(f.rows), *(hz.count(f.streams.get(s, {}).get("rows", 0)) for s in ("uniform", "hard")))
+        for f in manifest.files
+    ]
+    columns = ["partition", Col("rows", right=True), Col("uniform", right=True), Col("hard", right=True)]
+    common.console.print(tb.table(columns, rows, title="dataset"))
     streams = manifest.counts["per_stream"]
     share = streams["hard"]["share_of_rows"]
     typer.echo(
-        f"wrote {out}: {manifest.counts['rows']} rows from {manifest.counts['samples']} samples "
-        f"({share:.1%} of rows chosen by the model), digest {manifest.digest['value']}"
+        f"wrote {out}: {hz.count(manifest.counts['rows'])} rows from {hz.count(manifest.counts['samples'])} samples "
+        f"({hz.percent(share)} of rows chosen by the model), digest {manifest.digest['value']}"
     )

@@ -7,13 +7,15 @@ server's config (``--config`` or ``EDGEOTA_SERVER_*``), not its API.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
+from edgeota_contract import humanize as hz
+from edgeota_contract import tables as tb
 from edgeota_contract.errors import ContractError
+from edgeota_contract.tables import Col, Output
 from ota_server.cli_common import console
 
 if TYPE_CHECKING:
@@ -30,6 +32,11 @@ def _repo(config: Path | None) -> TufRepository:
     repo = open_repository(Settings.load(config))
     if repo is None:
         raise ContractError("TUF is disabled (tuf_enabled = false)")
+    if not repo.is_initialized():  # before any command takes the repository's lock (which creates its folder)
+        raise ContractError(
+            f"no TUF repository at {repo.base}; run this with the server's settings (--config or "
+            "EDGEOTA_SERVER_DATA_DIR), or `edgeota server tuf init` to create it"
+        )
     return repo
 
 
@@ -61,9 +68,20 @@ def tuf_init(
 
 
 @tuf_app.command("status")
-def tuf_status(config: Path | None = ConfigOpt) -> None:
+def tuf_status(config: Path | None = ConfigOpt, output: Output = tb.output_option()) -> None:
     """Versions, expiries, key ids and thresholds of root, targets, snapshot and timestamp."""
-    console.print_json(json.dumps(_repo(config).status()))
+    status = _repo(config).status()
+    if output is Output.json:
+        tb.print_json(status)
+        return
+    roles = [
+        (name, role["version"], hz.timestamp(role["expires"]), f"{role['threshold']} of {len(role['keyids'])}",
+         ", ".join(k[:12] for k in role["keyids"]))
+        for name, role in status.items()
+        if isinstance(role, dict)
+    ]  # fmt: skip
+    columns = ["role", Col("version", right=True), "expires", "threshold", "key ids"]
+    console.print(tb.table(columns, roles, title=f"TUF repository ({hz.count(status.get('targets_count'))} targets)"))
 
 
 @tuf_app.command("refresh")

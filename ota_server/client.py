@@ -25,12 +25,14 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from edgeota.evaluation.record import EvaluationRecord
 from edgeota_contract.states import RolloutState
 from ota_server.api.responses import (
     AuditEntry,
     BundleRecord,
     DatasetManifest,
     DeviceCommands,
+    DeviceDecommissioned,
     DeviceDetail,
     DeviceProvisioned,
     DeviceSummary,
@@ -43,6 +45,9 @@ from ota_server.api.responses import (
     TelemetrySummary,
     TokenCreated,
 )
+from ota_server.api.responses_accuracy import AccuracyReport, FeedbackAccepted
+from ota_server.api.responses_alerts import AlertRecord
+from ota_server.api.responses_evaluation import EvaluationStored
 from ota_server.client_datasets import export_into
 from ota_server.client_errors import ApiClientError
 from ota_server.client_plans import RolloutPlan
@@ -50,6 +55,8 @@ from ota_server.client_plans import RolloutPlan
 __all__ = ["ApiClient", "ApiClientError", "ClientSettings", "as_json"]  # ApiClientError: re-exported
 
 T = TypeVar("T")
+RETRIES_ON_503 = 3
+"""Times a request is sent again after a 503 with Retry-After (the server rolled it back whole)."""
 
 
 class ClientSettings(BaseSettings):
@@ -113,10 +120,15 @@ class ApiClient:
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """One call; the decoded JSON answer (None when empty). Raises ApiClientError on 4xx/5xx or no answer."""
         headers = {**self._auth, **kwargs.pop("headers", {})}
-        try:
-            resp = self._http.request(method, path, headers=headers, **kwargs)
-        except httpx.HTTPError as exc:
-            raise ApiClientError(f"cannot reach {self.url}: {exc}") from exc
+        for attempt in range(RETRIES_ON_503 + 1):
+            try:
+                resp = self._http.request(method, path, headers=headers, **kwargs)
+            except httpx.HTTPError as exc:
+                raise ApiClientError(f"cannot reach {self.url}: {exc}") from exc
+            # 503 with Retry-After: the server rolled the request back whole (a database lock conflict).
+            if resp.status_code != 503 or "retry-after" not in resp.headers or attempt == RETRIES_ON_503:
+                break
+            time.sleep(min(5.0, float(resp.headers["retry-after"]) if resp.headers["retry-after"].isdigit() else 1.0))
         if resp.status_code >= 400:
             problem: dict[str, Any] = {}
             detail = resp.text[:200]
@@ -192,6 +204,25 @@ class ApiClient:
     def release(self, release_id: str) -> ReleaseRecord:
         return self._typed(ReleaseRecord, "GET", f"/api/v1/releases/{release_id}")
 
+    def download_bundle(self, sha256: str, dest: Path) -> None:
+        """``GET /api/v1/artifacts/{sha256}`` into ``dest`` (unverified: check it with ``verify_bundle``)."""
+        self._download("GET", f"/api/v1/artifacts/{sha256}", dest)
+
+    # ------------------------------------------------------------------ evaluations
+
+    def create_evaluation(self, record: EvaluationRecord) -> EvaluationStored:
+        """``POST /api/v1/evaluations``: the server re-checks the record and stores its own verdict."""
+        body = record.model_dump(mode="json")
+        return self._typed(EvaluationStored, "POST", "/api/v1/evaluations", json=body)
+
+    def evaluations(self, release_id: str | None = None, limit: int = 100, offset: int = 0) -> list[EvaluationStored]:
+        """Newest first; ``release_id``: evaluations with that release as candidate."""
+        params = _params(release=release_id, limit=limit, offset=offset)
+        return self._typed(list[EvaluationStored], "GET", "/api/v1/evaluations", params=params)
+
+    def evaluation(self, evaluation_id: str) -> EvaluationStored:
+        return self._typed(EvaluationStored, "GET", f"/api/v1/evaluations/{evaluation_id}")
+
     # ------------------------------------------------------------------ devices
 
     def provision(
@@ -210,13 +241,23 @@ class ApiClient:
         online: bool | None = None,
         profile: str | None = None,
         offset: int = 0,
+        include_decommissioned: bool = False,
     ) -> list[DeviceSummary]:
-        """``GET /api/v1/devices`` (``labels``: a selector ``k=v,...``; ``online`` filters on presence)."""
+        """``GET /api/v1/devices`` (``labels``: a selector ``k=v,...``; ``online`` filters on presence;
+        decommissioned devices only with ``include_decommissioned``)."""
         params = _params(label=labels, limit=limit, online=online, profile=profile, offset=offset)
+        if include_decommissioned:
+            params["all"] = "true"
         return self._typed(list[DeviceSummary], "GET", "/api/v1/devices", params=params)
 
     def device(self, device_id: str) -> DeviceDetail:
         return self._typed(DeviceDetail, "GET", f"/api/v1/devices/{device_id}")
+
+    def decommission_device(self, device_id: str, reason: str = "") -> DeviceDecommissioned:
+        """Revoke the device's credentials and take it out of every open rollout (operator role)."""
+        return self._typed(
+            DeviceDecommissioned, "POST", f"/api/v1/devices/{device_id}/decommission", json={"reason": reason}
+        )
 
     def device_commands(self, device_id: str) -> DeviceCommands:
         """The device's open signed commands (only with that device's own token)."""
@@ -250,11 +291,21 @@ class ApiClient:
             return plan.body(release_id)
         return {**plan, "release_id": release_id}
 
-    def command(self, rollout_id: str, command: str, reason: str = "", revert: bool = False) -> RolloutStatus:
-        """``POST /api/v1/rollouts/{id}/{command}``: start, pause, resume, abort (``revert``), rollback, approve."""
+    def command(
+        self,
+        rollout_id: str,
+        command: str,
+        reason: str = "",
+        revert: bool = False,
+        override_blessing: str | None = None,
+    ) -> RolloutStatus:
+        """``POST /api/v1/rollouts/{id}/{command}``: start, pause, resume, abort (``revert``), rollback, approve,
+        retry_failed. ``override_blessing`` (start only): the reason to start a release that is not blessed."""
         body: dict[str, Any] = {"reason": reason}
         if revert:
             body["revert"] = True
+        if override_blessing is not None:
+            body["override_blessing"] = override_blessing
         return self._typed(RolloutStatus, "POST", f"/api/v1/rollouts/{rollout_id}/{command}", json=body)
 
     def start_rollout(self, rollout_id: str) -> RolloutStatus:
@@ -266,8 +317,11 @@ class ApiClient:
         params = None if deployments else {"deployments": "false"}
         return self._typed(RolloutStatus, "GET", f"/api/v1/rollouts/{rollout_id}", params=params)
 
-    def rollouts(self, state: str | None = None, limit: int = 100, offset: int = 0) -> list[RolloutStatus]:
-        params = _params(state=state, limit=limit, offset=offset)
+    def rollouts(
+        self, state: str | None = None, limit: int = 100, offset: int = 0, model: str | None = None
+    ) -> list[RolloutStatus]:
+        """``GET /api/v1/rollouts``: newest first, optionally of one ``state`` and one ``model``."""
+        params = _params(state=state, limit=limit, offset=offset, model=model)
         return self._typed(list[RolloutStatus], "GET", "/api/v1/rollouts", params=params)
 
     def wait_rollout(
@@ -384,6 +438,33 @@ class ApiClient:
             worst=worst,
         )
         return self._typed(TelemetrySummary, "GET", "/api/v1/telemetry/summary", params=params)
+
+    def field_accuracy(
+        self,
+        model_name: str,
+        version: str | None = None,
+        cohort: str | None = None,
+        since: str | None = None,
+    ) -> AccuracyReport:
+        """Accuracy from feedback beside the label-free estimate, per release x hardware profile x cohort."""
+        params = _params(model_name=model_name, version=version, cohort=cohort, since=since)
+        return self._typed(AccuracyReport, "GET", "/api/v1/accuracy", params=params)
+
+    def report_feedback(self, device_id: str, items: Sequence[Mapping[str, Any]]) -> FeedbackAccepted:
+        """Store labels or rewards for predictions of ``device_id`` (each item as ``FeedbackItem`` fields)."""
+        body = {"device_id": device_id, "items": [dict(i) for i in items]}
+        return self._typed(FeedbackAccepted, "POST", "/api/v1/feedback", json=body)
+
+    def alerts(
+        self, state: str | None = None, rule: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[AlertRecord]:
+        """Alerts newest first (``state``: open, firing, acknowledged or resolved)."""
+        params = _params(state=state, rule=rule, limit=limit, offset=offset)
+        return self._typed(list[AlertRecord], "GET", "/api/v1/alerts", params=params)
+
+    def ack_alert(self, alert_id: str, reason: str = "") -> AlertRecord:
+        """Acknowledge a firing alert (operator role; audited)."""
+        return self._typed(AlertRecord, "POST", f"/api/v1/alerts/{alert_id}/ack", json={"reason": reason})
 
 
 def as_json(model: BaseModel | Sequence[BaseModel]) -> Any:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+T = TypeVar("T")
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 ALEMBIC_INI = Path(__file__).parent / "alembic.ini"
 
@@ -68,3 +70,36 @@ def is_at_head(engine: Engine) -> bool:
     with engine.connect() as conn:
         current = set(MigrationContext.configure(conn).get_current_heads())
     return current == set(script.get_heads())
+
+
+# PostgreSQL's deadlock_detected, serialization_failure and lock_not_available: the transaction was rolled back.
+_RETRYABLE_SQLSTATES = frozenset({"40P01", "40001", "55P03"})
+
+
+def is_transient_conflict(exc: BaseException) -> bool:
+    """A database error that rolled the transaction back and goes away on retry (a deadlock, a serialization
+    failure, SQLite's "database is locked")."""
+    from sqlalchemy.exc import OperationalError
+
+    if not isinstance(exc, OperationalError):
+        return False
+    if getattr(exc.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES:
+        return True
+    return "database is locked" in str(exc.orig)
+
+
+def retry_transient(fn: Callable[[], T], attempts: int = 4, delay: float = 0.05) -> T:
+    """``fn()``, called again (up to ``attempts`` times, with a growing random pause) while it fails with a
+    transient conflict. ``fn`` must run whole transactions of its own (a unit of work), so a retry repeats
+    nothing that was kept. The last conflict is raised (the API answers it with 503 and Retry-After)."""
+    import random
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == attempts - 1 or not is_transient_conflict(exc):
+                raise
+            time.sleep(delay * (2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -18,9 +19,13 @@ from edgeota_contract.logs import log_event
 from edgeota_contract.signing import TrustedKeys, public_pem
 from edgeota_contract.states import ReasonCode
 from ota_server.api.routes import (
+    alerts,
     audit,
     device_commands,
+    device_decommission,
     devices,
+    evaluations,
+    feedback,
     health,
     metrics,
     releases,
@@ -39,6 +44,7 @@ from ota_server.core.unstorable import RefuseUnstorableText
 from ota_server.db import make_engine, make_sessionmaker, upgrade_to_head
 from ota_server.engine_leader import choose as choose_leadership
 from ota_server.tuf_service import TufRefresher, open_repository, prepare_repository
+from ota_server.web import install as install_dashboard
 
 log = logging.getLogger("edgeota.server")
 # Every router of the API, in the order they are mounted.
@@ -48,10 +54,14 @@ ROUTE_MODULES = (
     audit,
     releases,
     devices,
+    device_decommission,
     device_commands,
     rollouts,
     samples,
     telemetry,
+    feedback,
+    alerts,
+    evaluations,
     tuf,
     metrics,
 )
@@ -101,6 +111,10 @@ def build_context(settings: Settings, migrate: bool = True) -> ServerContext:
         except Exception as exc:
             raise ContractError(f"cannot migrate database: {exc}", ReasonCode.INTERNAL_ERROR) from exc
     release_keys = TrustedKeys.from_files(settings.release_keys)
+    if settings.alert_rules_file is not None and migrate:
+        from ota_server.alerts.loop import rules_from_settings
+
+        rules_from_settings(settings)  # a bad rules file stops the start with one line, before anything runs
     tuf_repo = open_repository(settings)
     if tuf_repo is not None and migrate:
         prepare_repository(tuf_repo, settings, make_sessionmaker(engine))
@@ -135,11 +149,14 @@ def start_core(ctx: ServerContext, settings: Settings) -> Callable[[], None]:
     if settings.engine_enabled:
         loop = EngineLoop(ctx)
         loop.start()
+    alert_loop = _alert_loop(ctx, settings)
     refresher = TufRefresher(ctx.tuf, settings.tuf_refresh_seconds) if ctx.tuf is not None else None
     if refresher is not None:
         refresher.start()
 
     def stop() -> None:
+        if alert_loop is not None:
+            alert_loop.stop()
         if refresher is not None:
             refresher.stop()
         if loop is not None:
@@ -148,6 +165,20 @@ def start_core(ctx: ServerContext, settings: Settings) -> Callable[[], None]:
             bridge.stop()
 
     return stop
+
+
+def _alert_loop(ctx: ServerContext, settings: Settings) -> Any:
+    """The alert loop (``ota_server.alerts.loop.AlertLoop``), started, when rules are configured and the engine
+    runs here; else None."""
+    if settings.alert_rules_file is None or not settings.engine_enabled:
+        return None
+    from ota_server.alerts.loop import AlertLoop, rules_from_settings
+
+    rules = rules_from_settings(settings)
+    assert rules is not None
+    loop = AlertLoop(ctx, rules)
+    loop.start()
+    return loop
 
 
 def create_app(settings: Settings | None = None, ctx: ServerContext | None = None) -> FastAPI:
@@ -169,11 +200,13 @@ def create_app(settings: Settings | None = None, ctx: ServerContext | None = Non
             ctx.engine.dispose()
             log_event(log, "server_stopped")
 
-    app = FastAPI(title="edgeota OTA server", version="1", lifespan=lifespan)
+    # /docs and /redoc are the dashboard's (ota_server.web): Swagger UI and ReDoc from packaged files, no CDN.
+    app = FastAPI(title="edgeota OTA server", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ctx = ctx
     install_problem_handlers(app)
     # NUL and other text a database cannot store: 422 before any route or query sees it.
     app.add_middleware(RefuseUnstorableText)
     for module in ROUTE_MODULES:
         app.include_router(module.router)
+    install_dashboard(app)
     return app

@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -124,6 +125,9 @@ class Device(Base):
     report_boot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     report_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     report_sent_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Set once by `edgeota device decommission`: the device's credentials stop working, it leaves every
+    # rollout, lists hide it; the row (and its history) stays. Migration 0012.
+    decommissioned_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
 
 class DeviceModel(Base):
@@ -207,6 +211,9 @@ class Deployment(Base):
     retried: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     reverted_by: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     """The rollback deployment the server ordered to undo this install (see ``rollout.deployment_rules``)."""
+    allow_downgrade: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """The server permits this install below the release counter the device runs (a bandit arm older than the
+    device's release, migration 0011): it is sent with mode ``rollback``, the contract's signed permission."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     notified_at: Mapped[datetime | None] = mapped_column(nullable=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -332,6 +339,10 @@ class StoredSample(Base):
     confidences: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     sampled_at: Mapped[datetime | None] = mapped_column(nullable=True)
     """The device's clock when the request was served (null for samples without metadata)."""
+    prediction_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The prediction id the agent returned for the request (null when it had none): joins ``feedback``."""
+    request_rows: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    """The request's row of each sample row (null: row i of the request); migration 0008."""
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     size: Mapped[int] = mapped_column(BigInteger)
 
@@ -357,3 +368,87 @@ class EngineLease(Base):
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     holder: Mapped[str] = mapped_column(String(64))
     expires_at: Mapped[datetime] = mapped_column()
+
+
+class Feedback(Base):
+    """The true label (or a reward) an application reported for one prediction a device served.
+
+    One row per (device, prediction id, row): a later report for the same prediction replaces its label or
+    reward (``row`` is the row of a batched request, 0 otherwise). ``predicted`` is the device's top-1 answer
+    (the class index as text), ``correct`` whether it matched ``label`` (null when no label was given);
+    ``reward`` is an application's own reward in [0, 1] (the bandit reads it, or ``correct``);
+    ``cohort`` is the value of the telemetry cohort label on the device ("" when absent); ``source`` says
+    who reported it (``device``: through the agent, ``api``: to the server directly).
+    """
+
+    __tablename__ = "feedback"
+    __table_args__ = (
+        UniqueConstraint("device_id", "prediction_id", "row", name="uq_feedback_prediction"),
+        Index("ix_feedback_release", "model_name", "version", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    prediction_id: Mapped[str] = mapped_column(String(64))
+    row: Mapped[int] = mapped_column(Integer, default=0)
+    model_name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(128))
+    bundle_sha256: Mapped[str] = mapped_column(String(64))
+    hardware_profile: Mapped[str] = mapped_column(String(64))
+    cohort: Mapped[str] = mapped_column(String(128), default="")
+    predicted: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    label: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    correct: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    reward: Mapped[float | None] = mapped_column(Float, nullable=True)
+    confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    source: Mapped[str] = mapped_column(String(16))
+    predicted_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RolloutArm(Base):
+    """One arm of a bandit rollout (``ota_server.rollout.bandit``): a release and what the engine last judged.
+
+    ``state`` changes only by the arm rules (``ota_server.rollout.bandit_logic.ARM_RULES``): ``active`` ->
+    ``dropped`` (failed its health gates), ``winner`` or ``retired`` (another arm won). The posterior, share and
+    probability columns are the latest allocation step's (``bandit_steps`` keeps every step), for the status API.
+    """
+
+    __tablename__ = "rollout_arms"
+    __table_args__ = (UniqueConstraint("rollout_id", "release_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id"), index=True)
+    release_id: Mapped[str] = mapped_column(ForeignKey("releases.id"))
+    position: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(64), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+    ended_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    alpha: Mapped[float] = mapped_column(Float, default=1.0)
+    beta: Mapped[float] = mapped_column(Float, default=1.0)
+    rewards: Mapped[int] = mapped_column(BigInteger, default=0)
+    reward_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    prob_best: Mapped[float | None] = mapped_column(Float, nullable=True)
+    target_share: Mapped[float | None] = mapped_column(Float, nullable=True)
+    devices: Mapped[int] = mapped_column(Integer, default=0)
+    gate_results: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BanditStep(Base):
+    """One allocation step of a bandit rollout, append-only: the posteriors, the seed of its Thompson draws
+    (so the step can be recomputed), the target shares and the devices it moved."""
+
+    __tablename__ = "bandit_steps"
+    __table_args__ = (UniqueConstraint("rollout_id", "step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column()
+    seed: Mapped[int] = mapped_column(BigInteger)
+    arms: Mapped[list[Any]] = mapped_column(JSON)
+    moves: Mapped[list[Any]] = mapped_column(JSON)
+    leader: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    leader_since: Mapped[datetime | None] = mapped_column(nullable=True)

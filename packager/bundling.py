@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from edgeota_contract.bundle import bundle_file_name, create_bundle
+from edgeota_contract.calibration import CALIBRATION_FILE
 from edgeota_contract.manifest import (
     METRIC_LATENCY_BUDGET_MS,
     METRIC_SMOKE_ATOL,
@@ -34,6 +35,7 @@ from edgeota_contract.manifest import (
 )
 from edgeota_contract.signing import SigningKey, canonical_json
 from edgeota_contract.version import __version__
+from packager.calibration import confidence_calibration
 from packager.data import Dataset
 from packager.gates import TASK_GATES, GateResult
 from packager.ladder import LadderOutcome
@@ -241,6 +243,9 @@ def build_bundle(
         REFERENCE_STATS_FILE: canonical_json(stats.model_dump(mode="json")),
         TEST_VECTORS_FILE: tv_bytes,
     }
+    confidence_cal = confidence_calibration(model_bytes, eval_data)
+    if confidence_cal is not None:  # labelled evaluation data: the server's label-free accuracy estimate uses it
+        payload[CALIBRATION_FILE] = canonical_json(confidence_cal.model_dump(mode="json"))
     path = request.out_dir / bundle_file_name(name, version, profile.id)
     manifest = create_bundle(
         path,

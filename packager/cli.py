@@ -1,7 +1,8 @@
 """``edgeota package``, ``edgeota profiles list|show`` and ``edgeota bundle verify|inspect``.
 
-Imports only typer, rich and the contract at module level: ``bundle verify/inspect`` work with
-the base install; the packaging commands import onnx/onnxruntime when they run.
+Imports only typer, rich and the contract (with its CLI output helpers :mod:`edgeota_contract.tables` and
+:mod:`edgeota_contract.humanize`) at module level: ``bundle verify/inspect`` work with the base install; the
+packaging commands import onnx/onnxruntime when they run.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.text import Text
 
+from edgeota_contract import humanize as hz
+from edgeota_contract import tables as tb
 from edgeota_contract.errors import EdgeotaError
+from edgeota_contract.tables import Col, Output
 
 if TYPE_CHECKING:
     from packager.api import PackagingReport
@@ -59,28 +63,23 @@ def _profiles_dir_option() -> Any:
 @_one_line_errors
 def profiles_list(
     profiles_dir: Path | None = _profiles_dir_option(),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    output: Output = tb.output_option(),
+    as_json: bool = typer.Option(False, "--json", help=tb.JSON_FLAG_HELP),
 ) -> None:
     """List the hardware profiles (id, device, execution provider, recipe ladder)."""
     from packager.profiles import list_profile_ids, load_profile
 
     profiles = [load_profile(pid, profiles_dir) for pid in list_profile_ids(profiles_dir)]
-    if as_json:
-        typer.echo(json.dumps([p.summary() for p in profiles], indent=2))
+    if tb.chosen(output, as_json) is Output.json:
+        tb.print_json([p.summary() for p in profiles])
         return
-    table = Table(title="hardware profiles")
-    for col in ("id", "device", "arch", "execution provider", "ladder", "latency budget"):
-        table.add_column(col)
-    for p in profiles:
-        table.add_row(
-            p.id,
-            p.name,
-            p.architecture,
-            p.primary_ep.name,
-            " > ".join(r.name for r in p.ladder),
-            f"{p.latency.budget_ms:g} ms",
-        )
-    Console().print(table)
+    rows = [
+        (p.id, p.name, p.architecture, p.primary_ep.name.removesuffix("ExecutionProvider"),
+         " > ".join(r.name for r in p.ladder), hz.milliseconds(p.latency.budget_ms))
+        for p in profiles
+    ]  # fmt: skip
+    columns = [Col("id", no_wrap=True), "device", "arch", "EP", "ladder", Col("budget", right=True, no_wrap=True)]
+    Console().print(tb.table(columns, rows, title="hardware profiles"))
 
 
 @profiles_app.command("show")
@@ -88,7 +87,8 @@ def profiles_list(
 def profiles_show(
     profile_id: str = typer.Argument(..., help="Profile id, e.g. rpi4."),
     profiles_dir: Path | None = _profiles_dir_option(),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON (the validated profile, ladder resolved)."),
+    output: Output = tb.output_option(),
+    as_json: bool = typer.Option(False, "--json", help=tb.JSON_FLAG_HELP),
 ) -> None:
     """Show one validated profile, with its ladder resolved to full recipes."""
     from packager.profiles import load_profile
@@ -96,7 +96,7 @@ def profiles_show(
     p = load_profile(profile_id, profiles_dir)
     data = p.model_dump(mode="json")
     data["recipes"] = [r.model_dump(mode="json") for r in p.ladder]
-    if as_json:
+    if tb.chosen(output, as_json) is Output.json:
         typer.echo(json.dumps(data, indent=2))
         return
     import yaml
@@ -250,9 +250,7 @@ def _example_shape(text: str | None) -> tuple[int, ...] | None:
 def _print_report(report: PackagingReport) -> None:
     """The result table on stdout; overridden gates and failures on stderr; exit 1 when a profile failed."""
     console = Console()
-    table = Table(title=f"{report.model_name} {report.version}")
-    for col in ("profile", "result", "recipe", "size", "quality", "host p50", "bundle"):
-        table.add_column(col)
+    rows: list[tuple[object, ...]] = []
     for r in report.results.values():
         m = r.metrics
         quality = (
@@ -266,16 +264,19 @@ def _print_report(report: PackagingReport) -> None:
             if "cosine_mean" in m
             else "-"
         )
-        table.add_row(
-            r.profile,
-            "[green]ok[/green]" if r.ok else "[red]failed[/red]",
-            escape(r.recipe or "-"),
-            f"{int(m['model_bytes'])} B" if "model_bytes" in m else "-",
-            quality,
-            f"{m['host_latency_p50_ms']:.3f} ms" if "host_latency_p50_ms" in m else "-",
-            escape(str(r.bundle_path.name)) if r.bundle_path else "-",
+        rows.append(
+            (
+                r.profile,
+                Text("ok", style="green") if r.ok else Text("failed", style="red"),
+                r.recipe or "-",
+                hz.size(m["model_bytes"]) if "model_bytes" in m else "-",
+                quality,
+                hz.milliseconds(m["host_latency_p50_ms"]) if "host_latency_p50_ms" in m else "-",
+                r.bundle_path.name if r.bundle_path else "-",
+            )
         )
-    console.print(table)
+    columns = ["profile", "result", "recipe", Col("size", right=True), "quality", Col("host p50", right=True), "bundle"]
+    console.print(tb.table(columns, rows, title=f"{report.model_name} {report.version}"))
     for r in report.results.values():
         if r.gate_overrides:
             given = ", ".join(f"{k} {v:g}" for k, v in r.gate_overrides.items())
@@ -321,13 +322,14 @@ def bundle_verify(
 @_one_line_errors
 def bundle_inspect(
     bundle: Path = typer.Argument(..., help="A .bundle.tar file."),
-    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+    output: Output = tb.output_option(),
+    as_json: bool = typer.Option(False, "--json", help=tb.JSON_FLAG_HELP),
 ) -> None:
     """Show a bundle's manifest, files and metrics WITHOUT verifying it (use `bundle verify` for that)."""
     from edgeota_contract.bundle import read_manifest, sha256_file
 
     manifest, sig = read_manifest(bundle)
-    if as_json:
+    if tb.chosen(output, as_json) is Output.json:
         typer.echo(json.dumps({"verified": False, "manifest": manifest.model_dump(mode="json")}, indent=2))
         return
     console = Console()
@@ -343,25 +345,16 @@ def bundle_inspect(
     console.print(
         f"recipe {escape(manifest.recipe)}, execution provider {escape(manifest.execution_provider)}, opset {manifest.opset}"
     )
-    io_table = Table(title="inputs / outputs")
-    for col in ("kind", "name", "dtype", "shape"):
-        io_table.add_column(col)
-    for kind, specs in (("input", manifest.inputs), ("output", manifest.outputs)):
-        for s in specs:
-            io_table.add_row(kind, escape(s.name), s.dtype, escape(str(s.shape)))
-    console.print(io_table)
-    files = Table(title="files")
-    for col in ("name", "size", "sha256"):
-        files.add_column(col)
-    for f in manifest.files:
-        files.add_row(escape(f.name), str(f.size), f.sha256)
-    console.print(files)
-    metrics = Table(title="metrics")
-    metrics.add_column("metric")
-    metrics.add_column("value")
-    for k in sorted(manifest.metrics):
-        metrics.add_row(escape(k), f"{manifest.metrics[k]:g}")
-    console.print(metrics)
+    io_rows = [
+        (kind, s.name, s.dtype, str(s.shape))
+        for kind, specs in (("input", manifest.inputs), ("output", manifest.outputs))
+        for s in specs
+    ]
+    console.print(tb.table(["kind", "name", "dtype", "shape"], io_rows, title="inputs / outputs"))
+    files = [(f.name, hz.size(f.size), f.sha256) for f in manifest.files]
+    console.print(tb.table(["name", Col("size", right=True), "sha256"], files, title="files"))
+    metrics = [(k, hz.metric(k, manifest.metrics[k])) for k in sorted(manifest.metrics)]
+    console.print(tb.table(["metric", Col("value", right=True)], metrics, title="metrics"))
     if manifest.gate_overrides is not None:
         given = ", ".join(f"{k} {v:g}" for k, v in manifest.gate_overrides.given().items())
         console.print(f"gate overrides (this model's thresholds over the profile's): {escape(given)}")

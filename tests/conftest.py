@@ -24,6 +24,11 @@ import pytest
 PG_ADMIN_URL = os.environ.get("EDGEOTA_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MQTT_HOST = os.environ.get("EDGEOTA_TEST_MQTT_HOST", "127.0.0.1")
 MQTT_PORT = int(os.environ.get("EDGEOTA_TEST_MQTT_PORT", "1883"))
+# The suite's servers provision devices for made-up hardware profiles ("x86", "p", ...) before any release names
+# them, and a server refuses a profile it does not know (ota_server.services.profiles): the session makes these
+# known (server processes inherit it). Tests of the refusal pass their own hardware_profiles.
+TEST_HARDWARE_PROFILES = "x86,arm,arm64,riscv,p,x86_64-avx2,arm64-pi4"
+os.environ.setdefault("EDGEOTA_SERVER_HARDWARE_PROFILES", TEST_HARDWARE_PROFILES)
 
 
 def free_port() -> int:

@@ -7,8 +7,10 @@ through ``predict_on(model, inputs)``, the same path as :meth:`device_agent.agen
 swap, telemetry, the trial window and shadow mode see them as any other request.
 
 Guarantees: every answer to client input is a 2xx or a 4xx with the protocol's ``{"error": "..."}``
-body; a 5xx only reports the agent's own failure (500: the model failed on valid input). Before the
-first install, model paths answer 404 and readiness 400. A body over ``max_body_bytes`` is refused with 413 before it is read. With a token set, a
+body; a 5xx only reports the agent's own failure (500: the model failed on valid input).
+``POST /v2/models/{name}/feedback`` (the agent's ``edgeota_feedback`` extension) takes a true label or reward
+for a prediction id it returned: 202 once spooled for the server, 404 for an unknown or expired id, 400 for a
+bad body. Before the first install, model paths answer 404 and readiness 400. A body over ``max_body_bytes`` is refused with 413 before it is read. With a token set, a
 request without ``Authorization: Bearer <token>`` gets 401.
 """
 
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.serving import oip
+from device_agent.serving.predictions import PREDICTION_ID, FeedbackError
 from device_agent.serving.runtime import LoadedModel, ModelError
 from edgeota_contract.logs import log_event
 from edgeota_contract.messages import new_id
@@ -39,6 +42,10 @@ log = logging.getLogger("device_agent.serving")
 
 Predict = Callable[[LoadedModel | None, dict[str, Any]], dict[str, Any]]
 """``predict_on(model, inputs) -> outputs``: raises ModelError (NoModelError when model is None)."""
+Answered = Callable[[LoadedModel, dict[str, Any], str], None]
+"""``on_answer(model, outputs, prediction_id)``: called for every answered inference (remembers it for feedback)."""
+Feedback = Callable[[str, bytes], dict[str, Any]]
+"""``feedback(model_name, body) -> answer``: raises FeedbackError (400/404) for bad or unknown feedback."""
 
 
 @dataclass(frozen=True)
@@ -184,10 +191,20 @@ class InferenceEndpoint:
     ``current`` returns the serving model (or None); ``predict`` runs a request on the model it is given.
     """
 
-    def __init__(self, config: EndpointConfig, current: Callable[[], LoadedModel | None], predict: Predict) -> None:
+    def __init__(
+        self,
+        config: EndpointConfig,
+        current: Callable[[], LoadedModel | None],
+        predict: Predict,
+        *,
+        on_answer: Answered | None = None,
+        feedback: Feedback | None = None,
+    ) -> None:
         self.config = config
         self._current = current
         self._predict = predict
+        self._on_answer = on_answer
+        self._feedback = feedback
         self._servers: list[_UnixServer | _TCPServer] = []
         self._wake_r, self._wake_w = -1, -1
         self._thread: threading.Thread | None = None
@@ -290,11 +307,13 @@ class InferenceEndpoint:
         """Answer one request: (status, body, extra headers). Raises ProtocolError for a 4xx answer."""
         self._authorize(headers.get("Authorization"))
         r = oip.route(method, path)
-        body = read_body(self.config.max_body_bytes) if r.endpoint == "infer" else b""
+        body = read_body(self.config.max_body_bytes) if r.endpoint in ("infer", "feedback") else b""
         if r.endpoint == "server":
             return _json(200, {"name": "edgeota-agent", "version": __version__, "extensions": list(oip.EXTENSIONS)})
         if r.endpoint == "live":
             return _json(200, {"live": True})
+        if r.endpoint == "feedback":
+            return self._take_feedback(r, body)
         model = self._current()
         if r.endpoint == "ready":
             if model is None:
@@ -322,22 +341,39 @@ class InferenceEndpoint:
             raise oip.ProtocolError(404, f"model {r.model} version {r.version} is not serving")
         return model
 
+    def _take_feedback(self, r: oip.Route, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+        """202: the feedback is spooled for the server. The model in the path names the prediction's model (which
+        may no longer serve); a version in the path is ignored (the prediction id names its release)."""
+        if self._feedback is None:
+            raise oip.ProtocolError(404, "this agent takes no feedback")
+        assert r.model is not None
+        try:
+            return _json(202, self._feedback(r.model, body))
+        except FeedbackError as exc:
+            raise oip.ProtocolError(exc.status, str(exc)) from None
+
     def _infer(self, model: LoadedModel, body: bytes, header_length: str | None) -> tuple[int, bytes, dict[str, str]]:
         doc, binary = oip.parse_header(body, header_length)
         request = oip.decode_infer(doc, binary, model.manifest)
         # The request was checked against ``model``, which now serves it even if a swap happens meanwhile:
         # the answer names the release that really produced it.
+        prediction_id = new_id()
+        token = PREDICTION_ID.set(prediction_id)  # the sampler tags kept inputs with it (dataset labels)
         try:
             outputs = self._predict(model, request.inputs)
         except ModelError as exc:
             return 500, oip.error_body(f"inference failed: {exc}"), {}
+        finally:
+            PREDICTION_ID.reset(token)
+        if self._on_answer is not None:
+            self._on_answer(model, outputs, prediction_id)
         out, header_len = oip.encode_infer(
             request,
             outputs,
             model_name=model.manifest.model_name,
             model_version=model.manifest.version,
             bundle_sha256=model.bundle_sha256,
-            prediction_id=new_id(),
+            prediction_id=prediction_id,
         )
         if header_len is None:
             return 200, out, {}

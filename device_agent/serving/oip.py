@@ -30,7 +30,7 @@ else:
     np = lazy_module("numpy")
 
 PLATFORM = "onnxruntime_onnx"
-EXTENSIONS = ("binary_tensor_data",)
+EXTENSIONS = ("binary_tensor_data", "edgeota_feedback")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 # Protocol datatype <-> numpy dtype name (little-endian, as the binary extension fixes the byte order).
@@ -83,16 +83,26 @@ def error_body(message: str) -> bytes:
 @dataclass(frozen=True)
 class Route:
     """What a request path names: ``endpoint`` is one of ``server``, ``live``, ``ready``, ``model``,
-    ``model_ready``, ``infer``; ``model`` and ``version`` come from the path (version may be None)."""
+    ``model_ready``, ``infer``, ``feedback`` (the agent's extension: a true label or reward for a prediction);
+    ``model`` and ``version`` come from the path (version may be None)."""
 
     endpoint: str
     model: str | None = None
     version: str | None = None
 
 
-_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
+_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/feedback)?$")
+_TAILS = {None: "model", "/ready": "model_ready", "/infer": "infer", "/feedback": "feedback"}
 _FIXED = {"/v2": "server", "/v2/health/live": "live", "/v2/health/ready": "ready"}
-_METHODS = {"server": "GET", "live": "GET", "ready": "GET", "model": "GET", "model_ready": "GET", "infer": "POST"}
+_METHODS = {
+    "server": "GET",
+    "live": "GET",
+    "ready": "GET",
+    "model": "GET",
+    "model_ready": "GET",
+    "infer": "POST",
+    "feedback": "POST",
+}
 
 
 def route(method: str, path: str) -> Route:
@@ -108,9 +118,7 @@ def route(method: str, path: str) -> Route:
     else:
         m = _MODEL_PATH.match(path)
         if m is not None:
-            tail = m.group(3)
-            endpoint = "model" if tail is None else ("model_ready" if tail == "/ready" else "infer")
-            found = Route(endpoint, m.group(1), m.group(2))
+            found = Route(_TAILS[m.group(3)], m.group(1), m.group(2))
     if found is None:
         raise ProtocolError(404, f"no such endpoint: {path}")
     allowed = _METHODS[found.endpoint]

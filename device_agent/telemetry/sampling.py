@@ -22,7 +22,10 @@ A sample file (``<time_ns>-<model>-<version>-<first 12 hex of the bundle digest>
 ``meta.model_name``, ``meta.version``, ``meta.bundle_sha256``, and where the first output is a
 ``[rows, classes]`` float matrix and every input has those ``rows``: ``meta.prediction`` (int64 per row)
 and ``meta.confidence`` (float64 per row, NaN for a row with non-finite outputs); the hard stream adds
-``meta.reason`` (``low_confidence`` or ``shadow_disagreement``).
+``meta.reason`` (``low_confidence`` or ``shadow_disagreement``). A request that got a prediction id (through
+the inference endpoint or ``Agent.predict_tracked``) adds ``meta.prediction_id``, and a hard sample of some of
+its rows ``meta.request_row`` (int64 per sample row: the request's row), so the server can join the sample
+with the labels applications report for that prediction (shadow-disagreement samples carry no id).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from device_agent._lazy import lazy_module
 from device_agent.fsutil import atomic_write
+from device_agent.serving.predictions import PREDICTION_ID
 from device_agent.serving.runtime import LoadedModel, ModelError
 from device_agent.telemetry.summaries import row_confidences
 from device_agent.transport.http import FetchError, open_url, resolve_url
@@ -113,6 +117,8 @@ class Sample:
     prediction: np.ndarray | None = None
     confidence: np.ndarray | None = None
     reason: str | None = None
+    prediction_id: str | None = None
+    request_rows: np.ndarray | None = None
 
     @property
     def file_name(self) -> str:
@@ -130,6 +136,10 @@ class Sample:
             arrays["meta.confidence"] = self.confidence.astype(np.float64)
         if self.reason is not None:
             arrays["meta.reason"] = np.array(self.reason)
+        if self.prediction_id is not None:
+            arrays["meta.prediction_id"] = np.array(self.prediction_id)
+            if self.request_rows is not None:
+                arrays["meta.request_row"] = self.request_rows.astype(np.int64)
         buf = io.BytesIO()
         np.savez(buf, **arrays)  # type: ignore[arg-type]
         return buf.getvalue()
@@ -217,7 +227,7 @@ class InputSampler:
                 admitted = self.budgets[UNIFORM].admit(self._clock())
             if admitted:
                 pc = predictions(inputs, outputs)
-                self._keep(model, UNIFORM, _copy_inputs(inputs), pc, None)
+                self._keep(model, UNIFORM, _copy_inputs(inputs), pc, None, prediction_id=PREDICTION_ID.get())
                 return
         hard = self.hard
         if hard is None or hard.rate <= 0 or outputs is None:
@@ -233,7 +243,17 @@ class InputSampler:
             with self._lock:
                 admitted = self.budgets[HARD].admit(self._clock())
             if admitted:
-                self._keep(model, HARD, _copy_inputs(inputs, low), (prediction[low], confidence[low]), LOW_CONFIDENCE)
+                pid = PREDICTION_ID.get()
+                rows = np.flatnonzero(low) if pid is not None else None
+                self._keep(
+                    model,
+                    HARD,
+                    _copy_inputs(inputs, low),
+                    (prediction[low], confidence[low]),
+                    LOW_CONFIDENCE,
+                    prediction_id=pid,
+                    request_rows=rows,
+                )
             return
         candidate = self._shadow() if self._shadow is not None else None
         if candidate is not None and candidate.bundle_sha256 != model.bundle_sha256:
@@ -250,6 +270,9 @@ class InputSampler:
         pc: tuple[np.ndarray, np.ndarray] | None,
         reason: str | None,
         time_ns: int | None = None,
+        *,
+        prediction_id: str | None = None,
+        request_rows: np.ndarray | None = None,
     ) -> None:
         manifest = model.manifest
         with self._lock:  # strictly increasing stamps: two samples never share a file name
@@ -264,6 +287,8 @@ class InputSampler:
             pc[0] if pc else None,
             pc[1] if pc else None,
             reason,
+            prediction_id,
+            request_rows,
         )
         with self._lock:
             self._queues[stream].append(sample)

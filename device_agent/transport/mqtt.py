@@ -9,6 +9,13 @@ reports. With ``protocol = "auto"`` it speaks MQTT 5 and falls back to 3.1.1 whe
 or drops the MQTT 5 connection, or does not answer it within ``connect_probe_seconds``, before any
 connection was ever accepted (amqtt, for one, never answers an MQTT 5 CONNECT).
 
+Only the link's current paho client speaks for it: callbacks of a client it replaced (the MQTT 5 client after a
+fall-back) are ignored, so a late "disconnected" from that client never marks the live connection offline.
+Every failed connection attempt is logged with its reason (``mqtt_unreachable``), and observers
+(:meth:`MqttLink.observe`) get a :class:`~device_agent.transport.status.LinkStatus` after each change. A second agent
+with the same device id is recognised (:class:`~device_agent.transport.status.TakeoverDetector`), logged as an
+error (``mqtt_duplicate_device``) and answered with a growing reconnect delay instead of a fight every second.
+
 Nothing here is global: many links can live in one process. By default each link runs paho's own
 network thread (``loop_start``), which uses ``select()`` and so cannot serve sockets numbered above
 1023: a few hundred links per process at most. A process that hosts many agents (the fleet simulator)
@@ -23,15 +30,17 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from device_agent.transport.base import CommandCallback, ConnectedCallback
+from device_agent.transport.status import LinkState, LinkStatus, StatusCallback, TakeoverDetector
 from edgeota_contract.logs import log_event
 from edgeota_contract.messages import Presence
 from edgeota_contract.provisioning import MqttSection
@@ -99,6 +108,9 @@ class MqttLink:
         self._probe: threading.Timer | Cancellable | None = None
         self._loop = network_loop
         self._sub_mid: int | None = None
+        self._observers: list[StatusCallback] = []
+        self._failures = 0
+        self._takeover = TakeoverDetector(device_id)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -112,13 +124,29 @@ class MqttLink:
             self._client.connect_async(**self._connect_args())
             self._drive(self._client)
             if self._v5 and self.settings.protocol == "auto":
-                # Some 3.1.1-only brokers (amqtt) never answer an MQTT 5 CONNECT: fall back if no CONNACK comes.
-                if self._loop is not None:
-                    self._probe = self._loop.call_later(self.connect_probe_seconds, self._probe_expired, self.device_id)
-                else:
-                    self._probe = threading.Timer(self.connect_probe_seconds, self._probe_expired)
-                    self._probe.daemon = True
-                    self._probe.start()
+                self._arm_probe()
+        self._emit("connecting")
+
+    def observe(self, callback: StatusCallback) -> None:
+        """Call ``callback`` with a :class:`LinkStatus` after every change (on the network thread; keep it short)."""
+        self._observers.append(callback)
+
+    def _emit(self, state: LinkState, reason: str = "") -> None:
+        status = LinkStatus(state, reason, self._failures, self._takeover.last_evidence)
+        for callback in list(self._observers):
+            try:
+                callback(status)
+            except Exception:  # an observer's bug must not kill the network thread
+                log.exception("link status observer failed")
+
+    def _arm_probe(self) -> None:
+        """Some 3.1.1-only brokers (amqtt) never answer an MQTT 5 CONNECT: fall back if no CONNACK comes."""
+        if self._loop is not None:
+            self._probe = self._loop.call_later(self.connect_probe_seconds, self._probe_expired, self.device_id)
+        else:
+            self._probe = threading.Timer(self.connect_probe_seconds, self._probe_expired)
+            self._probe.daemon = True
+            self._probe.start()
 
     def _drive(self, client: mqtt.Client) -> None:
         """Start running ``client``'s network I/O (paho's thread, or the shared loop)."""
@@ -142,8 +170,16 @@ class MqttLink:
             threading.Thread(target=fn, daemon=True).start()
 
     def _probe_expired(self) -> None:
-        if not self._ever_connected and not self._stopped:
-            self._fall_back()
+        if self._ever_connected or self._stopped:
+            return
+        client = self._client
+        if isinstance(client, _Client) and client.last_error:
+            # Not even a TCP connection: nothing refused MQTT 5 yet, so keep it until a broker answers (or not).
+            with self._lock:
+                if not self._stopped:
+                    self._arm_probe()
+            return
+        self._fall_back()
 
     def _detach(self) -> mqtt.Client | None:
         """Mark the link stopped and take its client (None when it had none)."""
@@ -195,7 +231,7 @@ class MqttLink:
         }
         if not self._v5:
             kwargs["clean_session"] = False
-        client = mqtt.Client(**kwargs)
+        client = _Client(**kwargs)
         client.username_pw_set(s.username or self.device_id, s.password)
         if s.tls:
             client.tls_set(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file, cert_reqs=ssl.CERT_REQUIRED)
@@ -206,6 +242,7 @@ class MqttLink:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_subscribe = self._handle_subscribe
+        client.on_connect_fail = self._handle_connect_fail
         return client
 
     def _connect_args(self) -> dict[str, Any]:
@@ -238,24 +275,57 @@ class MqttLink:
 
     # ------------------------------------------------------------------ callbacks (paho thread)
 
+    def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # No TCP (or TLS) connection at all; paho retries after its doubling delay (1 s up to 30 s).
+        if client is not self._client:
+            return
+        self._failures += 1
+        error = client.last_error if isinstance(client, _Client) else ""
+        reason = error or "connection failed"
+        log_event(
+            log,
+            "mqtt_unreachable",
+            level=logging.WARNING,
+            device=self.device_id,
+            broker=f"{self.settings.host}:{self.settings.port}",
+            reason=reason,
+            attempt=self._failures,
+            retry_in_s=int(self._takeover.backoff) or min(30, 2 ** (self._failures - 1)),
+        )
+        self._emit("unreachable", f"cannot reach broker {self.settings.host}:{self.settings.port}: {reason}")
+
     def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if client is not self._client:
+            return  # a client this link replaced (fall-back): its news is not ours
         if reason.is_failure:
-            log_event(log, "mqtt_connect_refused", level=logging.WARNING, device=self.device_id, reason=str(reason))
+            self._failures += 1
+            log_event(
+                log,
+                "mqtt_connect_refused",
+                level=logging.WARNING,
+                device=self.device_id,
+                reason=str(reason),
+                attempt=self._failures,
+            )
+            self._emit("refused", f"broker {self.settings.host}:{self.settings.port} refused the connection: {reason}")
             unsupported = getattr(reason, "value", None) in (1, 0x84)  # "unsupported protocol version"
             if unsupported and self._v5 and self.settings.protocol == "auto" and not self._ever_connected:
                 self._background(self._fall_back)
             return
         self._ever_connected = True
+        self._failures = 0
+        self._takeover.connected(time.monotonic())
         self.protocol_in_use = "5" if self._v5 else "3.1.1"
         _, self._sub_mid = client.subscribe(self.topic(Channel.CMD), qos=1)
         client.publish(self.topic(Channel.PRESENCE), self._presence(True), qos=1, retain=True)
 
     def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         # "Connected" means the command subscription is in place, so nothing sent to us from now on is missed.
-        if mid != self._sub_mid:
+        if client is not self._client or mid != self._sub_mid:
             return
         self._connected.set()
         log_event(log, "mqtt_connected", device=self.device_id, protocol=self.protocol_in_use)
+        self._emit("connected")
         if self._loop is not None:
             self._loop.dispatch(self.device_id, self._connected_cb)
         else:
@@ -268,13 +338,30 @@ class MqttLink:
             log.exception("on_connect callback failed")
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        # A replaced client's late disconnect would otherwise mark the live connection offline for good (nothing
+        # sets it again until the next reconnect), and every report would wait for a retry that cannot send.
+        if client is not self._client:
+            return
         self._connected.clear()
         log_event(log, "mqtt_disconnected", device=self.device_id, reason=str(reason))
         if self._v5 and self.settings.protocol == "auto" and not self._ever_connected and not self._stopped:
             self._background(self._fall_back)
+            return
+        if self._stopped:
+            return
+        evidence = self._takeover.disconnected(time.monotonic(), getattr(reason, "value", None), str(reason))
+        if evidence is not None:
+            log_event(log, "mqtt_duplicate_device", level=logging.ERROR, device=self.device_id, detail=evidence)
+            if self._loop is None:  # paho's own thread reconnects; a shared loop keeps its own delays
+                client.reconnect_delay_set(min_delay=int(self._takeover.backoff), max_delay=int(self._takeover.backoff))
+            self._emit("duplicate", evidence)
+            return
+        if self._takeover.backoff == 0 and self._loop is None:
+            client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._emit("disconnected", f"connection to the broker lost: {reason}")
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if message.topic != self.topic(Channel.CMD):
+        if client is not self._client or message.topic != self.topic(Channel.CMD):
             return
         payload = bytes(message.payload)
         if self._loop is not None:
@@ -311,6 +398,28 @@ class MqttLink:
             return False
         info = client.publish(self.topic(channel), payload, qos=1)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+
+class _Client(mqtt.Client):
+    """A paho client that remembers why its last connection attempt failed (paho's ``on_connect_fail`` is not
+    told): ``last_error`` is "" after a TCP connection was made."""
+
+    last_error = ""
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            rc = super().reconnect()
+        except OSError as exc:
+            self.last_error = _describe(exc)
+            raise
+        self.last_error = ""
+        return rc
+
+
+def _describe(exc: OSError) -> str:
+    """``connection refused (errno 111)``-style text for a failed connect."""
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return f"{text} (errno {exc.errno})" if exc.errno else text
 
 
 def _ignore_command(payload: bytes) -> None:

@@ -1,7 +1,8 @@
 """Everything the agent sends, kept until the server's Ack names it (contract section 5, rule 1).
 
 Status reports live in the state file, the latest check-in in memory, telemetry windows in the
-SQLite spool. :meth:`Outbox.flush` (re-)sends what is unacknowledged through the agent's
+SQLite spool, application feedback reports in a spool of their own (``feedback.sqlite``).
+:meth:`Outbox.flush` (re-)sends what is unacknowledged through the agent's
 :class:`~device_agent.transport.base.Transport` (:attr:`Outbox.transport`, None while offline),
 skipping messages sent too recently: a message is re-sent after ``report_retry_seconds``, then after
 twice that and so on, up to ``report_retry_max_seconds``, each interval jittered by +-20%
@@ -25,16 +26,19 @@ from device_agent.store import AgentState, StateStore
 from device_agent.telemetry.spool import Spool
 from device_agent.transport.base import Transport
 from device_agent.update.machine import Report, Step
+from edgeota_contract.errors import EdgeotaError
 from edgeota_contract.logs import log_event
 from edgeota_contract.messages import (
     MAX_MESSAGE_BYTES,
     Assignment,
     CheckIn,
+    FeedbackItem,
+    FeedbackReport,
     RunningModel,
     StatusReport,
     TelemetryWindow,
 )
-from edgeota_contract.states import DeploymentState
+from edgeota_contract.states import DeploymentState, ReasonCode
 from edgeota_contract.topics import Channel
 from edgeota_contract.version import __version__
 
@@ -97,11 +101,15 @@ def next_send(sends: int, now: float, first: float, cap: float, rng: random.Rand
 class Outbox:
     """Sequence numbers, message building and (re-)sending for one agent. Thread-safe."""
 
-    def __init__(self, boot_id: str, settings: AgentSettings, store: StateStore, spool: Spool) -> None:
+    def __init__(
+        self, boot_id: str, settings: AgentSettings, store: StateStore, spool: Spool, feedback: Spool | None = None
+    ) -> None:
         self.boot_id = boot_id
         self.settings = settings
         self.store = store
         self.spool = spool
+        self.feedback = feedback
+        """Feedback reports waiting for their Ack (None: this agent sends no feedback)."""
         self.transport: Transport | None = None  # set by the agent while it is connected
         self._seq = itertools.count()
         self._lock = threading.Lock()
@@ -156,6 +164,21 @@ class Outbox:
         self.spool.add(msg.msg_id, payload)
         self._publish(Channel.TELEMETRY, msg.msg_id, payload)
 
+    def add_feedback(self, items: list[FeedbackItem]) -> FeedbackReport:
+        """Spool ``items`` as one ``FeedbackReport`` (durable before this returns), then try to send it at once.
+
+        Raises:
+            EdgeotaError: this outbox has no feedback spool.
+        """
+        spool = self.feedback
+        if spool is None:
+            raise EdgeotaError("this agent keeps no feedback spool", ReasonCode.INTERNAL_ERROR)
+        msg = FeedbackReport(boot_id=self.boot_id, seq=self.next_seq(), items=items, spool_dropped=spool.dropped)
+        payload = msg.model_dump_json().encode("utf-8")
+        spool.add(msg.msg_id, payload)
+        self._publish(Channel.FEEDBACK, msg.msg_id, payload)
+        return msg
+
     def _publish(self, channel: Channel, msg_id: str, payload: bytes, force: bool = False) -> None:
         transport = self.transport
         if transport is None:
@@ -186,6 +209,9 @@ class Outbox:
             self._publish(Channel.CHECKIN, *pending, force=force)
         for msg_id, payload in self.spool.oldest(self.settings.spool_drain_batch, skip=() if force else recent):
             self._publish(Channel.TELEMETRY, msg_id, payload, force)
+        if self.feedback is not None:
+            for msg_id, payload in self.feedback.oldest(self.settings.spool_drain_batch, skip=() if force else recent):
+                self._publish(Channel.FEEDBACK, msg_id, payload, force)
 
     def acked(self, msg_ids: list[str]) -> None:
         """The server stored these messages: forget them everywhere."""
@@ -199,6 +225,8 @@ class Outbox:
             for msg_id in ids:
                 self._sent_at.pop(msg_id, None)
         self.spool.ack(ids)
+        if self.feedback is not None:
+            self.feedback.ack(ids)
 
     def reconnected(self) -> None:
         """After a (re)connect everything unacknowledged is due again."""

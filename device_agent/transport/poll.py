@@ -24,6 +24,7 @@ import threading
 
 from device_agent.transport.base import CommandCallback, CommandSource, ConnectedCallback, Transport
 from device_agent.transport.http import open_url
+from device_agent.transport.status import ObservableTransport, StatusCallback
 from edgeota_contract.errors import EdgeotaError
 from edgeota_contract.logs import log_event
 from edgeota_contract.topics import Channel
@@ -198,3 +199,8 @@ class PolledTransport:
 
     def send(self, channel: Channel, payload: bytes) -> bool:
         return self.reports.send(channel, payload)
+
+    def observe(self, callback: StatusCallback) -> None:
+        """The status of ``reports`` (the broker link), when it reports one."""
+        if isinstance(self.reports, ObservableTransport):
+            self.reports.observe(callback)

@@ -46,6 +46,10 @@ class SimAgent(Protocol):
 
     def predict(self, inputs: dict[str, Any]) -> Any: ...
 
+    def predict_tracked(self, inputs: dict[str, Any]) -> tuple[Any, Any]: ...
+
+    def feedback(self, prediction_id: str, *, label: int) -> Any: ...
+
     def serving(self) -> Serving | None: ...
 
     def arm_crash(self, point: str) -> None: ...
@@ -125,6 +129,14 @@ class RealAgent:
 
     def predict(self, inputs: dict[str, Any]) -> Any:
         return self.agent.predict(inputs)
+
+    def predict_tracked(self, inputs: dict[str, Any]) -> tuple[Any, Any]:
+        """The agent's :meth:`~device_agent.agent.Agent.predict_tracked`: outputs and the remembered prediction."""
+        return self.agent.predict_tracked(inputs)
+
+    def feedback(self, prediction_id: str, *, label: int) -> Any:
+        """Report the true ``label`` of a remembered prediction through the agent (spooled, sent over MQTT)."""
+        return self.agent.feedback(prediction_id, label=label)
 
     def serving(self) -> Serving | None:
         model = self.agent.runtime.current

@@ -33,6 +33,9 @@ FAST_AGENT_SETTINGS: dict[str, Any] = {
     # milliseconds: real devices have their own CPUs. The manifest's latency budget still applies as is.
     "health_latency_slack_ms": 25.0,
     "log_level": "WARNING",
+    # Hundreds of agents in one process would each run a thread asking the server's /healthz; the simulator
+    # watches the fleet through the server instead.
+    "server_check_seconds": 0.0,
 }
 # How often the interpreter lets another thread run: Python's default (5 ms) would add up to 5 ms to a
 # request whose inference is done but whose thread waits for the GIL; agents measure that as latency.
@@ -69,6 +72,9 @@ class FleetConfig:
     # Where inference inputs come from: the bundle's test vectors (a handful of rows) or the digits data set
     # (natural inputs: exercises output-based gates such as a NaN rate; see edgeota.fleet.load).
     input_source: InputSource = "test_vectors"
+    # Share of requests whose true label the simulated application reports back through the agent's feedback
+    # call (``predict_tracked`` + ``feedback``); only inputs drawn from the digits data set have a known label.
+    feedback_share: float = 0.0
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sys
 import threading
 import time
@@ -41,7 +42,7 @@ from edgeota.fleet.config import (
     FleetSnapshot,
     SimDevice,
 )
-from edgeota.fleet.faults import Fault, FaultKind, assign_faults
+from edgeota.fleet.faults import Fault, FaultKind, FaultSpecError, assign_faults
 from edgeota.fleet.load import INPUT_SOURCES, Drift, InputSampler
 from edgeota.fleet.netcut import ProxyHub
 from edgeota.fleet.poll import SharedCommandPoller
@@ -223,11 +224,17 @@ class FleetSimulator:
                 cache_key=serving.bundle_sha256,  # one read of the pools per bundle and process, not per device
             )
             device.sampler_digest = serving.bundle_sha256
-        inputs = device.sampler.sample(1, device.drift)
+        inputs, labels = device.sampler.sample_labelled(1, device.drift)
         device.stats.requests += 1
         device.stats.served[serving.version] += 1
+        share = self.config.feedback_share
         try:
-            agent.predict(inputs)
+            if labels is not None and share > 0 and (share >= 1 or random.random() < share):
+                # The simulated application learns the true digit and reports it for this prediction.
+                _, prediction = agent.predict_tracked(inputs)
+                agent.feedback(prediction.prediction_id, label=int(labels[0]))
+            else:
+                agent.predict(inputs)
         except Exception:  # the agent counts model errors in its telemetry; we only count them here
             device.stats.errors += 1
 
@@ -270,6 +277,23 @@ class FleetSimulator:
             assert device.agent is not None
             device.agent = self._new_agent(device)  # a fresh boot on the same folder
             self._start_agent(device)
+
+    def set_drift(self, drift: Drift | None, device_ids: Sequence[str] | None = None) -> list[str]:
+        """From the next request on, draw the inputs of ``device_ids`` (None: every device) through ``drift``
+        (None: undrifted): a sensor fault that starts while the fleet runs. Returns the devices it applies to.
+
+        Raises:
+            FaultSpecError: a device id that is not in this fleet.
+        """
+        known = {d.device_id: d for d in self.devices}
+        chosen = list(known) if device_ids is None else list(device_ids)
+        missing = [d for d in chosen if d not in known]
+        if missing:
+            raise FaultSpecError(f"unknown device {missing[0]!r}")
+        for device_id in chosen:
+            known[device_id].drift = drift
+            self._event(known[device_id], f"input drift set to {drift}")
+        return chosen
 
     # ------------------------------------------------------------ observing
 

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgeota_contract.messages import SignedCommand
+from ota_server.api.responses_evaluation import BlessingStatus
 from ota_server.api.responses_telemetry import (
     Attribution,
     DatasetFile,
@@ -166,6 +167,7 @@ class DeviceSummary(BaseModel):
     online: bool
     last_seen: str | None
     agent_version: str | None
+    decommissioned_at: str | None = Field(default=None, description="set when the device was decommissioned")
 
 
 class DeviceModelRecord(BaseModel):
@@ -207,6 +209,15 @@ class DeviceDetail(DeviceSummary):
     deployments: list[DeploymentRecord]
 
 
+class DeviceDecommissioned(BaseModel):
+    """``POST /api/v1/devices/{id}/decommission``: what decommissioning changed."""
+
+    device_id: str
+    decommissioned_at: str
+    left_rollouts: list[str] = Field(description="open rollouts whose targets no longer hold the device")
+    cancelled_deployments: list[str] = Field(description="the device's open deployments, now cancelled")
+
+
 class DeviceCommands(BaseModel):
     """``GET /api/v1/devices/{id}/commands``: the signed commands the device has open, oldest first."""
 
@@ -231,6 +242,23 @@ class GateStatus(BaseModel):
     detail: str
 
 
+class FailedDevice(BaseModel):
+    """A device whose latest attempt in a rollout failed or was rolled back, and why."""
+
+    device_id: str
+    state: str
+    reason: str
+    detail: str
+
+
+class RolloutFailures(BaseModel):
+    """Why devices failed in a rollout: every reason code counted, the newest few devices named."""
+
+    total: int
+    by_reason: dict[str, int]
+    devices: list[FailedDevice] = Field(description="the newest failures (at most 10); total counts them all")
+
+
 class RolloutStatus(BaseModel):
     """``GET /api/v1/rollouts/{id}``, the rows of ``GET /api/v1/rollouts`` and the answer to a command.
 
@@ -242,6 +270,8 @@ class RolloutStatus(BaseModel):
 
     rollout_id: str
     release_id: str
+    model_name: str | None = Field(default=None, description="the release's model")
+    version: str | None = Field(default=None, description="the release's version")
     state: str
     reason: str
     detail: str
@@ -268,6 +298,57 @@ class RolloutStatus(BaseModel):
         default=None, description="requests on the release's profiles since the rollout was created, and attribution"
     )
     deployments: list[DeploymentRecord] | None = None
+    failures: RolloutFailures | None = Field(default=None, description="failed and rolled-back devices, by reason")
+    blessing: BlessingStatus | None = Field(
+        default=None, description="what the blessing gate found when the rollout started (null before)"
+    )
+    bandit: BanditStatus | None = Field(default=None, description="a bandit rollout's arms and allocation")
+
+
+class BanditPosterior(BaseModel):
+    """Beta(alpha, beta) of an arm's reward rate; ``low``..``high``: central 95% from the last step's draws."""
+
+    alpha: float
+    beta: float
+    mean: float
+    low: float | None
+    high: float | None
+
+
+class BanditArm(BaseModel):
+    """One arm of a bandit rollout (``ota_server.services.bandit_status``)."""
+
+    release_id: str
+    version: str
+    position: int
+    state: str = Field(description="active, dropped (failed its gates), winner or retired")
+    reason: str
+    detail: str
+    devices: int = Field(description="devices whose latest attempt is on this arm and did not fail")
+    committed: int
+    in_progress: int
+    failed: int
+    share: float | None = Field(description="devices / devices placed on any arm")
+    target_share: float | None = Field(description="the share the last step aimed at")
+    prob_best: float | None = Field(description="probability of being the best arm at the last step")
+    rewards: int = Field(description="feedback rows counted since the rollout started")
+    reward_sum: float
+    posterior: BanditPosterior
+    gates: list[GateStatus] | None = Field(description="the plan's telemetry gates judged on this arm's release")
+
+
+class BanditStatus(BaseModel):
+    """The ``bandit`` section of a bandit rollout's status."""
+
+    config: dict[str, Any]
+    steps: int
+    last_step_at: str | None
+    last_seed: int | None = Field(description="the seed of the last step's draws (recomputable)")
+    leader: str | None = Field(description="the arm at or over win_probability at the last step")
+    leader_since: str | None
+    winner_release_id: str | None
+    moved_by_steps: int
+    arms: list[BanditArm]
 
 
 class StagePreview(BaseModel):

@@ -94,15 +94,41 @@ class WindowBody(_Body):
         return m(self.start), m(self.end)
 
 
+class BanditBody(_Body):
+    """How a bandit rollout allocates (``ota_server.rollout.bandit.BanditConfig``)."""
+
+    floor: float = Field(default=0.1, ge=0, le=0.5, description="share every healthy arm keeps (<= 1/arms)")
+    interval_seconds: float = Field(default=60.0, gt=0, le=7 * 86400, description="seconds between steps")
+    max_moves: int = Field(default=10, ge=1, le=10_000_000, description="devices moved per step at most")
+    draws: int = Field(default=2000, ge=1, le=100_000, description="Thompson draws per step")
+    seed: int = Field(default=0, ge=0, le=2**31, description="base seed of the draws; 0: a random one (recorded)")
+    win_probability: float | None = Field(
+        default=0.95,
+        gt=0.5,
+        lt=1,
+        description="an arm this likely to be best for win_hold_seconds wins and gets every device; null: run "
+        "until stopped",
+    )
+    win_hold_seconds: float = Field(default=600.0, ge=0, le=30 * 86400)
+
+
 class RolloutCreate(_Body):
     release_id: str = Field(min_length=1, max_length=64)
     selector: SelectorBody = Field(default_factory=SelectorBody)
-    strategy: Literal["canary", "blue_green", "ab", "shadow"] = Field(
+    strategy: Literal["canary", "blue_green", "ab", "shadow", "bandit"] = Field(
         default="canary",
         description="canary: the stages as given; blue_green: every device at once (one stage of 100%, the first "
         "stage's soak), switched back on failure; ab: a fixed split_percent of the fleet gets the release; shadow: "
-        "the stages as given, but devices run the release beside the serving model (no switch)",
+        "the stages as given, but devices run the release beside the serving model (no switch); bandit: the "
+        "devices are split between release_id and the arms, and moved toward the best by Thompson sampling on "
+        "feedback rewards (docs/rollouts.md)",
     )
+    arms: list[str] = Field(
+        default_factory=list,
+        max_length=15,
+        description="bandit only: the other arms' release ids (release_id is the first arm)",
+    )
+    bandit: BanditBody = Field(default_factory=lambda: BanditBody(), description="bandit only: the allocation")
     split_percent: float | None = Field(default=None, gt=0, lt=100, description="ab only: share of devices on B")
     stages: list[StageBody] = Field(default_factory=lambda: [StageBody(percent=100)], min_length=1, max_length=50)
     gates: GatesBody = Field(default_factory=GatesBody)
@@ -126,6 +152,16 @@ class RolloutCreate(_Body):
     start: bool = False
     start_at: datetime | None = Field(default=None, description="scheduled start (state scheduled until then)")
     dry_run: bool = False
+    allow_empty: bool = Field(
+        default=False, description="create the rollout even when its selection targets no device (else 422)"
+    )
+    override_blessing: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1000,
+        description="the reason to start (start or start_at) a release whose latest evaluation is not blessed; "
+        "written to the audit log (docs/evaluation.md)",
+    )
 
 
 def strategy_stages(body: RolloutCreate) -> list[StageBody]:
@@ -143,3 +179,15 @@ def strategy_stages(body: RolloutCreate) -> list[StageBody]:
 class CommandBody(_Body):
     reason: str = Field(default="", max_length=1000)
     revert: bool = Field(default=False, description="abort only: also revert devices already updated")
+    override_blessing: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1000,
+        description="start only: the reason to start a release that is not blessed (audited)",
+    )
+
+
+class DecommissionBody(_Body):
+    """``POST /api/v1/devices/{id}/decommission``."""
+
+    reason: str = Field(default="", max_length=1000, description="why, recorded in the audit log")

@@ -62,7 +62,11 @@ class Settings(BaseSettings):
     s3_redirect_downloads: bool = Field(
         default=True, description="answer device downloads with a 307 to a presigned URL; false: the server streams"
     )
-    public_url: str = Field(default="http://127.0.0.1:8080", description="URL devices use to reach this server")
+    public_url: str = Field(
+        default="http://127.0.0.1:8080",
+        description="URL devices use to reach this server (written into agent.toml); unless set, `edgeota server "
+        "run` derives it from its --host and --port",
+    )
 
     mqtt_enabled: bool = True
     engine_enabled: bool = True
@@ -90,6 +94,16 @@ class Settings(BaseSettings):
 
     server_key: Path | None = Field(default=None, description="Ed25519 key signing commands; generated if missing")
     release_keys: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    hardware_profiles: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="profile ids devices may be provisioned with besides those of hardware_profiles_dir and of "
+        "stored releases (comma-separated in the environment)",
+    )
+    hardware_profiles_dir: Path | None = Field(
+        default=None,
+        description="folder of hardware profile YAML files whose ids devices may be provisioned with; default the "
+        "hardware_profiles/ folder shipped beside the server, when present",
+    )
     admin_token: SecretStr | None = Field(default=None, description="bootstrap admin bearer token")
 
     max_bundle_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
@@ -151,8 +165,20 @@ class Settings(BaseSettings):
     tuf_targets_expiry_seconds: float = Field(default=7 * 86400.0, ge=60, description="targets lifetime")
     tuf_root_expiry_seconds: float = Field(default=365 * 86400.0, ge=3600, description="root lifetime")
     tuf_refresh_seconds: float = Field(default=60.0, gt=0, description="how often the core re-signs due roles")
+    # Alerts (docs/alerts.md): rules evaluated in the core process over the telemetry aggregates
+    alert_rules_file: Path | None = Field(
+        default=None, description="alert rules (TOML, or JSON by the .json suffix); none: no alerts are evaluated"
+    )
+    alert_eval_seconds: float = Field(default=30.0, ge=0.1, le=3600, description="how often the core evaluates")
+    alert_export_dir: Path | None = Field(
+        default=None, description="where exports made for alerts go; default data_dir/alert-exports"
+    )
+    # Blessing gate (docs/evaluation.md): a release whose latest evaluation failed always needs an override
+    require_blessing: bool = Field(
+        default=False, description="also refuse to start rollouts of releases never evaluated (unless overridden)"
+    )
 
-    @field_validator("release_keys", mode="before")
+    @field_validator("release_keys", "hardware_profiles", mode="before")
     @classmethod
     def _parse_release_keys(cls, value: Any) -> Any:
         return _split_paths(value)
@@ -236,3 +262,15 @@ class Settings(BaseSettings):
     @property
     def tmp_dir(self) -> Path:
         return self.data_dir / "tmp"
+
+    def listening_on(self, host: str, port: int) -> Settings:
+        """These settings for a server listening on ``host:port``: unless ``public_url`` was set (argument,
+        environment or config file), it becomes that address, so ``server run --port`` changes what devices are
+        told. A wildcard host (``0.0.0.0``, ``::``, empty) is advertised as loopback: devices on other machines
+        need ``public_url`` set explicitly."""
+        if "public_url" in self.model_fields_set:
+            return self
+        shown = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+        if ":" in shown and not shown.startswith("["):
+            shown = f"[{shown}]"  # an IPv6 address in a URL
+        return self.model_copy(update={"public_url": f"http://{shown}:{port}"})

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edgeota_contract.errors import BundleError, ContractError, EdgeotaError, SignatureError
 from edgeota_contract.logs import log_event
 from edgeota_contract.states import ReasonCode
+from ota_server.db import is_transient_conflict
 from ota_server.errors import (
     Conflict,
     InvalidRequest,
@@ -134,6 +135,14 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if is_transient_conflict(exc):
+            # Rolled back whole: nothing was changed, so the same request may simply be sent again.
+            log_event(log, "database_conflict", logging.WARNING, path=request.url.path, error=repr(exc)[:300])
+            resp = problem(
+                503, "Service Unavailable", "the database was busy (a lock conflict); retry", request.url.path
+            )
+            resp.headers["Retry-After"] = "1"
+            return resp
         log_event(log, "unhandled_error", logging.ERROR, path=request.url.path, error=repr(exc))
         return problem(500, "Internal Server Error", "unexpected server error", request.url.path)
 

@@ -121,7 +121,7 @@ def apply_deployment_effects(
             rollout = session.get(Rollout, dep.rollout_id) if dep is not None and dep.rollout_id else None
             if dep is None or rollout is None:
                 continue
-            new_ids = deps.revert_devices(session, rollout, (dep.device_id,), actor, now, outbox)
+            new_ids = deps.revert_devices(session, rollout, (dep.device_id,), actor, now, outbox, note_skipped=False)
             pending = [d for d in (session.get(Deployment, i) for i in new_ids) if d is not None]
             outbox.deployments.extend(prepare_resend(pending))
         elif isinstance(effect, rules.Resend):

@@ -49,8 +49,39 @@ def retry(session: Session, rollout: Rollout, device_ids: tuple[str, ...], actor
             f"attempt {dep.attempt} failed with {dep.reason}; assigning attempt {dep.attempt + 1}",
         )
         session.flush()  # the new attempt must not meet this one as "the latest"
-        new_ids.extend(assign(session, rollout, (dep.device_id,), dep.stage, actor, now, attempt=dep.attempt + 1))
+        # The same release as the failed attempt (a bandit rollout's devices run different releases).
+        bundle = session.get(Bundle, dep.bundle_sha256)
+        release = bundle.release_id if bundle is not None else None
+        next_attempt = dep.attempt + 1
+        for new_id in assign(session, rollout, (dep.device_id,), dep.stage, actor, now, next_attempt, release):
+            again = session.get(Deployment, new_id)
+            if again is not None:
+                again.allow_downgrade = dep.allow_downgrade  # a permitted downgrade stays permitted on its retry
+            new_ids.append(new_id)
     return new_ids
+
+
+def _lock_superseded_rollouts(session: Session, rollout_id: str, device_ids: tuple[str, ...], model: str) -> None:
+    """Lock (``FOR UPDATE``, in id order) the other rollouts whose open deployments of ``model`` on these devices
+    an assignment is about to supersede. Ingest share-locks a deployment's rollout before applying a report to it
+    (:func:`ota_server.services.ingest.handle_status`), so both meet at the rollout row first and never deadlock
+    on the deployment rows. SQLite (one writer at a time) needs none of this."""
+    if session.get_bind().dialect.name == "sqlite" or not device_ids:
+        return
+    open_states = [s.value for s in DeploymentState if not s.terminal]
+    others = session.scalars(
+        select(Deployment.rollout_id)
+        .where(
+            Deployment.device_id.in_(device_ids),
+            Deployment.model_name == model,
+            Deployment.state.in_(open_states),
+            Deployment.rollout_id.is_not(None),
+            Deployment.rollout_id != rollout_id,
+        )
+        .distinct()
+    )
+    for other in sorted(r for r in others if r is not None):
+        session.execute(select(Rollout.id).where(Rollout.id == other).with_for_update())
 
 
 def assign(
@@ -61,12 +92,16 @@ def assign(
     actor: str,
     now: datetime,
     attempt: int = 1,
+    release_id: str | None = None,
 ) -> list[str]:
-    release = session.get(Release, rollout.release_id)
+    """Create a deployment of the release's bundle per device; returns the ids to send (not the devices that
+    already run it, committed at once). ``release_id``: another release than the rollout's (a bandit arm)."""
+    release = session.get(Release, release_id or rollout.release_id)
     assert release is not None
     bundles = {b.hardware_profile: b for b in session.scalars(select(Bundle).where(Bundle.release_id == release.id))}
     mode = Plan.from_json(rollout.plan).mode
     new_ids: list[str] = []
+    _lock_superseded_rollouts(session, rollout.id, device_ids, release.model_name)
     for device_id in device_ids:
         device = session.get(Device, device_id)
         if device is None or device.hardware_profile not in bundles:
@@ -160,7 +195,13 @@ def finish_install(
 
 
 def revert_devices(
-    session: Session, rollout: Rollout, device_ids: tuple[str, ...], actor: str, now: datetime, outbox: Outbox
+    session: Session,
+    rollout: Rollout,
+    device_ids: tuple[str, ...],
+    actor: str,
+    now: datetime,
+    outbox: Outbox,
+    note_skipped: bool = True,
 ) -> list[str]:
     """Create one rollback deployment per device (to the bundle it ran before); returns their ids.
 
@@ -228,8 +269,22 @@ def revert_devices(
             {"device_id": dep.device_id, "to_version": previous.version, "from_version": dep.version},
         )
         new_ids.append(back.id)
-    if skipped:
+    if skipped and note_skipped:
         note(rollout, f"no previous bundle to revert: {', '.join(skipped)}")
+    elif skipped:
+        # A late revert from ingest, which holds only a share lock on the rollout: its row is not written here
+        # (two ingest writers upgrading their share locks would deadlock); the audit log says it instead.
+        for device_id in skipped:
+            audit.record(
+                session,
+                actor,
+                "deployment.revert_skipped",
+                "rollout",
+                rollout.id,
+                None,
+                {"device_id": device_id},
+                "no previous bundle to revert",
+            )
     session.flush()
     return new_ids
 

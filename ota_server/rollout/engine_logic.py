@@ -303,7 +303,7 @@ def _advance(view: RolloutView, stage_index: int, stage_count: int) -> list[Effe
     return [EnterStage(stage_index + 1, gates=view.gate_results)]
 
 
-Command = Literal["start", "pause", "resume", "approve", "abort", "abort_revert", "rollback"]
+Command = Literal["start", "pause", "resume", "approve", "abort", "abort_revert", "rollback", "retry_failed"]
 
 _NOT_TERMINAL = frozenset(s for s in RolloutState if not s.terminal)
 COMMAND_FROM: Mapping[str, frozenset[RolloutState]] = {
@@ -314,11 +314,17 @@ COMMAND_FROM: Mapping[str, frozenset[RolloutState]] = {
     "abort": _NOT_TERMINAL,
     "abort_revert": _NOT_TERMINAL,
     "rollback": frozenset({RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.COMPLETED, RolloutState.ABORTED}),
+    "retry_failed": frozenset({RolloutState.RUNNING, RolloutState.PAUSED}),
 }
 """The rollout states each operator command may start from (the rest raise :class:`TransitionError`)."""
 SCHEDULE_FROM = frozenset({RolloutState.DRAFT})
 """Only a draft may be scheduled (``rollout create --start-at``)."""
-_VERB = {"approve": "approve a stage of", "abort_revert": "abort", "rollback": "roll back"}
+_VERB = {
+    "approve": "approve a stage of",
+    "abort_revert": "abort",
+    "rollback": "roll back",
+    "retry_failed": "retry the failed devices of",
+}
 
 
 def _allowed(command: str, state: RolloutState) -> None:
@@ -330,7 +336,9 @@ def apply_command(view: RolloutView, command: Command, now: datetime | None = No
     """Effects of an operator command.
 
     Raises :class:`TransitionError` when :data:`COMMAND_FROM` does not allow ``command`` from the
-    rollout's state, or for ``approve`` when the current stage needs no approval.
+    rollout's state, for ``approve`` when the current stage needs no approval, and for ``retry_failed`` when no
+    device's latest attempt is ``failed``. ``retry_failed`` re-assigns every failed device a new attempt of the same
+    bundle (:class:`Retry`, whatever the plan's ``max_retries``) and leaves the rollout's state as it is.
     """
     if command not in COMMAND_FROM:
         raise TransitionError(f"unknown command {command!r}")
@@ -349,6 +357,13 @@ def apply_command(view: RolloutView, command: Command, now: datetime | None = No
         if not stage.requires_approval:
             raise TransitionError(f"stage {view.current_stage} does not require approval")
         return [ApproveStage(view.current_stage)]
+    if command == "retry_failed":
+        # Only ``failed`` (not ``rolled_back``: the device itself judged the bundle bad); the rollout's state stays,
+        # so a paused rollout runs the new attempts and the operator resumes when they look right.
+        failed_ids = tuple(sorted(d.device_id for d in view.deployments.values() if d.state == DS.FAILED))
+        if not failed_ids:
+            raise TransitionError("the rollout has no failed devices to retry")
+        return [Retry(failed_ids)]
     if command == "abort":
         pending = tuple(sorted(d.device_id for d in view.deployments.values() if d.state == DS.PENDING))
         cancel: list[Effect] = [CancelDeployments(pending)] if pending else []

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import add
 from typing import Any
 
+from edgeota_contract.messages import TelemetryWindow
 from edgeota_contract.telemetry import LATENCY_EDGES_MS, histogram_quantile, merge_counts
 
 FeatureKey = tuple[str, int | None]
@@ -89,37 +91,78 @@ class TelemetryTotals:
 
     def add_shadow(self, shadow: Mapping[str, Any]) -> None:
         """Add the shadow summary of a window in which the candidate ran beside the serving model."""
-        key = (str(shadow.get("candidate_version", "")), str(shadow.get("candidate_bundle_sha256", "")))
-        old = self.shadows.setdefault(key, [0, 0])
-        old[0] += int(shadow.get("compared", 0))
-        old[1] += int(shadow.get("top1_agree", 0))
+        version, sha, compared, agree = _shadow_values(shadow)
+        old = self.shadows.setdefault((version, sha), [0, 0])
+        old[0] += compared
+        old[1] += agree
 
     def add_window(self, window: Mapping[str, Any], device_id: str = "", attributed: bool = True) -> None:
         """Add one ``TelemetryWindow`` (as JSON). Histograms with other bucket counts are skipped."""
+        outputs = window.get("outputs", [])
+        shadow = window.get("shadow")
+        self._add_counts(
+            int(window.get("request_count", 0)),
+            int(window.get("error_count", 0)),
+            window.get("latency_counts") or [],
+            {(str(f.get("input")), f.get("feature")): f.get("counts", []) for f in window.get("features", [])},
+            {str(o.get("output")): o["class_counts"] for o in outputs if o.get("class_counts")},
+            {str(o.get("output")): o["confidence_counts"] for o in outputs if o.get("confidence_counts")},
+            sum(int(o.get("nan_count", 0)) for o in outputs),
+            _shadow_values(shadow) if shadow else None,
+            int(window.get("spool_dropped", 0)),
+            device_id,
+            attributed,
+        )
+
+    def add_window_model(self, window: TelemetryWindow, device_id: str = "", attributed: bool = True) -> None:
+        """:meth:`add_window` for a parsed window (the same counts, read from its attributes: ingest's fast path
+        adds a window without building its JSON)."""
+        outputs = window.outputs
+        shadow = window.shadow
+        self._add_counts(
+            window.request_count,
+            window.error_count,
+            window.latency_counts,
+            {(f.input, f.feature): f.counts for f in window.features},
+            {o.output: o.class_counts for o in outputs if o.class_counts},
+            {o.output: o.confidence_counts for o in outputs if o.confidence_counts},
+            sum(o.nan_count for o in outputs),
+            None
+            if shadow is None
+            else (shadow.candidate_version, shadow.candidate_bundle_sha256, shadow.compared, shadow.top1_agree),
+            window.spool_dropped,
+            device_id,
+            attributed,
+        )
+
+    def _add_counts(
+        self,
+        requests: int,
+        errors: int,
+        latency: Sequence[int],
+        features: Mapping[FeatureKey, Sequence[int]],
+        classes: Mapping[str, Sequence[int]],
+        confidence: Mapping[str, Sequence[int]],
+        nan_outputs: int,
+        shadow: tuple[str, str, int, int] | None,
+        dropped: int,
+        device_id: str,
+        attributed: bool,
+    ) -> None:
         self.windows += 1
-        requests = int(window.get("request_count", 0))
         self.requests += requests
         self.attributed_requests += requests if attributed else 0
-        self.errors += int(window.get("error_count", 0))
-        latency = window.get("latency_counts") or []
+        self.errors += errors
         if len(latency) == len(self.latency_counts):
-            self.latency_counts = merge_counts(self.latency_counts, latency)
-        features = {
-            (str(f.get("input")), f.get("feature")): list(f.get("counts", [])) for f in window.get("features", [])
-        }
+            self.latency_counts = list(map(add, self.latency_counts, latency))
         _merge_into(self.features, features)
-        outputs = window.get("outputs", [])
-        _merge_into(
-            self.outputs, {str(o.get("output")): list(o["class_counts"]) for o in outputs if o.get("class_counts")}
-        )
-        _merge_into(
-            self.confidence,
-            {str(o.get("output")): list(o["confidence_counts"]) for o in outputs if o.get("confidence_counts")},
-        )
-        self.nan_outputs += sum(int(o.get("nan_count", 0)) for o in outputs)
-        if window.get("shadow"):
-            self.add_shadow(window["shadow"])
-        dropped = int(window.get("spool_dropped", 0))
+        _merge_into(self.outputs, classes)
+        _merge_into(self.confidence, confidence)
+        self.nan_outputs += nan_outputs
+        if shadow is not None:
+            old = self.shadows.setdefault((shadow[0], shadow[1]), [0, 0])
+            old[0] += shadow[2]
+            old[1] += shadow[3]
         if dropped:
             self.dropped_by_device[device_id] = max(dropped, self.dropped_by_device.get(device_id, 0))
 
@@ -181,14 +224,25 @@ def _fkey(item: tuple[FeatureKey, list[int]]) -> tuple[str, int]:
     return name, -1 if feature is None else feature
 
 
+def _shadow_values(shadow: Mapping[str, Any]) -> tuple[str, str, int, int]:
+    """(candidate version, candidate sha, compared, top1 agree) of a window's shadow summary as JSON."""
+    return (
+        str(shadow.get("candidate_version", "")),
+        str(shadow.get("candidate_bundle_sha256", "")),
+        int(shadow.get("compared", 0)),
+        int(shadow.get("top1_agree", 0)),
+    )
+
+
 def _merge_into(target: dict[Any, list[int]], extra: Mapping[Any, Sequence[int]]) -> None:
-    # The hot loop of every review and gate read: plain zip, no per-call checks beyond the length.
+    # The hot loop of every review, gate read and ingest batch: map(add) runs in C, a new list per key (the
+    # caller's lists are never changed), no per-call checks beyond the length.
     for key, counts in extra.items():
         old = target.get(key)
         if old is None:
             target[key] = list(counts)
         elif len(old) == len(counts):
-            target[key] = [a + b for a, b in zip(old, counts, strict=True)]
+            target[key] = list(map(add, old, counts))
 
 
 def merge_all(parts: Sequence[TelemetryTotals] | Mapping[Any, TelemetryTotals]) -> TelemetryTotals:

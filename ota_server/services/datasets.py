@@ -7,8 +7,9 @@ and writes into a folder:
   device without the cohort label is in ``cohort=__HIVE_DEFAULT_PARTITION__``, which pyarrow reads as
   null). One Parquet row per sample row, sorted by time, device, sample and row. Columns:
   ``input_<name>`` (the row's input flattened, ``list<float32|float64|int64|bool>`` by the input's dtype),
-  ``prediction`` (int64), ``confidence`` (float64), ``label`` (int64) and ``label_source`` (string), null
-  until labels come back, ``device_id``, ``hardware_profile``, ``model_name``, ``version``, ``time`` (the
+  ``prediction`` (int64), ``confidence`` (float64), ``label`` (int64) and ``label_source`` (string:
+  ``feedback`` when an application reported the true class for the sample's prediction id and row; null
+  until labels come back), ``device_id``, ``hardware_profile``, ``model_name``, ``version``, ``time`` (the
   device's clock, else the arrival time; timestamp[us, UTC]), ``received_at``, ``stream`` (``uniform`` |
   ``hard``), ``reason``, ``sample_sha256`` and ``row``.
 * ``_manifest.json`` (:data:`MANIFEST_FORMAT`; the leading underscore makes pyarrow's and pandas' dataset
@@ -41,9 +42,12 @@ from sqlalchemy.orm import Session
 
 from ota_server.errors import InvalidRequest, NotFound
 from ota_server.models import Bundle, Device, Release, StoredSample
+from ota_server.services.feedback import sample_labels
 from ota_server.services.samples import STREAMS
 
 MANIFEST_FORMAT = "edgeota-dataset/1"
+LABEL_SOURCE_FEEDBACK = "feedback"
+"""``label_source`` of a label an application reported for the sample's prediction (``feedback`` table)."""
 MANIFEST_NAME = "_manifest.json"
 MAX_EXPORT_SAMPLES = 100_000
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
@@ -74,6 +78,7 @@ class _Row:
     inputs: dict[str, np.ndarray]
     release_id: str
     cohort: str | None
+    label: int | None = None
 
 
 @dataclass
@@ -101,6 +106,14 @@ def _select(session: Session, query: ExportQuery) -> list[StoredSample]:
     if len(found) > MAX_EXPORT_SAMPLES:
         raise InvalidRequest(f"more than {MAX_EXPORT_SAMPLES} samples match; narrow the filters")
     return found
+
+
+def _label(truth: dict[tuple[str, str, int], int], s: StoredSample, row: int) -> int | None:
+    """The label reported for sample row ``row`` (through its request's prediction id and row), if any."""
+    if not s.prediction_id:
+        return None
+    request_row = s.request_rows[row] if s.request_rows and row < len(s.request_rows) else row
+    return truth.get((s.device_id, s.prediction_id, int(request_row)))
 
 
 def _split_rows(arrays: dict[str, np.ndarray], rows: int) -> list[dict[str, np.ndarray]]:
@@ -168,8 +181,8 @@ def _table(rows: list[_Row], inputs: dict[str, np.dtype[Any]], schema: Any) -> A
             cols[f"input_{name}"].append(None if value is None else value.astype(dtype).reshape(-1).tolist())
         cols["prediction"].append(s.predictions[r.row] if s.predictions else None)
         cols["confidence"].append(s.confidences[r.row] if s.confidences else None)
-        cols["label"].append(None)
-        cols["label_source"].append(None)
+        cols["label"].append(r.label)
+        cols["label_source"].append(None if r.label is None else LABEL_SOURCE_FEEDBACK)
         cols["device_id"].append(s.device_id)
         cols["hardware_profile"].append(s.hardware_profile)
         cols["model_name"].append(s.model_name)
@@ -232,6 +245,7 @@ def export_dataset(
     }
     device_ids = sorted({s.device_id for s in samples})
     labels = {d.id: d.labels or {} for d in session.scalars(select(Device).where(Device.id.in_(device_ids)))}
+    truth = sample_labels(session, ((s.device_id, s.prediction_id) for s in samples if s.prediction_id))
     partitions: dict[str, _Partition] = defaultdict(_Partition)
     dtypes: dict[str, np.dtype[Any]] = {}
     shapes: dict[str, set[tuple[int, ...]]] = defaultdict(set)
@@ -252,7 +266,8 @@ def export_dataset(
             for name, a in row_inputs.items():
                 shapes[name].add(tuple(a.shape))
             part = partitions[_partition_path(release_id, None if cohort is None else str(cohort))]
-            part.rows.append(_Row(s, i, row_inputs, release_id, None if cohort is None else str(cohort)))
+            label = _label(truth, s, i)
+            part.rows.append(_Row(s, i, row_inputs, release_id, None if cohort is None else str(cohort), label))
     parent = _parent(session, query, newest[1] if newest else None)
     return _write(out, query, partitions, dtypes, shapes, missing, len(samples), parent, now)
 

@@ -15,6 +15,7 @@ from ota_server.core.security import hash_secret, mosquitto_password_hash, new_s
 from ota_server.errors import Conflict, InvalidRequest
 from ota_server.models import Deployment, Device, DeviceModel, utcnow
 from ota_server.services import audit
+from ota_server.services.profiles import require_known_profile
 
 
 def provision(
@@ -29,9 +30,11 @@ def provision(
 
     Raises:
         Conflict: the device id is taken, or no release keys are configured (a device could trust nothing).
+        InvalidRequest: the server does not know ``hardware_profile`` (:mod:`ota_server.services.profiles`).
     """
     if not ctx.release_key_pems:
         raise Conflict("no trusted release keys configured; set EDGEOTA_SERVER_RELEASE_KEYS")
+    require_known_profile(ctx.settings, session, hardware_profile)
     device_id = device_id or f"dev-{uuid.uuid4().hex[:12]}"
     if session.get(Device, device_id) is not None:
         raise Conflict(f"device {device_id} already exists")
@@ -111,6 +114,7 @@ class DeviceLike(Protocol):
     last_seen: datetime | None
     agent_version: str | None
     presence_online: bool
+    decommissioned_at: datetime | None
 
 
 SUMMARY_COLUMNS = (
@@ -120,6 +124,7 @@ SUMMARY_COLUMNS = (
     Device.last_seen,
     Device.agent_version,
     Device.presence_online,
+    Device.decommissioned_at,
 )
 
 
@@ -131,6 +136,7 @@ def device_summary(device: DeviceLike, heartbeat_timeout: float) -> dict[str, An
         "online": is_online(device, heartbeat_timeout),
         "last_seen": device.last_seen.isoformat() if device.last_seen else None,
         "agent_version": device.agent_version,
+        "decommissioned_at": device.decommissioned_at.isoformat() if device.decommissioned_at else None,
     }
 
 
@@ -142,9 +148,13 @@ def list_devices(
     online: bool | None,
     limit: int,
     offset: int,
+    include_decommissioned: bool = False,
 ) -> list[dict[str, Any]]:
+    """Device summaries in id order; decommissioned devices only with ``include_decommissioned``."""
     # Plain rows of the summary columns: building ORM objects cost most of this endpoint's time.
     stmt = select(*SUMMARY_COLUMNS).order_by(Device.id)
+    if not include_decommissioned:
+        stmt = stmt.where(Device.decommissioned_at.is_(None))
     if profile:
         stmt = stmt.where(Device.hardware_profile == profile)
     if not labels and online is None:  # the common case pages in SQL

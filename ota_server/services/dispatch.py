@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -34,6 +34,15 @@ def prepare_sends(session: Session, deployments: list[Deployment]) -> list[str]:
     return [dep.id for dep in deployments]
 
 
+def wire_mode(dep: Deployment) -> Literal["install", "rollback", "shadow"]:
+    """The assignment's mode. An install the server permits below the device's release counter
+    (``allow_downgrade``: a bandit arm older than the device's release) goes as ``rollback``, the contract's
+    signed permission to install a lower counter."""
+    if dep.mode == "rollback" or (dep.mode == "install" and dep.allow_downgrade):
+        return "rollback"
+    return "shadow" if dep.mode == "shadow" else "install"
+
+
 def build_assignment(dep: Deployment, bundle: Bundle, ttl_seconds: float) -> Assignment:
     """The assignment command for ``dep`` (fresh nonce and expiry; the stored assignment id)."""
     now = utcnow()
@@ -42,7 +51,7 @@ def build_assignment(dep: Deployment, bundle: Bundle, ttl_seconds: float) -> Ass
         deployment_id=dep.id,
         rollout_id=dep.rollout_id,
         device_id=dep.device_id,
-        mode="rollback" if dep.mode == "rollback" else "shadow" if dep.mode == "shadow" else "install",
+        mode=wire_mode(dep),
         model_name=dep.model_name,
         version=dep.version,
         release_counter=dep.release_counter,

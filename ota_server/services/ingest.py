@@ -1,4 +1,4 @@
-"""Applying device messages to the database: status, check-in, telemetry, presence.
+"""Applying device messages to the database: status, check-in, telemetry, feedback, presence.
 
 Deployment state is decided by the pure rules of :mod:`ota_server.rollout.deployment_rules`
 (:func:`~ota_server.rollout.deployment_rules.on_status_report`, :func:`~ota_server.rollout.deployment_rules.on_checkin`)
@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from edgeota_contract.errors import ContractError
 from edgeota_contract.logs import log_event
-from edgeota_contract.messages import CheckIn, Presence, StatusReport, TelemetryWindow
+from edgeota_contract.messages import CheckIn, FeedbackReport, Presence, StatusReport, TelemetryWindow
 from edgeota_contract.states import DeploymentState, ReasonCode
 from ota_server.models import (
     Bundle,
@@ -43,14 +43,17 @@ from ota_server.models import (
 from ota_server.rollout import deployment_rules as rules
 from ota_server.rollout.apply import apply_deployment_effects
 from ota_server.rollout.unit_of_work import Outbox
+from ota_server.services import feedback
 from ota_server.services.dispatch import prepare_sends
 from ota_server.services.ingest_prefetch import DeviceMessageT, Known, msg_key
 from ota_server.services.telemetry_aggregates import (
     AggregateBatch,
     AggregationConfig,
     flush,
+    parsed_window_part,
     window_part,
 )
+from ota_server.services.telemetry_rows import window_columns, window_payload, window_row
 
 log = logging.getLogger("edgeota.server.ingest")
 
@@ -76,14 +79,19 @@ def apply_message(
         return handle_checkin(session, device_id, message, known)
     if isinstance(message, TelemetryWindow):
         return handle_telemetry(session, device_id, message, known)
+    if isinstance(message, FeedbackReport):
+        return handle_feedback(session, device_id, message, known)
     return handle_presence(session, device_id, message, known)
 
 
 def _device(session: Session, device_id: str, known: Known | None = None) -> Device:
-    """The sending device (``last_seen`` updated, unless a batch's :func:`prefetch` did); UnknownDevice if none."""
+    """The sending device (``last_seen`` updated, unless a batch's :func:`prefetch` did); UnknownDevice if none, or if
+    it was decommissioned (its messages, while the broker still lets it in, change nothing)."""
     device = session.get(Device, device_id)
     if device is None:
         raise UnknownDevice(f"unknown device {device_id}", ReasonCode.MALFORMED_MESSAGE)
+    if device.decommissioned_at is not None:
+        raise UnknownDevice(f"device {device_id} is decommissioned", ReasonCode.MALFORMED_MESSAGE)
     if known is None:
         device.last_seen = utcnow()
     return device
@@ -141,6 +149,22 @@ def _revert_ordered(session: Session, dep: Deployment) -> bool:
     return rollout is not None and rollout.reverted
 
 
+def _hold_rollout(session: Session, dep: Deployment) -> None:
+    """Share-lock ``dep``'s rollout row, then re-read ``dep`` locked, before a report is applied to it.
+
+    A rollout's decisions (roll back, cancel, supersede) take that row ``FOR UPDATE`` in whichever process
+    makes them, so a report applied in another process (``edgeota server ingest``, or an ingest writer beside
+    an API worker) waits for such a decision to commit and then sees it: without this, a ``committed``
+    applied over a cancellation that committed meanwhile was lost, and the device was never reverted. Share
+    locks do not wait for each other, so ingest transactions do not serialise among themselves. On SQLite
+    (one writer at a time) this is a plain read.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        return
+    session.execute(select(Rollout.id).where(Rollout.id == dep.rollout_id).with_for_update(read=True))
+    session.refresh(dep, with_for_update=True)
+
+
 def _apply(session: Session, device_id: str, effects: list[rules.DeploymentEffect], known: Known | None) -> list[str]:
     """Persist ``effects`` (:func:`ota_server.rollout.apply.apply_deployment_effects`); the ids to send."""
     if not effects:
@@ -169,6 +193,8 @@ def handle_status(session: Session, device_id: str, report: StatusReport, known:
         # Acked so the device stops re-sending, but nothing is applied.
         result.ignored = "unknown_deployment"
         return result
+    if dep.rollout_id is not None:
+        _hold_rollout(session, dep)
     session.add(
         StatusEvent(
             device_id=device_id,
@@ -270,6 +296,14 @@ def handle_checkin(session: Session, device_id: str, checkin: CheckIn, known: Kn
     # whether a revert was ordered matters only for a late commit the device shows running
     facts = [_facts(d, d.bundle_sha256 in shown and _revert_ordered(session, d)) for d in deployments]
     effects = rules.on_checkin(facts, running, checkin.active_deployment_id, checkin.active_state)
+    if effects and session.get_bind().dialect.name != "sqlite":
+        # About to change deployments: decide again on their state under the same locks a report takes.
+        for rollout_id in sorted({d.rollout_id for d in deployments if d.rollout_id is not None}):
+            session.execute(select(Rollout.id).where(Rollout.id == rollout_id).with_for_update(read=True))
+        for dep in deployments:
+            session.refresh(dep, with_for_update=True)
+        facts = [_facts(d, d.bundle_sha256 in shown and _revert_ordered(session, d)) for d in deployments]
+        effects = rules.on_checkin(facts, running, checkin.active_deployment_id, checkin.active_state)
     result.send.extend(_apply(session, device_id, effects, known))
     return result
 
@@ -295,39 +329,42 @@ def handle_telemetry(
     if exists:
         result.ignored = "duplicate"
         return result
-    payload = window.model_dump(mode="json")
-    session.add(
-        TelemetryRecord(
-            device_id=device_id,
-            boot_id=window.boot_id,
-            seq=window.seq,
-            model_name=window.model_name,
-            version=window.version,
-            bundle_sha256=window.bundle_sha256,
-            window_start=window.window_start,
-            window_end=window.window_end,
-            request_count=window.request_count,
-            error_count=window.error_count,
-            payload=payload,
-        )
-    )
-    # Its aggregate part waits for Known.remember (the message applied without error), then the batch's flush.
     if known is not None and window.bundle_sha256 in known.bundle_profiles:
         bundle_profile = known.bundle_profiles[window.bundle_sha256]
     else:
         bundle = session.get(Bundle, window.bundle_sha256)
         bundle_profile = bundle.hardware_profile if bundle is not None else None
     config = known.aggregation if known is not None else AggregationConfig()
-    part = window_part(
-        payload, window.window_end, device_id, device.hardware_profile, device.labels, bundle_profile, config
-    )
+    key = (device_id, window.boot_id, window.seq)
+    if known is not None and known.window_rows is not None:
+        # The batch's fast pass: a plain row and the parsed window's counts (no ORM object, no JSON built here);
+        # both wait for Known.remember (the message applied without error), then the batch's one insert and flush.
+        known.staged_rows[key] = window_row(device_id, window)
+        part = parsed_window_part(window, device_id, device.hardware_profile, device.labels, bundle_profile, config)
+    else:
+        payload = window_payload(window)  # the same document as the bulk path's row (NaN stored as null)
+        session.add(TelemetryRecord(**window_columns(device_id, window), payload=payload))
+        part = window_part(
+            payload, window.window_end, device_id, device.hardware_profile, device.labels, bundle_profile, config
+        )
     if known is not None:
-        known.staged[(device_id, window.boot_id, window.seq)] = part
+        known.staged[key] = part
     else:
         single = AggregateBatch()
         single.add(part)
         flush(session, single)
     return result
+
+
+def handle_feedback(
+    session: Session, device_id: str, report: FeedbackReport, known: Known | None = None
+) -> IngestResult:
+    """Store a report's feedback items (:func:`ota_server.services.feedback.store_items`: an upsert, so a
+    re-delivered report changes nothing) and ack it."""
+    device = _device(session, device_id, known)
+    config = known.aggregation if known is not None else AggregationConfig()
+    feedback.store_items(session, device, report.items, source=feedback.SOURCE_DEVICE, cohort_label=config.cohort_label)
+    return IngestResult(ack=[report.msg_id])
 
 
 def handle_presence(session: Session, device_id: str, presence: Presence, known: Known | None = None) -> IngestResult:

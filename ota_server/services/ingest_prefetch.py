@@ -13,15 +13,17 @@ second copy later in the same batch is a duplicate too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text, tuple_
 from sqlalchemy.orm import Session
 
-from edgeota_contract.messages import CheckIn, Presence, StatusReport, TelemetryWindow
+from edgeota_contract.messages import CheckIn, FeedbackReport, Presence, StatusReport, TelemetryWindow
 from ota_server.models import Bundle, Deployment, Device, DeviceMessage, DeviceModel, TelemetryRecord, utcnow
 from ota_server.services.telemetry_aggregates import AggregateBatch, AggregationConfig, WindowPart, flush
+from ota_server.services.telemetry_rows import insert_window_rows
 
-DeviceMessageT = StatusReport | CheckIn | TelemetryWindow | Presence
+DeviceMessageT = StatusReport | CheckIn | TelemetryWindow | FeedbackReport | Presence
 
 
 @dataclass
@@ -44,6 +46,10 @@ class Known:
     """A window's aggregate part, from its handler until :meth:`remember` adds it to :attr:`aggregates`."""
     aggregates: AggregateBatch = field(default_factory=AggregateBatch)
     """Windows stored by this batch, merged per aggregate group: :func:`flush_aggregates` writes them."""
+    window_rows: list[dict[str, Any]] | None = None
+    """The batch's new window rows for :func:`flush_windows` (one statement); None: the handlers add ORM rows."""
+    staged_rows: dict[tuple[str, str, int], dict[str, Any]] = field(default_factory=dict)
+    """A window's row, from its handler until :meth:`remember` moves it to :attr:`window_rows`."""
 
     def remember(self, device_id: str, message: DeviceMessageT) -> None:
         """Record ``message`` as stored in this transaction (call once it applied without error)."""
@@ -55,6 +61,9 @@ class Known:
             part = self.staged.pop(key, None)
             if part is not None:
                 self.aggregates.add(part)
+            row = self.staged_rows.pop(key, None)
+            if row is not None and self.window_rows is not None:
+                self.window_rows.append(row)
 
 
 def msg_key(device_id: str, msg_id: str) -> str:
@@ -67,6 +76,7 @@ def prefetch(
     batch: list[tuple[str, DeviceMessageT]],
     lookups: bool = True,
     aggregation: AggregationConfig | None = None,
+    bulk_windows: bool = False,
 ) -> Known:
     """Load the batch's devices into the session and find which of its reports are stored already.
 
@@ -76,13 +86,16 @@ def prefetch(
     handlers query model rows and deployments themselves (the careful pass: a savepoint rolled back
     must not leave a row in :class:`Known` that the session no longer holds). ``aggregation``: how
     telemetry windows are grouped into aggregates (default :class:`AggregationConfig`); one more query
-    finds the hardware profile of the batch's telemetry bundles.
+    finds the hardware profile of the batch's telemetry bundles. ``bulk_windows``: the telemetry handler
+    stages plain window rows for :func:`flush_windows` instead of adding ORM objects (the fast pass: nothing
+    is written before the batch's one insert, so no savepoint can roll back a row it holds).
     """
-    known = Known(aggregation=aggregation or AggregationConfig())
+    known = Known(aggregation=aggregation or AggregationConfig(), window_rows=[] if bulk_windows else None)
     device_ids = {device_id for device_id, _ in batch}
     if device_ids:
         now = utcnow()
-        for device in session.scalars(select(Device).where(Device.id.in_(device_ids))):
+        active = select(Device).where(Device.id.in_(device_ids), Device.decommissioned_at.is_(None))
+        for device in session.scalars(active):
             device.last_seen = now  # once per batch, not one UPDATE per message
             known.rows.append(device)
     # Only check-ins and status reports record what a device runs; telemetry and presence need neither lookup.
@@ -104,13 +117,7 @@ def prefetch(
         known.messages.update(session.scalars(select(DeviceMessage.msg_id).where(DeviceMessage.msg_id.in_(keys))))
     windows = {(d, m.boot_id, m.seq) for d, m in batch if isinstance(m, TelemetryWindow)}
     if windows:
-        rows = session.execute(
-            select(TelemetryRecord.device_id, TelemetryRecord.boot_id, TelemetryRecord.seq).where(
-                TelemetryRecord.device_id.in_({w[0] for w in windows}),
-                TelemetryRecord.seq.in_({w[2] for w in windows}),
-            )
-        )
-        known.windows.update(key for key in ((r[0], r[1], r[2]) for r in rows) if key in windows)
+        known.windows.update(_stored_windows(session, sorted(windows)))
         shas = {m.bundle_sha256 for _, m in batch if isinstance(m, TelemetryWindow)}
         known.bundle_profiles = dict.fromkeys(shas)
         for sha, profile in session.execute(
@@ -118,6 +125,41 @@ def prefetch(
         ):
             known.bundle_profiles[sha] = profile
     return known
+
+
+_STORED_PG = text(
+    "SELECT w.device_id, w.boot_id, w.seq FROM telemetry_windows AS w"
+    " JOIN unnest(CAST(:devices AS text[]), CAST(:boots AS text[]), CAST(:seqs AS bigint[])) AS k(device_id, boot_id, seq)"
+    " ON w.device_id = k.device_id AND w.boot_id = k.boot_id AND w.seq = k.seq"
+)
+
+
+def _stored_windows(session: Session, keys: list[tuple[str, str, int]]) -> set[tuple[str, str, int]]:
+    """Which of ``keys`` (device, boot id, seq) are stored: exact keys, on the unique index.
+
+    (A device IN .. AND seq IN .. read every window of the batch's devices whose seq any of them sent, and a
+    fleet's devices number their windows alike.) PostgreSQL gets three arrays (one short statement, planned
+    once); SQLite row values.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        devices, boots, seqs = (list(column) for column in zip(*keys, strict=True))
+        rows = session.execute(_STORED_PG, {"devices": devices, "boots": boots, "seqs": seqs})
+        return {(r[0], r[1], r[2]) for r in rows}
+    columns = (TelemetryRecord.device_id, TelemetryRecord.boot_id, TelemetryRecord.seq)
+    found: set[tuple[str, str, int]] = set()
+    for start in range(0, len(keys), 1000):  # 3 parameters a key, far below SQLite's limit per statement
+        chunk = keys[start : start + 1000]
+        found.update((r[0], r[1], r[2]) for r in session.execute(select(*columns).where(tuple_(*columns).in_(chunk))))
+    return found
+
+
+def flush_windows(session: Session, known: Known) -> int:
+    """Insert the batch's staged window rows (:func:`ota_server.services.telemetry_rows.insert_window_rows`)."""
+    if not known.window_rows:
+        return 0
+    written = insert_window_rows(session, known.window_rows)
+    known.window_rows.clear()
+    return written
 
 
 def flush_aggregates(session: Session, known: Known) -> int:

@@ -10,7 +10,10 @@ and every API worker answers the same (``--workers N``):
   in an API worker, the core's, which runs the ingest writers and the rollout engine): ingest messages
   by outcome, batches, back-pressure waits, the writers' queue depth, and gate evaluations by gate and
   result.
-- ``edgeota_alerts_total``: 0 until alert rules exist.
+- **field accuracy** (:mod:`ota_server.services.accuracy_metrics`): labelled and correct predictions from
+  application feedback, and their ratio, by model, version, profile and cohort;
+- **alerts** (:mod:`ota_server.alerts.metrics`): raised in all and by rule, kind and severity, open by state,
+  deliveries by target kind and state, re-fires suppressed by cooldown.
 
 Labels are profiles, versions, cohorts, states and outcomes: never a device id.
 """
@@ -28,7 +31,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from edgeota_contract.states import RolloutState
+from ota_server.alerts.metrics import alert_families
 from ota_server.models import Device, DeviceModel, Rollout, TelemetryAggregate
+from ota_server.services.accuracy_metrics import feedback_families
 from ota_server.services.rollouts import GATE_METRIC_PREFIX
 from ota_server.services.telemetry_aggregates import cohort_of
 
@@ -56,9 +61,8 @@ class FleetCollector(Collector):
         yield from self._rollouts()
         yield from self._devices()
         yield from self._telemetry()
-        alerts = CounterMetricFamily("edgeota_alerts", "Alerts raised (no alert rules exist yet: always 0).")
-        alerts.add_metric([], 0)
-        yield alerts
+        yield from feedback_families(self.session)
+        yield from alert_families(self.session, self.counters)
 
     def _ingest(self) -> Iterator[Metric]:
         messages = CounterMetricFamily(

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from edgeota_contract.states import DeploymentState, ReasonCode, RolloutState
 from ota_server.artifacts import ArtifactStore
 from ota_server.context import Metrics, ServerContext
-from ota_server.errors import NotFound
+from ota_server.errors import InvalidRequest, NotFound
 from ota_server.models import Bundle, Deployment, Device, Release, Rollout, utcnow
 from ota_server.rollout import engine_logic as el
 from ota_server.rollout.apply import apply_effects, snapshot
@@ -27,6 +27,8 @@ from ota_server.rollout.plan import DeviceInfo, Plan, Selector, Targeting, dry_r
 from ota_server.rollout.records import new_rollout
 from ota_server.rollout.unit_of_work import Outbox, lock_rollout, unit_of_work
 from ota_server.services import audit
+from ota_server.services.bandit_engine import advance_bandit, arm_release_ids, is_bandit
+from ota_server.services.evaluations import check_blessing
 from ota_server.services.rollout_status import rollout_json
 from ota_server.services.telemetry import record_gate_results, rollout_gate_results
 
@@ -60,14 +62,25 @@ def compute_targeting(session: Session, rollout_id: str, release: Release, selec
         if shas
         else set()
     )
-    devices = [DeviceInfo(d.id, d.hardware_profile, d.labels) for d in session.scalars(select(Device))]
+    active = select(Device).where(Device.decommissioned_at.is_(None))
+    devices = [DeviceInfo(d.id, d.hardware_profile, d.labels) for d in session.scalars(active)]
     return select_targets(rollout_id, selector, devices, profiles, rolled_back)
 
 
 def create_rollout(
-    session: Session, release_id: str, selector: Selector, plan: Plan, actor: str, dry: bool
+    session: Session,
+    release_id: str,
+    selector: Selector,
+    plan: Plan,
+    actor: str,
+    dry: bool,
+    allow_empty: bool = False,
 ) -> tuple[Rollout | None, dict[str, Any]]:
-    """Create a draft rollout (or only compute the dry run). Raises NotFound for an unknown release."""
+    """Create a draft rollout (or only compute the dry run).
+
+    Raises NotFound for an unknown release, InvalidRequest when the selection targets no device (unless
+    ``allow_empty``; a dry run only reports it): such a rollout would "complete" having updated nothing.
+    """
     release = session.get(Release, release_id)
     if release is None:
         raise NotFound(f"release {release_id} not found")
@@ -81,6 +94,11 @@ def create_rollout(
     }
     if dry:
         return None, preview
+    if not targeting.targets and not allow_empty:
+        raise InvalidRequest(
+            f"the selection targets no device ({len(targeting.no_bundle)} matched without a bundle for their profile, "
+            f"{len(targeting.skipped)} rolled back this release before); use allow_empty (--allow-empty) to create it"
+        )
     rollout = new_rollout(
         id=rollout_id,
         release_id=release.id,
@@ -132,11 +150,14 @@ def load_view(session: Session, rollout: Rollout, gate_results: tuple[GateResult
         .add_columns(Deployment.attempt, Deployment.reason)
         .where(Deployment.rollout_id == rollout.id, Deployment.mode == plan.mode, Deployment.retried.is_(False))
     )
+    # Only the targets' deployments: a device that left (decommissioned) no longer counts in any gate.
+    targets = set(rollout.targets)
     views = {
         r.device_id: el.DeploymentView(
             r.device_id, r.stage, DeploymentState(r.state), r.updated_at, r.attempt, _reason(r.reason)
         )
         for r in rows
+        if r.device_id in targets
     }
     return el.RolloutView(
         rollout_id=rollout.id,
@@ -161,7 +182,12 @@ def advance(
     outbox: Outbox,
     metrics: Metrics | None = None,
 ) -> int:
-    """Run a locked, running rollout's engine decisions until it is stable; returns the effects applied."""
+    """Run a locked, running rollout's engine decisions until it is stable; returns the effects applied.
+
+    A bandit rollout (plan section ``bandit``) takes one decision of its own engine per tick
+    (:func:`ota_server.services.bandit_engine.advance_bandit`)."""
+    if is_bandit(rollout.plan):
+        return advance_bandit(session, store, rollout, actor, outbox, metrics)
     applied = 0
     now = utcnow()
     gate_results = rollout_gate_results(session, store, rollout)
@@ -216,20 +242,28 @@ def create(
     dry: bool = False,
     start: bool = False,
     start_at: datetime | None = None,
+    allow_empty: bool = False,
+    override_blessing: str | None = None,
 ) -> dict[str, Any]:
     """Create a rollout in one unit of work; returns its status JSON plus ``preview``.
 
     ``dry``: only the preview, as ``{"dry_run": True, ...}``; nothing is stored. ``start``: the rollout
     starts at once and the engine's first decisions run in the same unit of work, so the first stage's
     assignments are published as soon as it commits. ``start_at`` (without ``start``): scheduled.
-    Raises NotFound for an unknown release.
+    Raises NotFound for an unknown release, InvalidRequest for a selection without targets (unless
+    ``allow_empty``) or an ``override_blessing`` on a rollout that does not start, and Conflict when the
+    release is not blessed and no ``override_blessing`` reason is given (:func:`evaluations.check_blessing`).
     """
     with unit_of_work(ctx) as unit:
         session = unit.session
-        rollout, preview = create_rollout(session, release_id, selector, plan, actor, dry)
+        rollout, preview = create_rollout(session, release_id, selector, plan, actor, dry, allow_empty)
         if rollout is None:
             return {"dry_run": True, **preview}
         session.flush()
+        if start or start_at is not None:  # the blessing gate: checked when the start is decided
+            check_blessing(session, rollout.id, release_id, actor, override_blessing, ctx.settings.require_blessing)
+        elif override_blessing:
+            raise InvalidRequest("override_blessing applies only to a rollout that starts (start or start_at)")
         if start:
             run_command(session, rollout, "start", actor, "", unit.outbox)
             advance(session, ctx.store, rollout, actor, unit.outbox, ctx.metrics)
@@ -243,19 +277,36 @@ def create(
     return out
 
 
-def command(ctx: ServerContext, rollout_id: str, cmd: el.Command, actor: str, reason: str) -> dict[str, Any]:
+def command(
+    ctx: ServerContext,
+    rollout_id: str,
+    cmd: el.Command,
+    actor: str,
+    reason: str,
+    override_blessing: str | None = None,
+) -> dict[str, Any]:
     """Run an operator command in one unit of work; returns the rollout's status JSON.
 
-    ``start`` also runs the engine's first decisions in the same unit of work (see :func:`create`).
+    ``start`` also runs the engine's first decisions in the same unit of work (see :func:`create`), after the
+    blessing gate (``override_blessing``: the reason to start a release that is not blessed).
 
-    Raises NotFound for an unknown rollout and TransitionError (a Conflict) when the state forbids it.
+    Raises NotFound for an unknown rollout, TransitionError (a Conflict) when the state forbids it, Conflict
+    when the release is not blessed and no override reason is given, InvalidRequest for an override on
+    another command.
     """
+    if override_blessing and cmd != "start":
+        raise InvalidRequest("override_blessing applies only to the start command")
     with unit_of_work(ctx) as unit:
         rollout = lock_rollout(unit.session, rollout_id)
         if rollout is None:
             raise NotFound(f"rollout {rollout_id} not found")
         run_command(unit.session, rollout, cmd, actor, reason, unit.outbox)
         if cmd == "start":  # as `create --start`: the first stage goes out with this commit
+            # The blessing gate first: a refusal rolls back the whole unit, the start included.
+            for release_id in arm_release_ids(unit.session, rollout):  # a bandit: every arm may end up serving
+                check_blessing(
+                    unit.session, rollout.id, release_id, actor, override_blessing, ctx.settings.require_blessing
+                )
             advance(unit.session, ctx.store, rollout, actor, unit.outbox, ctx.metrics)
         unit.mark_sends()
         unit.session.flush()

@@ -40,6 +40,7 @@ from edgeota_contract.manifest import NAME_PATTERN, SEMVER_PATTERN
 from edgeota_contract.topics import DEVICE_ID_PATTERN
 from ota_server.errors import InvalidRequest, MalformedInput, NotFound
 from ota_server.models import Bundle, Device, StoredSample
+from ota_server.services.feedback import prediction_ref
 
 MAX_ARCHIVE_SAMPLES = 10_000
 SAMPLE_HEADER = "x-edgeota-sample"
@@ -52,6 +53,7 @@ HARD_REASONS = ("low_confidence", "shadow_disagreement")
 MAX_SAMPLE_ROWS = 100_000
 _META_KEYS = frozenset(
     {"stream", "time_ns", "model_name", "version", "bundle_sha256", "prediction", "confidence", "reason"}
+    | {"prediction_id", "request_row"}  # the request's prediction id: joins the sample with feedback labels
 )
 _EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 _CLOCK_SLACK = timedelta(days=1)
@@ -244,6 +246,8 @@ class SampleMeta:
     predictions: list[int] | None = None
     confidences: list[float | None] | None = None
     sampled_at: datetime | None = None
+    prediction_id: str | None = None
+    request_rows: list[int] | None = None
 
 
 def _text(value: np.ndarray, name: str) -> str:
@@ -268,7 +272,8 @@ def read_meta(path: Path, origin: SampleOrigin, now: datetime) -> SampleMeta:
     optional ``meta.model_name``/``meta.version``/``meta.bundle_sha256`` (must name ``origin``), optional
     ``meta.prediction`` (int >= 0 per row) with ``meta.confidence`` (float in [0, 1] or NaN per row, the same
     length, and every input with that many leading rows), ``meta.reason`` (hard only, required there:
-    ``low_confidence`` | ``shadow_disagreement``). The hard stream needs predictions.
+    ``low_confidence`` | ``shadow_disagreement``). The hard stream needs predictions. Optional
+    ``meta.prediction_id`` and ``meta.request_row``: :func:`ota_server.services.feedback.prediction_ref`.
 
     Raises:
         MalformedInput: an array cannot be read without pickle, or an unknown ``meta.*`` member.
@@ -315,7 +320,8 @@ def read_meta(path: Path, origin: SampleOrigin, now: datetime) -> SampleMeta:
     if "prediction" not in meta:
         if stream == "hard":
             raise InvalidRequest("a hard sample needs meta.prediction and meta.confidence")
-        return SampleMeta(stream, _leading_rows(inputs), reason, sampled_at=sampled_at)
+        n = _leading_rows(inputs)
+        return SampleMeta(stream, n, reason, sampled_at=sampled_at, **prediction_ref(meta, n))
     pred, conf = meta["prediction"], meta["confidence"]
     rows = pred.shape[0] if pred.ndim == 1 else 0
     if pred.ndim != 1 or pred.dtype.kind not in "iu" or not 1 <= rows <= MAX_SAMPLE_ROWS:
@@ -330,7 +336,8 @@ def read_meta(path: Path, origin: SampleOrigin, now: datetime) -> SampleMeta:
     if any(v.ndim == 0 or v.shape[0] != rows for v in inputs.values()):
         raise InvalidRequest("every in.<name> array needs one leading row per meta.prediction row")
     confidences = [None if math.isnan(c) else float(c) for c in conf.tolist()]
-    return SampleMeta(stream, rows, reason, [int(p) for p in pred.tolist()], confidences, sampled_at)
+    ref = prediction_ref(meta, rows)
+    return SampleMeta(stream, rows, reason, [int(p) for p in pred.tolist()], confidences, sampled_at, **ref)
 
 
 def record_sample(session: Session, origin: SampleOrigin, info: SampleInfo, meta: SampleMeta) -> bool:
@@ -357,6 +364,8 @@ def record_sample(session: Session, origin: SampleOrigin, info: SampleInfo, meta
             predictions=meta.predictions,
             confidences=meta.confidences,
             sampled_at=meta.sampled_at,
+            prediction_id=meta.prediction_id,
+            request_rows=meta.request_rows,
             received_at=info.received_at,
             size=info.size,
         )

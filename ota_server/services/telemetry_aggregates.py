@@ -23,12 +23,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from edgeota_contract.messages import TelemetryWindow
 from ota_server.models import TelemetryAggregate, TelemetryDevice, utcnow
 from ota_server.rollout.telemetry_gates import TelemetryTotals
 
@@ -82,7 +83,8 @@ class WindowPart:
     version: str
     attributed: bool
     shadow_version: str
-    payload: Mapping[str, Any]
+    payload: Mapping[str, Any] | TelemetryWindow
+    """The window as stored JSON, or parsed (ingest's batch path: :func:`parsed_window_part`)."""
     device_id: str
     window_end: datetime
 
@@ -103,7 +105,10 @@ class AggregateBatch:
             group = self.groups[key] = Group(part.model_name, part.version, part.attributed, part.shadow_version)
         else:
             group.attributed = group.attributed or part.attributed
-        group.totals.add_window(part.payload, part.device_id, part.attributed)
+        if isinstance(part.payload, TelemetryWindow):
+            group.totals.add_window_model(part.payload, part.device_id, part.attributed)
+        else:
+            group.totals.add_window(part.payload, part.device_id, part.attributed)
         seen = self.devices.get((part.device_id, key[0]))
         if seen is None or seen[1] < part.window_end:
             self.devices[(part.device_id, key[0])] = (key[2], part.window_end)
@@ -143,6 +148,35 @@ def window_part(
         payload,
         device_id,
         window_end,
+    )
+
+
+def parsed_window_part(
+    window: TelemetryWindow,
+    device_id: str,
+    device_profile: str,
+    labels: Mapping[str, Any] | None,
+    bundle_profile: str | None,
+    config: AggregationConfig,
+) -> WindowPart:
+    """:func:`window_part` of a parsed window (the same key and counts, without its JSON)."""
+    shadow = window.shadow
+    key: AggKey = (
+        window.bundle_sha256,
+        bundle_profile if bundle_profile is not None else device_profile,
+        cohort_of(labels, config.cohort_label),
+        bucket_start(window.window_end, config.bucket_seconds),
+        shadow.candidate_bundle_sha256 if shadow is not None else "",
+    )
+    return WindowPart(
+        key,
+        window.model_name,
+        window.version,
+        bundle_profile is not None,
+        shadow.candidate_version if shadow is not None else "",
+        window,
+        device_id,
+        window.window_end,
     )
 
 
@@ -223,6 +257,9 @@ def read_aggregates(session: Session, *where: Any) -> list[tuple[Any, TelemetryT
     return [(r, _CACHE[(db, r.id)][1]) for r in rows]
 
 
+_AGGREGATES = cast(Table, TelemetryAggregate.__table__)
+
+
 def flush(session: Session, batch: AggregateBatch) -> int:
     """Merge ``batch`` into ``telemetry_aggregates`` inside the caller's transaction; returns the groups written.
 
@@ -234,13 +271,14 @@ def flush(session: Session, batch: AggregateBatch) -> int:
     keys = sorted(batch.groups)
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    # executemany of one statement (compiled once, cached; the drivers batch the rows) rather than a VALUES
+    # list per batch, which SQLAlchemy compiled again every time
     stmt = (
-        insert(TelemetryAggregate)
-        .values([_row(k, batch.groups[k], now) for k in keys])
+        insert(_AGGREGATES)
         .on_conflict_do_nothing(index_elements=list(KEY_COLUMNS))
-        .returning(*(getattr(TelemetryAggregate, c) for c in KEY_COLUMNS))
+        .returning(*(_AGGREGATES.c[c] for c in KEY_COLUMNS))
     )
-    inserted = {tuple(r) for r in session.execute(stmt)}
+    inserted = {tuple(r) for r in session.execute(stmt, [_row(k, batch.groups[k], now) for k in keys])}
     existing = [k for k in keys if k not in inserted]
     if existing:
         _merge_existing(session, batch, existing, now)
@@ -251,22 +289,23 @@ def flush(session: Session, batch: AggregateBatch) -> int:
 
 
 def _upsert_devices(session: Session, batch: AggregateBatch, dialect: str) -> None:
-    """One multi-row upsert keeping, per device and bundle, the newest window end."""
+    """One upsert (executemany, batched by the driver) keeping, per device and bundle, the newest window end."""
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     rows = [
         {"device_id": d, "bundle_sha256": sha, "cohort": cohort, "last_window_end": end}
         for (d, sha), (cohort, end) in sorted(batch.devices.items())
     ]
-    stmt = insert(TelemetryDevice).values(rows)
+    stmt = insert(cast(Table, TelemetryDevice.__table__))
     newest = func.greatest if dialect == "postgresql" else func.max  # SQLite's two-argument max() is scalar
     session.execute(
         stmt.on_conflict_do_update(
             index_elements=["device_id", "bundle_sha256"],
             set_={
                 "cohort": stmt.excluded.cohort,
-                "last_window_end": newest(TelemetryDevice.last_window_end, stmt.excluded.last_window_end),
+                "last_window_end": newest(stmt.table.c.last_window_end, stmt.excluded.last_window_end),
             },
-        )
+        ),
+        rows,
     )
 
 

@@ -41,7 +41,7 @@ def authenticate(session: Session, bearer: str, admin_token: str | None) -> Prin
     ident, secret = parts
     if ident.startswith("dev:"):
         device = session.get(Device, ident[4:])
-        if device is not None and secret_matches(secret, device.token_hash):
+        if device is not None and device.decommissioned_at is None and secret_matches(secret, device.token_hash):
             return Principal(f"device:{device.id}", None, device.id)
         return None
     if len(ident) > 64:

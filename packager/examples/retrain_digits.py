@@ -11,9 +11,13 @@ trained on, trains the same MLP and writes the three files the packager takes:
   topped up with original training images when the export holds fewer rows;
 - ``eval.npz``: held-out labelled exported rows plus the original evaluation split.
 
-Run: ``python -m packager.examples.retrain_digits --export DIR --out DIR [--cohort NAME]``. Errors (no
-export, no labelled rows, an input column that is not 64 values per row) end with a one-line message and
-exit status 2.
+``since`` (``--since ISO``) keeps only the rows devices served at or after that time (the export's ``time``
+column, the device's clock): an export's window is on arrival, and samples reach the server some seconds
+after they were taken, so rows from before a fault can arrive after it.
+
+Run: ``python -m packager.examples.retrain_digits --export DIR --out DIR [--cohort NAME] [--since ISO]``. Errors
+(no export, no labelled rows, an input column that is not 64 values per row, a bad ``--since``) end with a
+one-line message and exit status 2.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +64,10 @@ class ExportedRows:
     """-1 where the row has no label."""
 
 
-def read_export(export_dir: Path, cohort: str | None = None) -> ExportedRows:
-    """Rows of an ``edgeota dataset export`` folder (one cohort when given). Raises RetrainError."""
+def read_export(export_dir: Path, cohort: str | None = None, since: datetime | None = None) -> ExportedRows:
+    """Rows of an ``edgeota dataset export`` folder (one cohort when given; served at or after ``since``, an
+    aware datetime, when given). Raises RetrainError."""
+    import pyarrow as pa
     import pyarrow.dataset as ds
 
     if not (export_dir / "_manifest.json").is_file():
@@ -69,9 +76,15 @@ def read_export(export_dir: Path, cohort: str | None = None) -> ExportedRows:
     if INPUT_COLUMN not in dataset.schema.names:
         raise RetrainError(f"the export has no {INPUT_COLUMN} column (columns: {', '.join(dataset.schema.names)})")
     flt = (ds.field("cohort") == cohort) if cohort is not None else None
+    if since is not None:
+        if since.tzinfo is None:
+            raise RetrainError("since needs a time zone (e.g. 2026-12-07T09:15:00+00:00)")
+        served = ds.field("time") >= pa.scalar(since, type=dataset.schema.field("time").type)
+        flt = served if flt is None else flt & served
     table = dataset.to_table(columns=[INPUT_COLUMN, "label"], filter=flt)
     if table.num_rows == 0:
-        raise RetrainError(f"the export holds no rows{f' for cohort {cohort}' if cohort else ''}")
+        where = (f" for cohort {cohort}" if cohort else "") + (f" served since {since.isoformat()}" if since else "")
+        raise RetrainError(f"the export holds no rows{where}")
     rows = table.column(INPUT_COLUMN).to_pylist()
     if any(r is None or len(r) != 64 for r in rows):
         raise RetrainError(f"every {INPUT_COLUMN} row must hold 64 values (8x8 digits images)")
@@ -80,10 +93,17 @@ def read_export(export_dir: Path, cohort: str | None = None) -> ExportedRows:
 
 
 def retrain_from_export(
-    export_dir: Path, out_dir: Path, *, cohort: str | None = None, seed: int = 0, epochs: int = 300
+    export_dir: Path,
+    out_dir: Path,
+    *,
+    cohort: str | None = None,
+    seed: int = 0,
+    epochs: int = 300,
+    since: datetime | None = None,
 ) -> RetrainResult:
-    """Train on the export's labelled rows plus the original split; write the packager's three files."""
-    exported = read_export(Path(export_dir), cohort)
+    """Train on the export's labelled rows (of ``cohort``, served since ``since``) plus the original split; write
+    the packager's three files."""
+    exported = read_export(Path(export_dir), cohort, since)
     labelled = np.flatnonzero(exported.labels >= 0)
     if labelled.size == 0:
         raise RetrainError("no exported row has a label yet (report feedback labels before retraining)")
@@ -137,9 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cohort", default=None, help="use only this cohort's rows (default: every cohort)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     parser.add_argument("--epochs", type=int, default=300, help="training iterations (default 300)")
+    parser.add_argument("--since", default=None, help="only rows served at or after this ISO time (with zone)")
     args = parser.parse_args(argv)
     try:
-        result = retrain_from_export(args.export, args.out, cohort=args.cohort, seed=args.seed, epochs=args.epochs)
+        since = datetime.fromisoformat(args.since) if args.since else None
+    except ValueError:
+        print(f"error: --since {args.since!r} is not an ISO time", file=sys.stderr)
+        return 2
+    try:
+        result = retrain_from_export(
+            args.export, args.out, cohort=args.cohort, seed=args.seed, epochs=args.epochs, since=since
+        )
     except (RetrainError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

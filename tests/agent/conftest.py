@@ -19,6 +19,8 @@ from tests.agent.http_server import BundleServer
 TOKEN = "device-token-0123456789"
 PROFILE = "x86_64-avx2"
 FAST_AGENT = {
+    # These tests count the requests their fake server sees; the tests of the check turn it on themselves.
+    "server_check_seconds": 0,
     "trial_seconds": 0.3,
     "trial_requests": 0,
     "trial_probe_interval_seconds": 0.05,

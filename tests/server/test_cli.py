@@ -49,7 +49,7 @@ def test_cli_end_to_end(server: ServerProcess, make_bundle: BundleFactory, tmp_p
     listed = run(server, "release", "list", token=rm).stdout
     assert "digits" in listed and "arm64" in listed
     release_id = server.api("GET", "/api/v1/releases")[0]["release_id"]
-    assert json.loads(run(server, "release", "show", release_id, token=rm).stdout)["version"] == "1.0.0"
+    assert json.loads(run(server, "release", "show", release_id, "-o", "json", token=rm).stdout)["version"] == "1.0.0"
 
     agent = tmp_path / "agent.toml"
     run(
@@ -69,7 +69,7 @@ def test_cli_end_to_end(server: ServerProcess, make_bundle: BundleFactory, tmp_p
     assert DeviceProvisioning.load(agent).device.id == "cli-dev" and agent.stat().st_mode & 0o777 == 0o600
     devices = json.loads(run(server, "device", "list", "--json", "--label", "site=a").stdout)
     assert [d["device_id"] for d in devices] == ["cli-dev"]
-    assert json.loads(run(server, "device", "show", "cli-dev").stdout)["hardware_profile"] == "x86"
+    assert json.loads(run(server, "device", "show", "cli-dev", "-o", "json").stdout)["hardware_profile"] == "x86"
 
     dry = json.loads(
         run(
@@ -114,7 +114,8 @@ def test_cli_end_to_end(server: ServerProcess, make_bundle: BundleFactory, tmp_p
     assert "paused" in run(server, "rollout", "pause", rid, "--reason", "check").stdout
     assert "paused" in run(server, "rollout", "status", rid).stdout
     assert "aborted" in run(server, "rollout", "abort", rid).stdout
-    assert "aborted" in run(server, "rollout", "status", rid, "--watch").stdout
+    watched = run(server, "rollout", "status", rid, "--watch", ok=False)
+    assert watched.returncode == 4 and "aborted" in watched.stdout  # --watch: exit 4 for an aborted rollout
 
     broker_dir = tmp_path / "broker"
     env_db = {**os.environ, **{k: v for k, v in server.env.items() if k.startswith("EDGEOTA_SERVER_")}}

@@ -301,8 +301,12 @@ def test_the_queue_blocks_when_full_instead_of_growing() -> None:
     assert q2.take(10, 0.0)[0].payload == b"x" * 1000 and q2.take(10, 0.0) == []
 
 
-def test_generated_broker_config_raises_the_per_client_queue_limits(settings: Any, tmp_path: Any) -> None:
+def test_generated_broker_config_raises_the_per_client_queue_limits(
+    settings: Any, client: TestClient, tmp_path: Any
+) -> None:
     from ota_server.broker_config import BROKER_LIMITS, write_broker_config
+
+    # (``client``: the server created its database, which broker config reads)
 
     _passwd, _acl, conf = write_broker_config(settings, tmp_path / "broker")
     lines = conf.read_text().splitlines()

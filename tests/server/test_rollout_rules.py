@@ -222,12 +222,14 @@ def test_operator_commands_follow_the_from_state_table() -> None:
     for command, allowed in el.COMMAND_FROM.items():
         if command == "approve":
             continue  # also needs a stage that requires approval: test_rollout_logic
+        # retry_failed also needs a failed device (without one it is refused in every state)
+        deployments = {"d1": DS.FAILED} if command == "retry_failed" else None
         for state in RolloutState:
             if state in allowed:
-                assert el.apply_command(view(state), command)  # type: ignore[arg-type]
+                assert el.apply_command(view(state, deployments), command)  # type: ignore[arg-type]
             else:
                 with pytest.raises(el.TransitionError):
-                    el.apply_command(view(state), command)  # type: ignore[arg-type]
+                    el.apply_command(view(state, deployments), command)  # type: ignore[arg-type]
     with pytest.raises(el.TransitionError, match="unknown command"):
         el.apply_command(view(), "explode")  # type: ignore[arg-type]
     assert el.schedule(view(RolloutState.DRAFT), T0)[0] == el.Schedule(T0)

@@ -250,10 +250,11 @@ def test_scheduled_start(client: TestClient, ctx: ServerContext, make_bundle: Bu
 
 def test_maintenance_window_is_validated_and_stored(client: TestClient, make_bundle: BundleFactory) -> None:
     rel = upload(client, make_bundle()).json()["release_id"]
-    ok = _rollout(client, rel, maintenance_windows=[{"start": "22:00", "end": "02:30"}])
+    ok = _rollout(client, rel, maintenance_windows=[{"start": "22:00", "end": "02:30"}], allow_empty=True)
     assert ok["plan"]["windows"] == [{"start_minute": 22 * 60, "end_minute": 150}]
     for bad in ({"start": "25:00", "end": "01:00"}, {"start": "1:00", "end": "02:00"}, {"start": "01:00"}):
-        resp = client.post("/api/v1/rollouts", json={"release_id": rel, "maintenance_windows": [bad]}, headers=AUTH)
+        body = {"release_id": rel, "maintenance_windows": [bad], "allow_empty": True}
+        resp = client.post("/api/v1/rollouts", json=body, headers=AUTH)
         assert resp.status_code == 422, bad
 
 

@@ -272,7 +272,7 @@ def test_rollout_halts_on_p95_latency_against_what_the_devices_ran_before(
 
 def test_gate_fields_are_validated_and_kept_in_the_plan(client: TestClient, make_bundle: BundleFactory) -> None:
     release = upload(client, make_bundle("1.0.0", "x86")).json()["release_id"]
-    base = {"release_id": release, "stages": [{"percent": 100}]}
+    base = {"release_id": release, "stages": [{"percent": 100}], "allow_empty": True}  # no devices here
     for bad in (
         {"on_missing_data": "maybe"},
         {"gates": {"gate_data_timeout_seconds": -1}},

@@ -72,7 +72,7 @@ def test_a_gate_without_data_halts_the_rollout_and_says_so(server: ServerProcess
     )
     assert status["telemetry"]["requests"] == 0 and status["telemetry"]["coverage"] is None
     shown = cli(server, "rollout", "status", rid)
-    assert "p95_latency_ratio" in shown and "not_evaluated" in shown and "0 of 100" in shown
+    assert "p95_latency_ratio" in shown and "not evaluated" in shown and "0 of 100" in shown
     audit = server.api("GET", "/api/v1/audit", params={"entity_id": rid, "action": "rollout.rolled_back"})
     assert audit and audit[0]["after"]["gates"][0]["state"] == "not_evaluated"
 

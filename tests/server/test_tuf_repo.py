@@ -177,5 +177,5 @@ def test_cli_init_status_rotate(tmp_path: Path) -> None:
     ok = run("rotate", "--root-key", keys[0], "--root-key", keys[2], "--role", "timestamp")
     assert ok.returncode == 0, ok.stderr
     assert "root version 2" in ok.stdout
-    status = run("status")
+    status = run("status", "--output", "json")
     assert status.returncode == 0 and '"version": 2' in status.stdout

@@ -38,10 +38,12 @@ def list_devices(
     online: bool | None = None,
     limit: int = Query(default=1000, ge=1, le=100_000),
     offset: int = Query(default=0, ge=0, le=10_000_000),
+    include_decommissioned: bool = Query(default=False, alias="all", description="also decommissioned devices"),
 ) -> JSONResponse:
     labels = svc.parse_label_selector(label)
+    timeout = ctx.settings.device_heartbeat_timeout_seconds
     return JSONResponse(
-        svc.list_devices(session, ctx.settings.device_heartbeat_timeout_seconds, profile, labels, online, limit, offset)
+        svc.list_devices(session, timeout, profile, labels, online, limit, offset, include_decommissioned)
     )
 
 

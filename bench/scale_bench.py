@@ -1,0 +1,320 @@
+"""Scale benchmark: how many devices one server drives, measured with the light device emulator.
+
+Each run starts its own stack: Mosquitto (fleet limits), a fresh PostgreSQL database (or SQLite), ``edgeota
+server run`` and, with ``ingest_processes`` > 0, that many ``edgeota server ingest`` processes sharing the device
+topics through an MQTT shared subscription (the API process then only publishes). Emulated devices
+(:mod:`edgeota.emulator`: real MQTT sessions speaking the contract, real HTTP downloads with sha256 checks, no
+ONNX Runtime) run in this process. Phases:
+
+- **rollout**: release 1.0.0 to every device in one stage; seconds from ``start`` to every device committed;
+- **rollout of 1.1.0**, then the server's ``rollback`` command: seconds from the command to every device
+  serving 1.0.0 again (``seconds_halt_to_all_reverted``);
+- **telemetry**: windows sent by the devices (every 60 s, the agent's default window) against rows stored, and doubles;
+- **idle** (``--idle N``): N devices connected and idle for a while: CPU and memory of server and broker;
+- **memory**: peak RSS of the server processes (summed), the broker, and this process (the devices).
+
+Every entry says ``"emulated": true``: the emulator is the measure of the server; real agents
+(``bench/fleet_bench.py``) remain the measure of agent behaviour. Results go to ``bench/results/scale.json`` as
+``{"runs": [...]}`` with the fields issue 18 names. Goals (reported, never asserted): 10,000 devices committed in
+at most 60 s; every device reverted in at most 10 s after a halt; telemetry sent = stored; AWS IoT Jobs'
+documented ceiling of 1,000 devices per minute as the baseline ratio.
+
+``python -m bench.scale_bench --devices 1000,10000 --ingest 0,2 [--database postgresql|sqlite] [--append]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.fleet_bench import Peaks
+from edgeota.emulator.fleet import EmulatedFleet, EmulatorConfig
+from edgeota.fleet.stack import local_stack, prepare_workdir, server_env
+from ota_server.client import ApiClient
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORK = Path(__file__).resolve().parent / ".work" / "scale"
+PROFILE = "x86-avx2"
+AWS_IOT_JOBS_PER_MINUTE = 1000.0
+PG_ADMIN_URL = os.environ.get("EDGEOTA_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@contextmanager
+def _database(kind: str, workdir: Path) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite:///{workdir / 'server' / 'edgeota.db'}"
+        return
+    import psycopg
+
+    name = f"edgeota_scale_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base.replace('postgresql://', 'postgresql+psycopg://', 1)}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _bundles(workdir: Path, key_path: Path) -> list[Path]:
+    """Two small signed releases of the digits example for one profile (the emulator never runs them)."""
+    from edgeota.fleet.releases import package_release
+    from edgeota_contract.signing import load_private_key
+    from packager.examples.digits import build_digits_example
+
+    key = load_private_key(key_path)
+    out: list[Path] = []
+    for epochs, version in ((30, "1.0.0"), (60, "1.1.0")):
+        model = build_digits_example(workdir / "models" / version, arch="mlp", seed=0, epochs=epochs)
+        rel = package_release(
+            model.model_path,
+            model.calibration_path,
+            model.eval_path,
+            [PROFILE],
+            key,
+            workdir / "bundles" / version,
+            "digits",
+            version,
+        )
+        out.extend(rel.bundles.values())
+    return out
+
+
+def _wait(check: Callable[[], bool], timeout: float) -> float | None:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if check():
+            return time.monotonic() - start
+        time.sleep(0.1)
+    return None
+
+
+def _stored_windows(db_url: str, prefix: str) -> tuple[int, int]:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT count(*), count(DISTINCT device_id || ':' || boot_id || ':' || CAST(seq AS TEXT)) "
+                    "FROM telemetry_windows WHERE device_id LIKE :p"
+                ),
+                {"p": f"{prefix}-%"},
+            ).one()
+        return int(row[0]), int(row[1])
+    finally:
+        engine.dispose()
+
+
+def bench_run(
+    devices: int, ingest_processes: int, database: str, timeout: float, idle_seconds: float
+) -> dict[str, Any]:
+    """One run (see the module docstring); never raises for a missed goal, records it."""
+    workdir = prepare_workdir(WORK / f"{devices}-{ingest_processes}-{database}")
+    prefix = f"s{uuid.uuid4().hex[:6]}"
+    group = f"scale{uuid.uuid4().hex[:6]}"
+    out: dict[str, Any] = {"devices": devices, "emulated": True, "ingest_processes": ingest_processes}
+    out["database"] = database
+    with _database(database, workdir) as db_url:
+        extra = {
+            "EDGEOTA_SERVER_DATABASE_URL": db_url,
+            "EDGEOTA_SERVER_DEVICE_HEARTBEAT_TIMEOUT_SECONDS": "600",
+            "EDGEOTA_SERVER_INGEST_RATE_PER_DEVICE": "50",
+        }
+        if ingest_processes:
+            extra.update({"EDGEOTA_SERVER_MQTT_SHARED_GROUP": group, "EDGEOTA_SERVER_MQTT_SUBSCRIBE": "false"})
+        with local_stack(workdir, "mosquitto", server_env_extra=extra) as stack:
+            server_pids = [child.pid for child in stack.supervisor.children]
+            ingest_env = {
+                **server_env(
+                    workdir / "server",
+                    1,
+                    stack.broker,
+                    stack.admin_token,
+                    stack.release_key_path.with_name("release.pub.pem"),
+                ),
+                **extra,
+                "EDGEOTA_SERVER_MQTT_SUBSCRIBE": "true",
+            }
+            for k in range(ingest_processes):
+                argv = [sys.executable, "-m", "edgeota.cli", "server", "ingest", "--instance", str(k)]
+                server_pids.append(stack.supervisor.start(f"ingest-{k}", argv, env=ingest_env).pid)
+            peaks = Peaks({"server": server_pids, "broker": [stack.broker.pid], "devices": [os.getpid()]})
+            try:
+                out.update(_phases(stack, devices, prefix, db_url, timeout, idle_seconds, peaks))
+            finally:
+                peak = peaks.stop()
+                out["peak_rss_mb"] = {k: peak.get(k, 0.0) for k in ("server", "broker", "devices")}
+                out["cpu_seconds"] = peaks.cpu_seconds()
+                out["max_load_1min"] = round(peaks.max_load_1min, 2)
+    return out
+
+
+def _phases(
+    stack: Any, devices: int, prefix: str, db_url: str, timeout: float, idle_seconds: float, peaks: Peaks
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    bundles = _bundles(stack.workdir, stack.release_key_path)
+    config = EmulatorConfig(
+        devices=devices,
+        server_url=stack.server_url,
+        admin_token=stack.admin_token,
+        profiles=(PROFILE,),
+        prefix=prefix,
+        telemetry_seconds=60.0,  # the agent's default telemetry_window_seconds
+        heartbeat_seconds=60.0,  # the agent's default heartbeat_seconds
+        workers=8,
+    )
+    with ApiClient.connect(stack.server_url, stack.admin_token) as api, EmulatedFleet(config) as fleet:
+        releases = [api.upload(path).release_id for path in bundles]
+        t0 = time.monotonic()
+        fleet.add(fleet.provision())
+        out["seconds_to_provision"] = round(time.monotonic() - t0, 1)
+        t0 = time.monotonic()
+        fleet.start()
+        connected = fleet.wait_connected(timeout)
+        out["seconds_to_connect"] = round(time.monotonic() - t0, 1) if connected else None
+        if idle_seconds:
+            before = peaks.cpu_seconds()
+            time.sleep(idle_seconds)
+            after = peaks.cpu_seconds()
+            out["idle_cpu_cores"] = {k: round((after[k] - before.get(k, 0.0)) / idle_seconds, 3) for k in after}
+
+        def rollout(release_id: str) -> str:
+            body = {
+                "release_id": release_id,
+                "selector": {"labels": {"fleet": prefix}},
+                "stages": [{"percent": 100, "soak_seconds": 0}],
+                "gates": {"device_timeout_seconds": timeout},
+                "start": True,
+            }
+            rid: str = api.request("POST", "/api/v1/rollouts", json=body)["rollout_id"]
+            return rid
+
+        start = time.monotonic()
+        first_id = rollout(releases[0])
+        took = _wait(lambda: fleet.snapshot().versions.get("1.0.0", 0) >= devices, timeout)
+        snap = fleet.snapshot()
+        out["committed"] = snap.versions.get("1.0.0", 0)
+        out["seconds_to_all_committed"] = round(took, 1) if took is not None else None
+        if took:
+            out["devices_per_minute"] = round(devices / took * 60, 1)
+            out["ratio_to_aws_iot_jobs_ceiling"] = round(out["devices_per_minute"] / AWS_IOT_JOBS_PER_MINUTE, 2)
+        out["rollout_wall_seconds"] = round(time.monotonic() - start, 1)
+        if took is None:
+            first = api.request("GET", f"/api/v1/rollouts/{first_id}?deployments=false")
+            out["v1_rollout"] = {k: first.get(k) for k in ("state", "reason", "detail", "counts")}
+
+        second = rollout(releases[1])
+        on_v2 = _wait(lambda: fleet.snapshot().versions.get("1.1.0", 0) >= devices, timeout)
+        out["seconds_to_all_committed_v2"] = round(on_v2, 1) if on_v2 is not None else None
+        before = api.request("GET", f"/api/v1/rollouts/{second}?deployments=false")
+        out["v2_rollout"] = {k: before.get(k) for k in ("state", "reason", "detail", "counts", "failures")}
+        if before.get("state") in ("running", "completed"):
+            api.request("POST", f"/api/v1/rollouts/{second}/rollback", json={"reason": "scale bench"})
+            back = _wait(lambda: fleet.snapshot().versions.get("1.0.0", 0) >= devices, timeout)
+            out["seconds_halt_to_all_reverted"] = round(back, 1) if back is not None else None
+            out["reverted"] = fleet.snapshot().versions.get("1.0.0", 0)
+            if back is None:  # evidence: how the server sees the devices that did not come back
+                status = api.request("GET", f"/api/v1/rollouts/{second}?deployments=false")
+                out["halt_evidence"] = {k: status.get(k) for k in ("state", "counts", "revert")}
+        else:  # it ended by itself (a gate fired): no manual halt to time; the entry says why
+            out["seconds_halt_to_all_reverted"] = None
+
+        fleet.stop_telemetry()
+        drained = fleet.drain(timeout)
+        final = fleet.snapshot()
+        time.sleep(2.0)  # acknowledged means committed; a moment for the last aggregates
+        stored, distinct = _stored_windows(db_url, prefix)
+        out.update(
+            telemetry_sent=final.telemetry_sent,
+            telemetry_stored=distinct,
+            telemetry_doubled=stored - distinct,
+            telemetry_unacked_at_end=final.unacked if not drained else 0,
+            download_mb=round(final.download_bytes / 2**20, 1),
+            rejected_commands=final.rejected_commands,
+            download_failures=final.download_failures,
+        )
+    return out
+
+
+def _goals(run: dict[str, Any]) -> dict[str, str]:
+    def verdict(ok: bool | None) -> str:
+        return "not reached" if ok is None else ("met" if ok else "missed")
+
+    commit = run.get("seconds_to_all_committed")
+    revert = run.get("seconds_halt_to_all_reverted")
+    goals = {
+        "all_committed_within_60s_at_10000": verdict(None if commit is None else commit <= 60)
+        if run["devices"] >= 10_000
+        else "n/a (fewer than 10,000 devices)",
+        "all_reverted_within_10s": verdict(None if revert is None else revert <= 10),
+        "telemetry_sent_equals_stored": verdict(
+            run.get("telemetry_sent") == run.get("telemetry_stored") and run.get("telemetry_doubled") == 0
+        ),
+    }
+    return goals
+
+
+def run(results_dir: Path, quick: bool) -> dict[str, Any]:
+    """``make bench``: 200 emulated devices with 0 and 2 ingest processes when quick, else 1,000 and 10,000."""
+    sizes = [200] if quick else [1000, 10_000]
+    return run_matrix(results_dir, sizes, [0, 2], "postgresql", append=False, idle_seconds=0.0)
+
+
+def run_matrix(
+    results_dir: Path, sizes: list[int], ingest: list[int], database: str, append: bool, idle_seconds: float
+) -> dict[str, Any]:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    target = results_dir / "scale.json"
+    data: dict[str, Any] = {"runs": [], "machine_cores": os.cpu_count()}
+    if append and target.exists():
+        with contextlib.suppress(ValueError):
+            data = json.loads(target.read_text(encoding="utf-8"))
+    for devices in sizes:
+        timeout = max(120.0, devices / 20)
+        for processes in ingest:
+            try:
+                entry = bench_run(devices, processes, database, timeout, idle_seconds)
+            except Exception as exc:  # a broken run is recorded, the others still run
+                entry = {"devices": devices, "emulated": True, "ingest_processes": processes, "database": database}
+                entry["error"] = repr(exc)[:500]
+            entry["goals"] = _goals(entry) if "error" not in entry else {}
+            entry["available_memory_mb"] = round(psutil.virtual_memory().available / 2**20)
+            data["runs"].append(entry)
+            target.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+            print(json.dumps(entry), flush=True)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.scale_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", default="1000", help="comma-separated fleet sizes (emulated devices)")
+    parser.add_argument("--ingest", default="0,2", help="comma-separated ingest process counts (0: the server ingests)")
+    parser.add_argument("--database", choices=("postgresql", "sqlite"), default="postgresql")
+    parser.add_argument("--idle", type=float, default=0.0, help="measure the connected, idle fleet for SECONDS")
+    parser.add_argument("--append", action="store_true", help="add to bench/results/scale.json")
+    args = parser.parse_args(argv)
+    sizes = [int(x) for x in args.devices.split(",") if x]
+    ingest = [int(x) for x in args.ingest.split(",") if x]
+    if args.database == "sqlite" and any(ingest):
+        parser.error("ingest processes need PostgreSQL (SQLite has one writer)")
+    run_matrix(RESULTS, sizes, ingest, args.database, args.append, args.idle)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
