@@ -8,7 +8,8 @@ signal handlers (that is the CLI's job). The logic lives in the packages: :mod:`
 polling, the HTTP client, the outbox), :mod:`device_agent.serving` (runtime, shadow) and
 :mod:`device_agent.telemetry` (windows, spool, raw-input samples); the background threads are in
 :mod:`device_agent.loop`, and the parts built from settings or put back in service at start-up (telemetry
-recorder and input sampler, the models repaired and served again, the inference endpoint) in :mod:`device_agent.wiring`.
+recorder and input sampler, the models repaired and served again, the inference endpoint) in :mod:`device_agent.wiring`;
+the serving calls (predict, feedback, the shadow switch) in :mod:`device_agent.agent_serving` (mixed in).
 
 Typical use on a device::
 
@@ -30,21 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from device_agent._lazy import lazy_module
+from device_agent.agent_serving import ServingMixin
 from device_agent.fsutil import FreeSpaceProbe, disk_free
 from device_agent.health import ConnectionHealth, ServerCheck
 from device_agent.lock import StateDirLock
 from device_agent.loop import Ticker, Timer, UpdateWorker
-from device_agent.serving.predictions import (
-    PREDICTION_ID,
-    Prediction,
-    PredictionMemory,
-    feedback_answer,
-    feedback_item,
-    parse_feedback,
-    record,
-)
-from device_agent.serving.runtime import LoadedModel, ModelRuntime, SessionCache
+from device_agent.serving.predictions import PredictionMemory
+from device_agent.serving.runtime import ModelRuntime, SessionCache
 from device_agent.serving.shadow import ShadowRunner
 from device_agent.settings import AgentConfig
 from device_agent.store import AgentState, StateStore
@@ -59,20 +52,16 @@ from device_agent.update.repair import give_back_boot_attempt
 from device_agent.wiring import build_recorder, build_sampler, open_endpoint, restore_models
 from edgeota_contract.errors import EdgeotaError
 from edgeota_contract.logs import log_event
-from edgeota_contract.messages import Assignment, CheckIn, FeedbackItem, new_id
+from edgeota_contract.messages import Assignment, CheckIn, new_id
 from edgeota_contract.states import ReasonCode
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from device_agent.serving.http_endpoint import InferenceEndpoint
-else:
-    np = lazy_module("numpy")
 
 log = logging.getLogger("device_agent")
 
 
-class Agent:
+class Agent(ServingMixin):
     """A running device agent. Public API: :meth:`start`, :meth:`stop`, :meth:`predict`,
     :meth:`handle_command`, :meth:`wait_idle`, :meth:`checkin`.
 
@@ -119,7 +108,6 @@ class Agent:
         self.runtime = ModelRuntime()
         s = self.settings
         self.predictions = PredictionMemory(s.feedback_max_predictions, s.feedback_max_age_seconds)
-        """Recent answers by prediction id (the endpoint's and :meth:`predict_tracked`'s), for :meth:`feedback`."""
         self.telemetry = build_recorder(self.settings)
         self.runtime.add_listener(self.telemetry.record)
         self.sampler = build_sampler(self.settings, lambda: self.shadow.candidate if self.shadow is not None else None)
@@ -300,19 +288,6 @@ class Agent:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # ------------------------------------------------------------------ shadow
-
-    def _set_shadow(self, candidate: LoadedModel | None, sample_rate: float) -> None:
-        """Start shadowing ``candidate`` (replacing any earlier one), or stop with None."""
-        old, self.shadow = self.shadow, None
-        if old is not None:
-            self.runtime.remove_listener(old)
-            old.stop()
-        if candidate is not None:
-            self.shadow = ShadowRunner(candidate, sample_rate)
-            self.runtime.add_listener(self.shadow)
-            log_event(log, "shadow_started", version=candidate.manifest.version, sample_rate=sample_rate)
-
     # ------------------------------------------------------------------ update worker
 
     def _wake_worker(self) -> None:
@@ -348,55 +323,7 @@ class Agent:
             self._idle.wait(min(0.2, max(0.0, deadline - time.monotonic())))
         return False
 
-    # ------------------------------------------------------------------ inference and commands
-
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the serving model on ``inputs`` (name -> array). Never sees a half-swapped model.
-
-        Raises:
-            NoModelError: no model installed yet.
-            ModelError: bad inputs or an inference failure.
-        """
-        return self.runtime.predict(inputs)
-
-    def predict_tracked(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Prediction]:
-        """:meth:`predict`, and remember the answer for :meth:`feedback`: returns the outputs and the
-        :class:`~device_agent.serving.predictions.Prediction` (its ``prediction_id``, release, top-1 per row).
-
-        Raises as :meth:`predict`.
-        """
-        model = self.runtime.current
-        prediction_id = new_id()
-        token = PREDICTION_ID.set(prediction_id)  # the sampler tags kept inputs with it
-        try:
-            outputs = self.runtime.predict_on(model, inputs)  # NoModelError when model is None
-        finally:
-            PREDICTION_ID.reset(token)
-        assert model is not None
-        return outputs, record(self.predictions, prediction_id, model.manifest, model.bundle_sha256, outputs)
-
-    def feedback(
-        self, prediction_id: str, *, label: int | str | None = None, reward: float | None = None, row: int = 0
-    ) -> FeedbackItem:
-        """Report the true ``label`` (a class index) and/or a ``reward`` in [0, 1] for a remembered prediction;
-        the item is spooled (durable) before this returns and sent to the server until acked.
-
-        Raises:
-            FeedbackError: unknown or expired prediction (``status`` 404), or a bad value (400).
-            EdgeotaError: the agent is not started.
-        """
-        item = feedback_item(self.predictions, prediction_id, label=label, reward=reward, row=row)
-        self.outbox.add_feedback([item])
-        return item
-
-    def _remember(self, model: LoadedModel, outputs: dict[str, np.ndarray], prediction_id: str) -> None:
-        if self.predictions.max_predictions > 0:  # feedback off: no per-request work at all
-            record(self.predictions, prediction_id, model.manifest, model.bundle_sha256, outputs)
-
-    def _endpoint_feedback(self, model_name: str, body: bytes) -> dict[str, object]:
-        """The endpoint's feedback call: every item valid and spooled as one report, or none (raises FeedbackError)."""
-        items = parse_feedback(body, self.predictions, model_name)
-        return feedback_answer(self.outbox.add_feedback(items).msg_id, items)
+    # ------------------------------------------------------------------ commands
 
     def handle_command(self, payload: bytes) -> None:
         """Act on one signed command (from the transport or a file). Never raises for a bad command: it is

@@ -7,7 +7,8 @@ pydantic, pydantic-settings, the contract and the response models only: no FastA
 runs where the server is not installed.
 
 Rollout plans are in :mod:`ota_server.client_plans`, the check of a dataset export in
-:mod:`ota_server.client_datasets`, the error in :mod:`ota_server.client_errors` (re-exported here).
+:mod:`ota_server.client_datasets`, the evaluations, telemetry, accuracy, feedback and alerts calls in
+:mod:`ota_server.client_monitoring` (mixed in), the error in :mod:`ota_server.client_errors` (re-exported here).
 
 A model keeps what the server sent: ``model.model_dump(mode="json", exclude_unset=True)`` gives back the
 answer's fields (fields a model does not declare are kept only by the rollout models).
@@ -25,7 +26,6 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from edgeota.evaluation.record import EvaluationRecord
 from edgeota_contract.states import RolloutState
 from ota_server.api.responses import (
     AuditEntry,
@@ -42,14 +42,12 @@ from ota_server.api.responses import (
     RolloutDryRun,
     RolloutStatus,
     SampleList,
-    TelemetrySummary,
     TokenCreated,
 )
-from ota_server.api.responses_accuracy import AccuracyReport, FeedbackAccepted
-from ota_server.api.responses_alerts import AlertRecord
-from ota_server.api.responses_evaluation import EvaluationStored
 from ota_server.client_datasets import export_into
 from ota_server.client_errors import ApiClientError
+from ota_server.client_monitoring import MonitoringCalls
+from ota_server.client_monitoring import query_params as _params
 from ota_server.client_plans import RolloutPlan
 
 __all__ = ["ApiClient", "ApiClientError", "ClientSettings", "as_json"]  # ApiClientError: re-exported
@@ -80,20 +78,11 @@ def _adapter(kind: type[T]) -> TypeAdapter[T]:
     return adapter
 
 
-def _params(**values: Any) -> dict[str, Any]:
-    """Query parameters without the unset ones; booleans as the API spells them."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if value is None:
-            continue
-        out[key] = ("true" if value else "false") if isinstance(value, bool) else value
-    return out
-
-
-class ApiClient:
+class ApiClient(MonitoringCalls):
     """``ApiClient(settings)`` or ``ApiClient.connect(url, token)``; close it (or use ``with``) when done.
 
     ``http`` replaces the HTTP client (tests pass an in-process one); the token is sent with every request.
+    Evaluations, telemetry, accuracy, feedback and alerts calls come from :class:`MonitoringCalls`.
     """
 
     def __init__(self, settings: ClientSettings | None = None, http: httpx.Client | None = None) -> None:
@@ -207,21 +196,6 @@ class ApiClient:
     def download_bundle(self, sha256: str, dest: Path) -> None:
         """``GET /api/v1/artifacts/{sha256}`` into ``dest`` (unverified: check it with ``verify_bundle``)."""
         self._download("GET", f"/api/v1/artifacts/{sha256}", dest)
-
-    # ------------------------------------------------------------------ evaluations
-
-    def create_evaluation(self, record: EvaluationRecord) -> EvaluationStored:
-        """``POST /api/v1/evaluations``: the server re-checks the record and stores its own verdict."""
-        body = record.model_dump(mode="json")
-        return self._typed(EvaluationStored, "POST", "/api/v1/evaluations", json=body)
-
-    def evaluations(self, release_id: str | None = None, limit: int = 100, offset: int = 0) -> list[EvaluationStored]:
-        """Newest first; ``release_id``: evaluations with that release as candidate."""
-        params = _params(release=release_id, limit=limit, offset=offset)
-        return self._typed(list[EvaluationStored], "GET", "/api/v1/evaluations", params=params)
-
-    def evaluation(self, evaluation_id: str) -> EvaluationStored:
-        return self._typed(EvaluationStored, "GET", f"/api/v1/evaluations/{evaluation_id}")
 
     # ------------------------------------------------------------------ devices
 
@@ -350,7 +324,7 @@ class ApiClient:
                 )
             time.sleep(interval)
 
-    # ------------------------------------------------------------------ samples and telemetry
+    # ------------------------------------------------------------------ samples and datasets
 
     def samples(
         self,
@@ -416,55 +390,6 @@ class ApiClient:
                         fh.write(chunk)
         except httpx.HTTPError as exc:
             raise ApiClientError(f"cannot reach {self.url}: {exc}") from exc
-
-    def telemetry_summary(
-        self,
-        model_name: str | None = None,
-        version: str | None = None,
-        profile: str | None = None,
-        since: str | None = None,
-        until: str | None = None,
-        cohort: str | None = None,
-        worst: int = 10,
-    ) -> TelemetrySummary:
-        """Stored telemetry merged per release x hardware profile (``cohort``: a label selector ``k=v,...``)."""
-        params = _params(
-            model_name=model_name,
-            version=version,
-            profile=profile,
-            since=since,
-            until=until,
-            cohort=cohort,
-            worst=worst,
-        )
-        return self._typed(TelemetrySummary, "GET", "/api/v1/telemetry/summary", params=params)
-
-    def field_accuracy(
-        self,
-        model_name: str,
-        version: str | None = None,
-        cohort: str | None = None,
-        since: str | None = None,
-    ) -> AccuracyReport:
-        """Accuracy from feedback beside the label-free estimate, per release x hardware profile x cohort."""
-        params = _params(model_name=model_name, version=version, cohort=cohort, since=since)
-        return self._typed(AccuracyReport, "GET", "/api/v1/accuracy", params=params)
-
-    def report_feedback(self, device_id: str, items: Sequence[Mapping[str, Any]]) -> FeedbackAccepted:
-        """Store labels or rewards for predictions of ``device_id`` (each item as ``FeedbackItem`` fields)."""
-        body = {"device_id": device_id, "items": [dict(i) for i in items]}
-        return self._typed(FeedbackAccepted, "POST", "/api/v1/feedback", json=body)
-
-    def alerts(
-        self, state: str | None = None, rule: str | None = None, limit: int = 100, offset: int = 0
-    ) -> list[AlertRecord]:
-        """Alerts newest first (``state``: open, firing, acknowledged or resolved)."""
-        params = _params(state=state, rule=rule, limit=limit, offset=offset)
-        return self._typed(list[AlertRecord], "GET", "/api/v1/alerts", params=params)
-
-    def ack_alert(self, alert_id: str, reason: str = "") -> AlertRecord:
-        """Acknowledge a firing alert (operator role; audited)."""
-        return self._typed(AlertRecord, "POST", f"/api/v1/alerts/{alert_id}/ack", json={"reason": reason})
 
 
 def as_json(model: BaseModel | Sequence[BaseModel]) -> Any:

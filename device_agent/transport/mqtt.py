@@ -20,7 +20,8 @@ Nothing here is global: many links can live in one process. By default each link
 network thread (``loop_start``), which uses ``select()`` and so cannot serve sockets numbered above
 1023: a few hundred links per process at most. A process that hosts many agents (the fleet simulator)
 passes one :class:`NetworkLoop` to all of them instead, e.g. one ``epoll`` thread driving every client
-through paho's external-loop API.
+through paho's external-loop API. That protocol and the paho client class are in
+:mod:`device_agent.transport.paho_client`.
 """
 
 from __future__ import annotations
@@ -32,47 +33,25 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from device_agent.transport.base import CommandCallback, ConnectedCallback
+from device_agent.transport.paho_client import Cancellable, NetworkLoop, PahoClient
 from device_agent.transport.status import LinkState, LinkStatus, StatusCallback, TakeoverDetector
 from edgeota_contract.logs import log_event
 from edgeota_contract.messages import Presence
 from edgeota_contract.provisioning import MqttSection
 from edgeota_contract.topics import Channel, device_topic
 
+__all__ = ["SESSION_EXPIRY_SECONDS", "Cancellable", "MqttLink", "NetworkLoop"]  # the protocols: re-exported
+
 log = logging.getLogger("device_agent.mqtt")
 SESSION_EXPIRY_SECONDS = 24 * 3600
-
-
-class Cancellable(Protocol):
-    def cancel(self) -> None: ...
-
-
-class NetworkLoop(Protocol):
-    """Drives the network I/O of many paho clients on threads of its own (instead of one paho thread each).
-
-    Contract: after :meth:`add` (called after ``connect_async``) the loop connects, reads, writes, keeps
-    alive and reconnects ``client`` (after ``min_delay`` seconds, doubling up to ``max_delay``) until
-    :meth:`remove` (after ``disconnect()``) or :meth:`abort` (drop the socket, no DISCONNECT). Paho's
-    callbacks run on the loop's thread; :meth:`dispatch` runs ``fn`` off it, in order per ``key``;
-    :meth:`call_later` runs ``fn`` once after ``delay`` seconds unless cancelled.
-    """
-
-    def add(self, client: mqtt.Client, min_delay: float = 1.0, max_delay: float = 30.0) -> None: ...
-
-    def remove(self, client: mqtt.Client, timeout: float = 5.0) -> bool: ...
-
-    def abort(self, client: mqtt.Client, timeout: float = 5.0) -> bool: ...
-
-    def dispatch(self, key: str, fn: Callable[[], None]) -> None: ...
-
-    def call_later(self, delay: float, fn: Callable[[], None], key: str = "") -> Cancellable: ...
 
 
 class MqttLink:
@@ -173,7 +152,7 @@ class MqttLink:
         if self._ever_connected or self._stopped:
             return
         client = self._client
-        if isinstance(client, _Client) and client.last_error:
+        if isinstance(client, PahoClient) and client.last_error:
             # Not even a TCP connection: nothing refused MQTT 5 yet, so keep it until a broker answers (or not).
             with self._lock:
                 if not self._stopped:
@@ -231,7 +210,7 @@ class MqttLink:
         }
         if not self._v5:
             kwargs["clean_session"] = False
-        client = _Client(**kwargs)
+        client = PahoClient(**kwargs)
         client.username_pw_set(s.username or self.device_id, s.password)
         if s.tls:
             client.tls_set(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file, cert_reqs=ssl.CERT_REQUIRED)
@@ -280,7 +259,7 @@ class MqttLink:
         if client is not self._client:
             return
         self._failures += 1
-        error = client.last_error if isinstance(client, _Client) else ""
+        error = client.last_error if isinstance(client, PahoClient) else ""
         reason = error or "connection failed"
         log_event(
             log,
@@ -398,28 +377,6 @@ class MqttLink:
             return False
         info = client.publish(self.topic(channel), payload, qos=1)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
-
-
-class _Client(mqtt.Client):
-    """A paho client that remembers why its last connection attempt failed (paho's ``on_connect_fail`` is not
-    told): ``last_error`` is "" after a TCP connection was made."""
-
-    last_error = ""
-
-    def reconnect(self) -> MQTTErrorCode:
-        try:
-            rc = super().reconnect()
-        except OSError as exc:
-            self.last_error = _describe(exc)
-            raise
-        self.last_error = ""
-        return rc
-
-
-def _describe(exc: OSError) -> str:
-    """``connection refused (errno 111)``-style text for a failed connect."""
-    text = exc.strerror or str(exc) or type(exc).__name__
-    return f"{text} (errno {exc.errno})" if exc.errno else text
 
 
 def _ignore_command(payload: bytes) -> None:
