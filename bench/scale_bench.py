@@ -41,7 +41,7 @@ import psutil
 from bench.fleet_bench import Peaks
 from edgeota.emulator.fleet import EmulatedFleet, EmulatorConfig
 from edgeota.fleet.stack import local_stack, prepare_workdir, server_env
-from ota_server.client import ApiClient
+from ota_server.client import ApiClient, ApiClientError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parent / ".work" / "scale"
@@ -154,7 +154,9 @@ def bench_run(
                 server_pids.append(stack.supervisor.start(f"ingest-{k}", argv, env=ingest_env).pid)
             peaks = Peaks({"server": server_pids, "broker": [stack.broker.pid], "devices": [os.getpid()]})
             try:
-                out.update(_phases(stack, devices, prefix, db_url, timeout, idle_seconds, peaks))
+                _phases(stack, devices, prefix, db_url, timeout, idle_seconds, peaks, out)
+            except Exception as exc:  # keep what was measured before it broke
+                out["error"] = repr(exc)[:500]
             finally:
                 peak = peaks.stop()
                 out["peak_rss_mb"] = {k: peak.get(k, 0.0) for k in ("server", "broker", "devices")}
@@ -164,9 +166,16 @@ def bench_run(
 
 
 def _phases(
-    stack: Any, devices: int, prefix: str, db_url: str, timeout: float, idle_seconds: float, peaks: Peaks
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    stack: Any,
+    devices: int,
+    prefix: str,
+    db_url: str,
+    timeout: float,
+    idle_seconds: float,
+    peaks: Peaks,
+    out: dict[str, Any],
+) -> None:
+    """Run the phases, writing each figure into ``out`` as soon as it is known."""
     bundles = _bundles(stack.workdir, stack.release_key_path)
     config = EmulatorConfig(
         devices=devices,
@@ -223,8 +232,14 @@ def _phases(
         out["seconds_to_all_committed_v2"] = round(on_v2, 1) if on_v2 is not None else None
         before = api.request("GET", f"/api/v1/rollouts/{second}?deployments=false")
         out["v2_rollout"] = {k: before.get(k) for k in ("state", "reason", "detail", "counts", "failures")}
-        if before.get("state") in ("running", "completed"):
-            api.request("POST", f"/api/v1/rollouts/{second}/rollback", json={"reason": "scale bench"})
+        halted = before.get("state") in ("running", "completed")
+        if halted:
+            try:
+                api.request("POST", f"/api/v1/rollouts/{second}/rollback", json={"reason": "scale bench"})
+            except ApiClientError as exc:  # it ended by itself between the read and the command
+                out["v2_rollout"]["rollback_refused"] = str(exc)[:200]
+                halted = False
+        if halted:
             back = _wait(lambda: fleet.snapshot().versions.get("1.0.0", 0) >= devices, timeout)
             out["seconds_halt_to_all_reverted"] = round(back, 1) if back is not None else None
             out["reverted"] = fleet.snapshot().versions.get("1.0.0", 0)
@@ -248,13 +263,14 @@ def _phases(
             rejected_commands=final.rejected_commands,
             download_failures=final.download_failures,
         )
-    return out
 
 
 def _goals(run: dict[str, Any]) -> dict[str, str]:
     def verdict(ok: bool | None) -> str:
         return "not reached" if ok is None else ("met" if ok else "missed")
 
+    if "devices" not in run:
+        return {}
     commit = run.get("seconds_to_all_committed")
     revert = run.get("seconds_halt_to_all_reverted")
     goals = {
@@ -289,10 +305,10 @@ def run_matrix(
         for processes in ingest:
             try:
                 entry = bench_run(devices, processes, database, timeout, idle_seconds)
-            except Exception as exc:  # a broken run is recorded, the others still run
+            except Exception as exc:  # a stack that did not start is recorded, the other runs still run
                 entry = {"devices": devices, "emulated": True, "ingest_processes": processes, "database": database}
                 entry["error"] = repr(exc)[:500]
-            entry["goals"] = _goals(entry) if "error" not in entry else {}
+            entry["goals"] = _goals(entry)
             entry["available_memory_mb"] = round(psutil.virtual_memory().available / 2**20)
             data["runs"].append(entry)
             target.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
