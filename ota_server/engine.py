@@ -30,24 +30,25 @@ log = logging.getLogger("edgeota.server.engine")
 LEASE_NAME = "rollout-engine"
 
 
-def acquire_lease(ctx: ServerContext, holder: str) -> bool:
-    """Take or renew the engine lease; True when ``holder`` owns it until now + lease seconds."""
+def acquire_lease(ctx: ServerContext, holder: str, name: str = LEASE_NAME, seconds: float | None = None) -> bool:
+    """Take or renew the lease row ``name`` (default: the engine's); True when ``holder`` owns it until now +
+    ``seconds`` (default ``engine_lease_seconds``)."""
     now = utcnow()
-    until = now + timedelta(seconds=ctx.settings.engine_lease_seconds)
+    until = now + timedelta(seconds=ctx.settings.engine_lease_seconds if seconds is None else seconds)
     with ctx.sessions() as session, session.begin():
         result = session.execute(
             update(EngineLease)
-            .where(EngineLease.name == LEASE_NAME)
+            .where(EngineLease.name == name)
             .where((EngineLease.holder == holder) | (EngineLease.expires_at < now))
             .values(holder=holder, expires_at=until)
         )
         if result.rowcount:  # type: ignore[attr-defined]
             return True
-        if session.get(EngineLease, LEASE_NAME) is not None:
+        if session.get(EngineLease, name) is not None:
             return False
     try:
         with ctx.sessions() as session, session.begin():
-            session.add(EngineLease(name=LEASE_NAME, holder=holder, expires_at=until))
+            session.add(EngineLease(name=name, holder=holder, expires_at=until))
         return True
     except IntegrityError:
         return False

@@ -14,9 +14,6 @@ import threading
 import uuid
 from datetime import timedelta
 
-from sqlalchemy import update
-from sqlalchemy.exc import IntegrityError
-
 from edgeota_contract.logs import log_event
 from ota_server.alerts.config import AlertRules, load_rules
 from ota_server.alerts.delivery import DeliveryEnv, run_exports, send_pending
@@ -74,26 +71,10 @@ def acquire(ctx: ServerContext, holder: str) -> bool:
     """Take or renew the alerts lease. It lasts at least two rounds and ``LEASE_FLOOR_SECONDS``: a round's deliveries
     may take a webhook's whole deadline, and another server must not take over (and send the same pending deliveries)
     meanwhile; a dead holder is replaced after at most that long, which alerting can afford."""
-    now = utcnow()
+    from ota_server.engine import acquire_lease
+
     seconds = max(ctx.settings.engine_lease_seconds, 2 * ctx.settings.alert_eval_seconds, LEASE_FLOOR_SECONDS)
-    until = now + timedelta(seconds=seconds)
-    with ctx.sessions() as session, session.begin():
-        result = session.execute(
-            update(EngineLease)
-            .where(EngineLease.name == LEASE_NAME)
-            .where((EngineLease.holder == holder) | (EngineLease.expires_at < now))
-            .values(holder=holder, expires_at=until)
-        )
-        if result.rowcount:  # type: ignore[attr-defined]
-            return True
-        if session.get(EngineLease, LEASE_NAME) is not None:
-            return False
-    try:
-        with ctx.sessions() as session, session.begin():
-            session.add(EngineLease(name=LEASE_NAME, holder=holder, expires_at=until))
-        return True
-    except IntegrityError:
-        return False
+    return acquire_lease(ctx, holder, LEASE_NAME, seconds)
 
 
 class AlertLoop:

@@ -17,6 +17,7 @@ from edgeota_contract.states import DeploymentState, ReasonCode, RolloutState
 from ota_server.models import Deployment, Rollout
 from ota_server.rollout import deployment_rules as rules
 from ota_server.rollout.effects import SetState
+from ota_server.rollout.plan import Selector, Targeting
 
 log = logging.getLogger("edgeota.server.rollout")
 
@@ -76,6 +77,28 @@ def set_rollout_state(rollout: Rollout, effect: SetState, now: datetime) -> None
 def new_rollout(**fields: Any) -> Rollout:
     """A new rollout row: every rollout is born a ``draft``."""
     return Rollout(state=RolloutState.DRAFT.value, **fields)
+
+
+def new_targeted_rollout(
+    rollout_id: str, release_id: str, plan: dict[str, Any], selector: Selector, targeting: Targeting, actor: str
+) -> Rollout:
+    """A new draft rollout of ``release_id`` with its selection and targets as :func:`select_targets` found them."""
+    return new_rollout(
+        id=rollout_id,
+        release_id=release_id,
+        plan=plan,
+        selector={
+            "hardware_profiles": list(selector.hardware_profiles),
+            "labels": dict(selector.labels),
+            "device_ids": list(selector.device_ids),
+        },
+        targets=list(targeting.targets),
+        no_bundle=list(targeting.no_bundle),
+        skipped=list(targeting.skipped),
+        current_stage=0,
+        approved_stages=[],
+        created_by=actor,
+    )
 
 
 def note(rollout: Rollout, text: str) -> None:

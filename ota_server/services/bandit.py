@@ -30,7 +30,7 @@ from ota_server.rollout import engine_logic as el
 from ota_server.rollout.apply import apply_effects, snapshot
 from ota_server.rollout.bandit import BanditConfig
 from ota_server.rollout.plan import DeviceInfo, Plan, Selector, Stage, Targeting, select_targets
-from ota_server.rollout.records import new_rollout
+from ota_server.rollout.records import new_targeted_rollout
 from ota_server.rollout.unit_of_work import unit_of_work
 from ota_server.services import audit
 from ota_server.services.bandit_engine import BANDIT_KEY
@@ -142,22 +142,8 @@ def create_bandit(
                 f"without one, {len(targeting.skipped)} rolled an arm back before); use allow_empty to create it"
             )
         one_stage = replace(plan, stages=(Stage(percent=100.0),))
-        rollout = new_rollout(
-            id=rollout_id,
-            release_id=releases[0].id,
-            plan={**one_stage.to_json(), BANDIT_KEY: config.to_json()},
-            selector={
-                "hardware_profiles": list(selector.hardware_profiles),
-                "labels": dict(selector.labels),
-                "device_ids": list(selector.device_ids),
-            },
-            targets=list(targeting.targets),
-            no_bundle=list(targeting.no_bundle),
-            skipped=list(targeting.skipped),
-            current_stage=0,
-            approved_stages=[],
-            created_by=actor,
-        )
+        plan_json = {**one_stage.to_json(), BANDIT_KEY: config.to_json()}
+        rollout = new_targeted_rollout(rollout_id, releases[0].id, plan_json, selector, targeting, actor)
         session.add(rollout)
         session.flush()
         for position, release in enumerate(releases):

@@ -24,7 +24,7 @@ from ota_server.rollout import engine_logic as el
 from ota_server.rollout.apply import apply_effects, snapshot
 from ota_server.rollout.gate_results import GateResult
 from ota_server.rollout.plan import DeviceInfo, Plan, Selector, Targeting, dry_run, select_targets
-from ota_server.rollout.records import new_rollout
+from ota_server.rollout.records import new_targeted_rollout
 from ota_server.rollout.unit_of_work import Outbox, lock_rollout, unit_of_work
 from ota_server.services import audit
 from ota_server.services.bandit_engine import advance_bandit, arm_release_ids, is_bandit
@@ -99,22 +99,7 @@ def create_rollout(
             f"the selection targets no device ({len(targeting.no_bundle)} matched without a bundle for their profile, "
             f"{len(targeting.skipped)} rolled back this release before); use allow_empty (--allow-empty) to create it"
         )
-    rollout = new_rollout(
-        id=rollout_id,
-        release_id=release.id,
-        plan=plan.to_json(),
-        selector={
-            "hardware_profiles": list(selector.hardware_profiles),
-            "labels": dict(selector.labels),
-            "device_ids": list(selector.device_ids),
-        },
-        targets=list(targeting.targets),
-        no_bundle=list(targeting.no_bundle),
-        skipped=list(targeting.skipped),
-        current_stage=0,
-        approved_stages=[],
-        created_by=actor,
-    )
+    rollout = new_targeted_rollout(rollout_id, release.id, plan.to_json(), selector, targeting, actor)
     session.add(rollout)
     audit.record(
         session,

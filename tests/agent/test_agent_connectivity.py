@@ -140,13 +140,14 @@ def test_a_reachable_server_is_shown_as_such(
     with agent_process(config) as proc:
         shown = wait_for_agent(
             lambda: status_with(config, "server:         reachable", "broker:         connected"),
-            20,
+            60,
             "both connections",
             proc,
             config.with_suffix(".log"),
         )
         assert "WARNING" not in shown
-    assert [r["path"] for r in server.requests] == ["/healthz"]
+    paths = [r["path"] for r in server.requests]
+    assert paths and set(paths) == {"/healthz"}  # only health checks (more than one when a slow check is retried)
 
 
 # ------------------------------------------------------------------ a second agent with the same device id
