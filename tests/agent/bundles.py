@@ -111,11 +111,12 @@ def make_bundle(
     variant: str = "ok",
     metrics: dict[str, float] | None = None,
     inputs: list[dict[str, Any]] | None = None,
+    payload: dict[str, bytes] | None = None,
 ) -> tuple[Path, str]:
-    """Write a signed bundle; return (path, archive sha256)."""
+    """Write a signed bundle (of ``payload``, default :func:`make_payload`); return (path, archive sha256)."""
     create_bundle(
         out,
-        make_payload(seed, variant),
+        payload if payload is not None else make_payload(seed, variant),
         key,
         model_name=model_name,
         version=version,

@@ -12,7 +12,6 @@ import contextlib
 import os
 import subprocess
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -20,10 +19,9 @@ import pytest
 from device_agent.agent import Agent
 from device_agent.serving.runtime import SessionCache
 from device_agent.settings import AgentConfig
-from edgeota_contract.bundle import create_bundle, sha256_file
-from edgeota_contract.manifest import Lineage, release_counter_from_version
+from edgeota_contract.bundle import sha256_file
 from edgeota_contract.states import DeploymentState, ReasonCode
-from tests.agent.bundles import CLASSES, FEATURES, make_payload, sample_inputs
+from tests.agent.bundles import CLASSES, make_bundle, make_payload, sample_inputs
 from tests.agent.conftest import PROFILE, BundleRef, Keys, assignment, signed, write_config
 from tests.agent.http_server import BundleServer
 
@@ -57,27 +55,7 @@ def _big_bundle(tmp_path: Path, keys: Keys, server: BundleServer, version: str) 
     out = tmp_path / f"big-{version}.bundle.tar"
     payload = make_payload(seed=7)
     payload["model_card.md"] = b"# a long card\n" + b"x" * CARD_BYTES
-    create_bundle(
-        out,
-        payload,
-        keys.release,
-        model_name="digits",
-        version=version,
-        release_counter=release_counter_from_version(version),
-        hardware_profile=PROFILE,
-        inputs=[{"name": "x", "dtype": "float32", "shape": [None, FEATURES]}],
-        outputs=[{"name": "y", "dtype": "float32", "shape": [None, CLASSES]}],
-        opset=17,
-        execution_provider="CPUExecutionProvider",
-        recipe="fp32",
-        metrics={"smoke_atol": 1e-4, "smoke_rtol": 1e-3},
-        lineage=Lineage(
-            source_model_sha256="a" * 64,
-            packager_version="0.1.0",
-            created_at=datetime(2026, 1, 1, tzinfo=UTC),
-            created_by="tests",
-        ),
-    )
+    make_bundle(out, keys.release, version=version, profile=PROFILE, payload=payload)
     url = f"/api/v1/artifacts/big-{version}"
     server.add(url, out.read_bytes())
     return BundleRef(out, sha256_file(out), version, out.stat().st_size, url)

@@ -16,17 +16,14 @@ import tomllib
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from edgeota_contract.bundle import create_bundle
-from edgeota_contract.manifest import Lineage, release_counter_from_version
 from edgeota_contract.provisioning import DeviceProvisioning
-from tests.agent.bundles import CLASSES, FEATURES, make_payload, sample_inputs
+from tests.agent.bundles import FEATURES, make_bundle, sample_inputs
 from tests.conftest import Broker
 
 from .conftest import Keys
@@ -41,27 +38,7 @@ REWARD_RATE = {GOOD: 0.9, BAD: 0.2}
 
 
 def _bundle(path: Path, keys: Keys, version: str, seed: int) -> Path:
-    create_bundle(
-        path,
-        make_payload(seed),
-        keys.release,
-        model_name="digits",
-        version=version,
-        release_counter=release_counter_from_version(version),
-        hardware_profile=PROFILE,
-        inputs=[{"name": "x", "dtype": "float32", "shape": [None, FEATURES]}],
-        outputs=[{"name": "y", "dtype": "float32", "shape": [None, CLASSES]}],
-        opset=17,
-        execution_provider="CPUExecutionProvider",
-        recipe="fp32",
-        metrics={"smoke_atol": 1e-4, "smoke_rtol": 1e-3},
-        lineage=Lineage(
-            source_model_sha256="a" * 64,
-            packager_version="0.1.0",
-            created_at=datetime(2026, 1, 1, tzinfo=UTC),
-            created_by="tests",
-        ),
-    )
+    make_bundle(path, keys.release, version=version, profile=PROFILE, seed=seed)
     return path
 
 

@@ -18,17 +18,15 @@ import sys
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from device_agent.store import read_state
-from edgeota_contract.bundle import create_bundle, sha256_file
-from edgeota_contract.manifest import Lineage, release_counter_from_version
+from edgeota_contract.bundle import sha256_file
 from edgeota_contract.provisioning import DeviceProvisioning
 from edgeota_contract.states import DeploymentState, deployment_transition_allowed
-from tests.agent.bundles import CLASSES, FEATURES, make_payload
+from tests.agent.bundles import make_bundle, make_payload
 from tests.agent.conftest import FAST_AGENT, PROFILE
 from tests.conftest import Broker
 
@@ -58,27 +56,7 @@ def _bundle(tmp_path: Path, keys: Keys, version: str) -> Path:
     out = tmp_path / f"digits-{version}.bundle.tar"
     payload = make_payload(seed=int(version.split(".")[1]))
     payload["model_card.md"] = b"# card\n" + b"c" * (2 << 20)
-    create_bundle(
-        out,
-        payload,
-        keys.release,
-        model_name="digits",
-        version=version,
-        release_counter=release_counter_from_version(version),
-        hardware_profile=PROFILE,
-        inputs=[{"name": "x", "dtype": "float32", "shape": [None, FEATURES]}],
-        outputs=[{"name": "y", "dtype": "float32", "shape": [None, CLASSES]}],
-        opset=17,
-        execution_provider="CPUExecutionProvider",
-        recipe="fp32",
-        metrics={"smoke_atol": 1e-4, "smoke_rtol": 1e-3},
-        lineage=Lineage(
-            source_model_sha256="a" * 64,
-            packager_version="0.1.0",
-            created_at=datetime(2026, 1, 1, tzinfo=UTC),
-            created_by="tests",
-        ),
-    )
+    make_bundle(out, keys.release, version=version, profile=PROFILE, payload=payload)
     return out
 
 

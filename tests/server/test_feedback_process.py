@@ -12,7 +12,6 @@ from __future__ import annotations
 import tomllib
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,13 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
-from edgeota_contract.bundle import create_bundle
 from edgeota_contract.calibration import CALIBRATION_FILE, ConfidenceCalibration, OutputCalibration, bin_accuracy
-from edgeota_contract.manifest import Lineage, release_counter_from_version
 from edgeota_contract.provisioning import DeviceProvisioning
 from edgeota_contract.telemetry import CONFIDENCE_EDGES
 from ota_server.client import ApiClient, ClientSettings
 from packager.calibration import calibration_counts
 from packager.stats import confidences
-from tests.agent.bundles import CLASSES, FEATURES, make_payload, reference_model, sample_inputs
+from tests.agent.bundles import CLASSES, FEATURES, make_bundle, make_payload, reference_model, sample_inputs
 from tests.conftest import Broker
 
 from .conftest import ADMIN, Keys
@@ -56,27 +53,7 @@ def _calibration() -> ConfidenceCalibration:
 
 def _bundle(path: Path, keys: Keys, cal: ConfidenceCalibration) -> Path:
     payload = {**make_payload(0), CALIBRATION_FILE: cal.model_dump_json().encode()}
-    create_bundle(
-        path,
-        payload,
-        keys.release,
-        model_name="digits",
-        version="1.0.0",
-        release_counter=release_counter_from_version("1.0.0"),
-        hardware_profile=PROFILE,
-        inputs=[{"name": "x", "dtype": "float32", "shape": [None, FEATURES]}],
-        outputs=[{"name": "y", "dtype": "float32", "shape": [None, CLASSES]}],
-        opset=17,
-        execution_provider="CPUExecutionProvider",
-        recipe="fp32",
-        metrics={"smoke_atol": 1e-4, "smoke_rtol": 1e-3},
-        lineage=Lineage(
-            source_model_sha256="a" * 64,
-            packager_version="0.1.0",
-            created_at=datetime(2026, 1, 1, tzinfo=UTC),
-            created_by="tests",
-        ),
-    )
+    make_bundle(path, keys.release, version="1.0.0", profile=PROFILE, payload=payload)
     return path
 
 
