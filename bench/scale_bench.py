@@ -14,8 +14,8 @@ ONNX Runtime) run in this process. Phases:
 - **memory**: peak RSS of the server processes (summed), the broker, and this process (the devices).
 
 Every entry says ``"emulated": true``: the emulator is the measure of the server; real agents
-(``bench/fleet_bench.py``) remain the measure of agent behaviour. Results go to ``bench/results/scale.json`` as
-``{"runs": [...]}`` with the fields issue 18 names. Goals (reported, never asserted): 10,000 devices committed in
+(``bench/fleet_bench.py``) remain the measure of agent behaviour. Results go to ``bench/results/scale.json``: a list of
+runs, each with the fields issue 18 names (and more). Goals (reported, never asserted): 10,000 devices committed in
 at most 60 s; every device reverted in at most 10 s after a halt; telemetry sent = stored; AWS IoT Jobs'
 documented ceiling of 1,000 devices per minute as the baseline ratio.
 
@@ -296,10 +296,11 @@ def run_matrix(
 ) -> dict[str, Any]:
     results_dir.mkdir(parents=True, exist_ok=True)
     target = results_dir / "scale.json"
-    data: dict[str, Any] = {"runs": [], "machine_cores": os.cpu_count()}
+    runs: list[dict[str, Any]] = []
     if append and target.exists():
         with contextlib.suppress(ValueError):
-            data = json.loads(target.read_text(encoding="utf-8"))
+            loaded = json.loads(target.read_text(encoding="utf-8"))
+            runs = loaded if isinstance(loaded, list) else loaded.get("runs", [])
     for devices in sizes:
         timeout = max(120.0, devices / 20)
         for processes in ingest:
@@ -309,11 +310,13 @@ def run_matrix(
                 entry = {"devices": devices, "emulated": True, "ingest_processes": processes, "database": database}
                 entry["error"] = repr(exc)[:500]
             entry["goals"] = _goals(entry)
+            entry["machine_cores"] = os.cpu_count()
             entry["available_memory_mb"] = round(psutil.virtual_memory().available / 2**20)
-            data["runs"].append(entry)
-            target.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+            runs.append(entry)
+            # The file is the list of runs itself (the format issue 18 names).
+            target.write_text(json.dumps(runs, indent=2) + "\n", encoding="utf-8")
             print(json.dumps(entry), flush=True)
-    return data
+    return {"runs": runs}
 
 
 def main(argv: list[str] | None = None) -> int:

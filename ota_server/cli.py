@@ -12,7 +12,9 @@ from typing import Any
 
 import typer
 
+from edgeota_contract import tables as tb
 from edgeota_contract.errors import ContractError, EdgeotaError
+from edgeota_contract.tables import Output
 from ota_server import cli_common as common
 from ota_server import cli_fleet
 from ota_server.cli_common import ServerOpt, TokenOpt, console
@@ -226,6 +228,7 @@ def rollout_create(
     bandit_until_stopped: bool = typer.Option(
         False, "--bandit-until-stopped", help="bandit: no winner, run until paused or aborted"
     ),
+    output: Output = tb.output_option(),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
@@ -289,7 +292,9 @@ def rollout_create(
     )
     client = common.client(server, token)
     if dry_run:
-        common.print_json(client.dry_run_rollout(release_id, body))
+        from ota_server.cli_rollouts import print_dry_run
+
+        print_dry_run(tb.to_json(client.dry_run_rollout(release_id, body)), output)
     else:
         typer.echo(client.create_rollout(release_id, body).rollout_id)
 

@@ -217,3 +217,43 @@ def rollout_status(
         if output is Output.table:
             typer.echo(f"rollout {rollout_id}: {r.state}{' ' + r.detail if r.detail else ''} (exit {code})")
         raise typer.Exit(code)
+
+
+DRY_RUN_DEVICES_SHOWN = 5
+"""Devices named per stage (or arm) in a dry run's table; the rest are counted (``--output json`` lists all)."""
+
+
+def print_dry_run(preview: dict[str, Any], output: Output) -> None:
+    """``rollout create --dry-run``: which devices each stage (or bandit arm) would take, and who is left out."""
+    if output == Output.json:
+        tb.print_json(preview)
+        return
+
+    def named(devices: list[Any]) -> str:
+        shown = ", ".join(str(d) for d in devices[:DRY_RUN_DEVICES_SHOWN])
+        rest = len(devices) - DRY_RUN_DEVICES_SHOWN
+        return f"{shown} ... and {hz.count(rest)} more" if rest > 0 else shown or "-"
+
+    parts: list[RenderableType] = [
+        tb.kv(
+            [
+                ("eligible devices", hz.count(int(preview.get("eligible", 0)))),
+                ("no bundle for their profile", named(list(preview.get("no_bundle_for_profile", [])))),
+                ("rolled this release back before", named(list(preview.get("skipped_rolled_back_before", [])))),
+            ],
+            title="Dry run (nothing stored)",
+        )
+    ]
+    stages = preview.get("stages", [])
+    if stages:
+        rows = [
+            (s.get("stage"), hz.count(int(s.get("cumulative", 0))), named(list(s.get("devices", [])))) for s in stages
+        ]
+        parts.append(tb.table([Col("stage", right=True), Col("devices so far", right=True), "new devices"], rows))
+    arms = preview.get("arms", [])
+    if arms:
+        rows = [
+            (a.get("release_id"), hz.count(len(a.get("devices", []))), named(list(a.get("devices", [])))) for a in arms
+        ]
+        parts.append(tb.table(["arm (release)", Col("devices", right=True), "devices"], rows, title="Bandit arms"))
+    tb.print_renderables(console, parts)

@@ -36,10 +36,12 @@ def test_bandit_create_status_and_one_line_errors(server: ServerProcess, make_bu
     b = publish(server, make_bundle("1.1.0", "x86"))["release_id"]
     common = ["rollout", "create", "--strategy", "bandit", "--release", a, "--release", b, "--label", "tag=cliband"]
     knobs = ["--bandit-floor", "0.2", "--bandit-interval", "5", "--bandit-max-moves", "1", "--bandit-seed", "3"]
-    dry = _cli(server, *common, *knobs, "--dry-run")
+    dry = _cli(server, *common, *knobs, "--dry-run", "-o", "json")
     assert dry.returncode == 0, dry.stderr
     preview = json.loads(dry.stdout)
     assert preview["eligible"] == 4 and [len(arm["devices"]) for arm in preview["arms"]] == [2, 2]
+    table = _cli(server, *common, *knobs, "--dry-run")
+    assert table.returncode == 0 and "Bandit arms" in table.stdout, table.stderr
     created = _cli(server, *common, *knobs, "--bandit-until-stopped")
     assert created.returncode == 0, created.stderr
     rid = created.stdout.strip()

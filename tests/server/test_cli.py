@@ -83,10 +83,14 @@ def test_cli_end_to_end(server: ServerProcess, make_bundle: BundleFactory, tmp_p
             "--stage",
             "100%",
             "--dry-run",
+            "--output",
+            "json",
             token=rm,
         ).stdout
     )
     assert dry["dry_run"] and dry["eligible"] == 1
+    shown = run(server, "rollout", "create", "--release", release_id, "--dry-run", token=rm).stdout
+    assert "Dry run (nothing stored)" in shown and "eligible devices" in shown  # a table by default
     rid = run(
         server,
         "rollout",
