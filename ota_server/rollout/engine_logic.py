@@ -79,6 +79,10 @@ DS = DeploymentState
 UPDATED_STATES = frozenset({DS.INSTALLING, DS.TRIAL, DS.COMMITTED})
 """Deployment states in which the device may already run the new bundle (so rollback must revert it)."""
 FAILED_STATES = frozenset({DS.FAILED, DS.ROLLED_BACK})
+MOVED_BY_SERVER = frozenset({ReasonCode.SUPERSEDED})
+"""Reasons of a ``failed`` deployment the server ended itself because a newer rollout took the device: not a
+device failure, so outside the failure-rate gate (a rollout used to roll itself back when a newer rollout
+superseded its devices' in-flight deployments), and not waited for."""
 RETRYABLE_REASONS = frozenset(
     {
         ReasonCode.DOWNLOAD_FAILED,
@@ -139,6 +143,9 @@ class Counts:
     """Not finished: running on the device, or failed and waiting for its retry."""
     active: int = 0
     """Deployments in flight on devices (not terminal): what ``max_concurrent`` caps."""
+    moved: int = 0
+    """Ended by the server because a newer rollout took the device (superseded): neither committed nor a device
+    failure, so outside the failure rate, and not waited for."""
 
     @property
     def finished(self) -> int:
@@ -152,9 +159,14 @@ def will_retry(d: DeploymentView, max_retries: int) -> bool:
 
 def count(deployments: Mapping[str, DeploymentView], max_retries: int = 0) -> Counts:
     committed = sum(1 for d in deployments.values() if d.state == DS.COMMITTED)
-    failed = sum(1 for d in deployments.values() if d.state in FAILED_STATES and not will_retry(d, max_retries))
+    moved = sum(1 for d in deployments.values() if d.state == DS.FAILED and d.reason in MOVED_BY_SERVER)
+    failed = sum(
+        1
+        for d in deployments.values()
+        if d.state in FAILED_STATES and not will_retry(d, max_retries) and d.reason not in MOVED_BY_SERVER
+    )
     active = sum(1 for d in deployments.values() if not d.state.terminal)
-    return Counts(len(deployments), committed, failed, len(deployments) - committed - failed, active)
+    return Counts(len(deployments), committed, failed, len(deployments) - committed - failed - moved, active, moved)
 
 
 def retry_due(d: DeploymentView, plan: Plan, now: datetime) -> bool:
