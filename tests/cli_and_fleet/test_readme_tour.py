@@ -41,6 +41,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +223,10 @@ def telemetry_requests(tour: Tour) -> int:
     return sum(int(g.get("requests", 0)) for g in groups)
 
 
+def _up_or_exited(proc: subprocess.Popen[bytes], url: str) -> bool:
+    return proc.poll() is not None or _healthy(url)
+
+
 def run_line(words: list[str], tour: Tour) -> None:
     argv = substitute(words, tour)
     if words[0] == "curl":
@@ -234,9 +239,19 @@ def run_line(words: list[str], tour: Tour) -> None:
         return
     assert words[0] == "edgeota", f"the tour has a line the test does not know: {words}"
     if words[1:3] == ["server", "run"]:
-        env = {**tour.env, "EDGEOTA_SERVER_MQTT_PORT": str(tour.broker_port)}
-        proc = tour.background(argv, env, "server")
-        wait_until(lambda: proc.poll() is not None or _healthy(tour.url), 90, "the server", lambda: tour.log("server"))
+        for attempt in range(3):
+            env = {**tour.env, "EDGEOTA_SERVER_MQTT_PORT": str(tour.broker_port)}
+            proc = tour.background(argv, env, "server")
+            wait_until(partial(_up_or_exited, proc, tour.url), 90, "the server", lambda: tour.log("server"))
+            if proc.poll() is None:
+                return
+            # The free port was taken by another process between choosing it and binding it: choose again.
+            if "address already in use" not in tour.log("server") or attempt == 2:
+                break
+            old_url = tour.url
+            tour.server_port = free_port()
+            tour.env = {k: v.replace(old_url, tour.url) for k, v in tour.env.items()}
+            argv = substitute(words, tour)
         assert proc.poll() is None, tour.log("server")
         return
     if words[1:3] == ["agent", "run"]:
