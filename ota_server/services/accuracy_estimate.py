@@ -11,39 +11,24 @@ no estimate either: their groups read ``estimated_accuracy = None`` with ``estim
 
 from __future__ import annotations
 
-import json
-import tarfile
 from datetime import datetime
 from typing import Any
 
-from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from edgeota_contract.calibration import CALIBRATION_FILE, ConfidenceCalibration, aligned, bin_accuracy
 from ota_server.artifacts import ArtifactStore
 from ota_server.models import TelemetryAggregate
+from ota_server.services.bundle_documents import bundle_document
 from ota_server.services.telemetry_aggregates import bucket_start, read_aggregates
 
 GroupKey = tuple[str, str, str, str]
 """(model name, version, hardware profile, cohort)."""
-_CACHE: dict[str, ConfidenceCalibration | None] = {}
 
 
 def bundle_calibration(store: ArtifactStore, sha256: str) -> ConfidenceCalibration | None:
     """A stored bundle's ``calibration.json`` (None when absent, unreadable or not stored); cached per sha."""
-    if sha256 not in _CACHE:
-        cal: ConfidenceCalibration | None = None
-        try:
-            with tarfile.open(store.local_path(sha256), mode="r:") as tar:
-                member = tar.extractfile(CALIBRATION_FILE)
-                if member is not None:
-                    cal = ConfidenceCalibration.model_validate(json.loads(member.read()))
-        except (OSError, KeyError, tarfile.TarError, ValueError, ValidationError):
-            cal = None
-        if len(_CACHE) > 256:
-            _CACHE.clear()
-        _CACHE[sha256] = cal
-    return _CACHE[sha256]
+    return bundle_document(store, sha256, CALIBRATION_FILE, ConfidenceCalibration)
 
 
 def mapped(cal: ConfidenceCalibration | None, confidence: dict[str, list[int]]) -> tuple[float, int] | None:

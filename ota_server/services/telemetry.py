@@ -16,13 +16,10 @@ What each gate reads:
 
 from __future__ import annotations
 
-import json
-import tarfile
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -34,27 +31,15 @@ from ota_server.models import Bundle, Deployment, Rollout, TelemetryAggregate
 from ota_server.rollout.gate_results import DriftInput, GateInputs, GateResult, configured, evaluate_gates
 from ota_server.rollout.plan import Plan
 from ota_server.rollout.telemetry_gates import TelemetryTotals, merge_all
+from ota_server.services.bundle_documents import bundle_document
 from ota_server.services.telemetry_aggregates import bucket_start, read_aggregates
 
-_REFERENCE_CACHE: dict[str, ReferenceStats | None] = {}
 _AGG = TelemetryAggregate
 
 
 def reference_stats(store: ArtifactStore, sha256: str) -> ReferenceStats | None:
     """A stored bundle's ``reference_stats.json`` (None when absent or unreadable); cached per sha."""
-    if sha256 not in _REFERENCE_CACHE:
-        stats: ReferenceStats | None = None
-        try:
-            with tarfile.open(store.local_path(sha256), mode="r:") as tar:
-                member = tar.extractfile(REFERENCE_STATS_FILE)
-                if member is not None:
-                    stats = ReferenceStats.model_validate(json.loads(member.read()))
-        except (OSError, KeyError, tarfile.TarError, ValueError, ValidationError):
-            stats = None
-        if len(_REFERENCE_CACHE) > 256:
-            _REFERENCE_CACHE.clear()
-        _REFERENCE_CACHE[sha256] = stats
-    return _REFERENCE_CACHE[sha256]
+    return bundle_document(store, sha256, REFERENCE_STATS_FILE, ReferenceStats)
 
 
 def observed_inputs(totals: TelemetryTotals) -> dict[DriftKey, list[int]]:
