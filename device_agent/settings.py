@@ -60,6 +60,12 @@ class AgentSettings(BaseSettings):
     download_backoff_max_seconds: float = Field(default=60.0, ge=0)
     download_rate_limit_bps: int | None = Field(default=None, gt=0, description="bandwidth cap, bytes/s")
     disk_margin_bytes: int = Field(default=1 << 20, ge=0, description="free space kept beyond the needs")
+    keep_bundle_archives: bool = Field(
+        default=True,
+        description="keep the archives of the last two committed bundles (the one serving and the one before) in"
+        " state_dir/download, so a server-ordered rollback to the previous release needs no download; costs the"
+        " disk of up to two bundle archives; a kept archive is hashed again before reuse; False: removed on commit",
+    )
     # trial window and health thresholds
     trial_requests: int = Field(default=200, ge=0, description="live requests that end the trial early")
     trial_seconds: float = Field(default=30.0, ge=0, description="the trial lasts at most this long")

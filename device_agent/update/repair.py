@@ -50,6 +50,7 @@ def repair(store: StateStore, executor: Executor, max_boot_attempts: int) -> Age
         if state.slots.get(slot) is None:
             remove_tree(executor.slot_dir(slot))
     keep = {executor.bundle_path(state.deployment).name} if state.deployment else set()
+    keep |= {f"{sha}.bundle" for sha in executor.kept_archives()}  # for a rollback without a download
     if executor.download_dir.exists():
         for path in executor.download_dir.iterdir():
             if path.name not in keep and path.with_suffix(".bundle").name not in keep:

@@ -22,6 +22,7 @@ from device_agent.serving.runtime import LoadedModel, ModelError, ModelRuntime, 
 from device_agent.settings import AgentConfig, AgentSettings
 from device_agent.store import SHADOW_SLOT, AgentState, SlotInfo, StateStore
 from device_agent.transport.http import resolve_url
+from device_agent.update import archives
 from device_agent.update.checks import policy_problem, quantile
 from device_agent.update.checks import smoke_test as run_smoke_test
 from device_agent.update.download import DownloadPolicy, download
@@ -86,14 +87,23 @@ class Steps:
                 have = path.stat().st_size
         need = (size - have) + size + self.settings.disk_margin_bytes
         free = self.free_space(self.settings.state_dir)
+        if free < need and archives.prune(self.download_dir, [dep.assignment.bundle_sha256]):
+            log_event(log, "kept_archives_dropped", level=logging.WARNING, deployment=dep.deployment_id, need=need)
+            free = self.free_space(self.settings.state_dir)  # an update matters more than a download-free rollback
         if free < need:
             raise EdgeotaError(f"needs {need} bytes free, {free} available", ReasonCode.DISK_FULL)
         return None
 
     def _download(self, dep: Deployment) -> None:
+        """Bring the assigned archive to ``download/<sha256>.bundle``; when this step succeeds, that file's
+        sha256 and size were found equal to the assignment's. A file already there (an archive kept from an
+        earlier deployment, or this deployment's own after a crash) is hashed again first and reused only on a
+        match (event ``bundle_reused``, no request to the server); otherwise it is removed (event
+        ``kept_archive_mismatch``) and downloaded again. A download is hashed as it is written and gets its
+        final name only when its sha256 matches. Raises DownloadError (and its reasons) on a failed download."""
         a = dep.assignment
         final = self.bundle_path(dep)
-        if final.exists() and final.stat().st_size == a.bundle_size:
+        if final.exists() and self._reuse(dep, final):
             return None
         part = final.with_suffix(".part")
         url, same_origin = resolve_url(self.config.provisioning.server.url, a.bundle_url)
@@ -133,15 +143,36 @@ class Steps:
         fsync_dir(final.parent)
         return None
 
+    def _reuse(self, dep: Deployment, final: Path) -> bool:
+        a = dep.assignment
+        ok, found = archives.matches(final, a.bundle_sha256, a.bundle_size)
+        if ok:
+            log_event(log, "bundle_reused", deployment=dep.deployment_id, sha256=a.bundle_sha256, size=a.bundle_size)
+            return True
+        log_event(
+            log,
+            "kept_archive_mismatch",
+            level=logging.WARNING,
+            deployment=dep.deployment_id,
+            sha256=a.bundle_sha256,
+            found_sha256=found,
+            size=a.bundle_size,
+            found_size=final.stat().st_size,
+        )
+        final.unlink(missing_ok=True)
+        return False
+
     def _sleep(self, seconds: float) -> None:
         if self.stop.wait(seconds):
             raise Interrupted()
 
     def _check_digest(self, dep: Deployment) -> None:
-        """The downloaded file is the one the server signed for, before anything parses it (a crafted
-        archive from a compromised mirror never reaches the archive reader): :meth:`_download` hashed it
-        as it was written and gave it its final name only when that sha256 equalled the assignment's
-        ``bundle_sha256`` (so the file is never read an extra time); here its size is checked again."""
+        """The archive is the one the server signed for, before anything parses it (a crafted archive from a
+        compromised mirror, or a kept archive changed on disk, never reaches the archive reader):
+        :meth:`_download` found its sha256 equal to the assignment's ``bundle_sha256``, hashing a download as
+        it was written (so a fresh download is never read an extra time) and a file already there (a kept
+        archive) once more before reusing it; here its size is checked again. :meth:`_verify_bundle` hashes
+        it while unpacking, so a change after this point is caught too."""
         path = self.bundle_path(dep)
         if path.stat().st_size != dep.assignment.bundle_size:
             path.unlink(missing_ok=True)
@@ -283,14 +314,22 @@ class Steps:
         model = self._ensure_serving(dep.target_slot)
         self.trial.run(model, trial_settings(self.settings, dep.known_good), self._baseline_ms, self._sleep)
 
-    def _cleanup_download(self, dep: Deployment) -> None:
-        final = self.bundle_path(dep)
-        final.unlink(missing_ok=True)
-        final.with_suffix(".part").unlink(missing_ok=True)
+    def _cleanup_download(self, dep: Deployment, committing: str | None = None) -> None:
+        """Leave in the download folder only the archives :func:`~device_agent.update.archives.archives_to_keep`
+        names (none with ``keep_bundle_archives`` off): the deployment ends here, so its own ``.part`` and
+        archive go unless they are kept. ``committing``: the bundle whose commit this step stores."""
+        keep = archives.archives_to_keep(self.store.state, committing) if self.settings.keep_bundle_archives else ()
+        removed = archives.prune(self.download_dir, keep)
+        if removed:
+            log_event(log, "downloads_pruned", deployment=dep.deployment_id, removed=len(removed), kept=len(keep))
+
+    def kept_archives(self) -> tuple[str, ...]:
+        """The archives (sha256) the download folder keeps in the current state (start-up repair spares them)."""
+        return archives.archives_to_keep(self.store.state) if self.settings.keep_bundle_archives else ()
 
     def _commit(self, dep: Deployment) -> Callable[[AgentState], None]:
         a = dep.assignment
-        self._cleanup_download(dep)
+        self._cleanup_download(dep, None if a.mode == "shadow" else a.bundle_sha256)
         if a.mode == "shadow":
             candidate = self._candidate if self._candidate is not None else self.load_slot(dep.target_slot)
             self._candidate = None

@@ -26,6 +26,7 @@ import httpx
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from device_agent.transport.outbox import next_send
 from edgeota_contract.messages import (
     Ack,
     Assignment,
@@ -53,6 +54,17 @@ INSTALL_STEPS = (
 AGENT_VERSION = "emulator"
 
 
+@dataclass(frozen=True)
+class Unacked:
+    """A sent device message the server has not acknowledged yet, and when it is due again."""
+
+    topic: str
+    payload: bytes
+    last_sent: float
+    due: float
+    sends: int
+
+
 @dataclass
 class Counters:
     """What one device did (read by the fleet's snapshot; increments under the device's lock)."""
@@ -61,6 +73,8 @@ class Counters:
     rejected: int = 0
     downloads: int = 0
     download_bytes: int = 0
+    reused: int = 0
+    """Installs that skipped the download: the archive was kept (the agent's ``bundle_reused``)."""
     committed: int = 0
     failed: int = 0
     telemetry_sent: int = 0
@@ -72,6 +86,11 @@ class Counters:
 class EmulatedDevice:
     """See the module docstring. ``loop`` drives the MQTT socket; ``work(key, fn)`` runs ``fn`` off the loop."""
 
+    download_delay: float = 0.0
+    """Test-only hook: seconds an install waits after reporting ``downloading``, before it fetches the bundle
+    (0: none). Set on a device to hold its installs in flight, e.g. to halt a rollout while they are on the way.
+    The wait blocks the fleet worker that runs this device's commands: devices sharing a worker are held in turn."""
+
     def __init__(
         self,
         prov: DeviceProvisioning,
@@ -79,6 +98,8 @@ class EmulatedDevice:
         work: Callable[[str, Callable[[], None]], None],
         fail_versions: frozenset[str] = frozenset(),
         requests_per_window: int = 50,
+        resend_seconds: float = 30.0,
+        resend_max_seconds: float = 600.0,
     ) -> None:
         self.prov = prov
         self.device_id = prov.device.id
@@ -88,12 +109,15 @@ class EmulatedDevice:
         self.work = work
         self.fail_versions = fail_versions
         self.requests_per_window = requests_per_window
+        self.resend_seconds = resend_seconds
+        self.resend_max_seconds = resend_max_seconds
         self.boot_id = uuid.uuid4().hex
         self.lock = threading.Lock()
         self.seq = 0
         self.models: dict[str, RunningModel] = {}
         self.finished: dict[str, DeploymentState] = {}  # deployment id -> final state (a replay re-reports it)
-        self.unacked: dict[str, tuple[str, bytes, float]] = {}  # msg id -> (topic, payload, last sent)
+        self.kept: list[str] = []  # sha256 of the archives the agent keeps: the last two committed, latest last
+        self.unacked: dict[str, Unacked] = {}
         self.counters = Counters()
         self.connected = threading.Event()
         self.window_start = datetime.now(UTC)
@@ -134,9 +158,9 @@ class EmulatedDevice:
         payload = bytes(msg.payload)
         self.work(self.device_id, lambda: self.handle_command(payload))
 
-    def clear_presence(self) -> None:
+    def clear_presence(self) -> mqtt.MQTTMessageInfo:
         """Remove this device's retained presence from the broker (an emulator leaves nothing behind)."""
-        self.client.publish(device_topic(self.device_id, Channel.PRESENCE), b"", qos=1, retain=True)
+        return self.client.publish(device_topic(self.device_id, Channel.PRESENCE), b"", qos=1, retain=True)
 
     # ------------------------------------------------------------------ device messages
 
@@ -148,20 +172,33 @@ class EmulatedDevice:
     def _send(self, channel: Channel, msg: StatusReport | CheckIn | TelemetryWindow) -> None:
         topic = device_topic(self.device_id, channel)
         payload = msg.model_dump_json().encode()
-        with self.lock:
-            self.unacked[msg.msg_id] = (topic, payload, time.monotonic())
-        self.client.publish(topic, payload, qos=1)
-
-    def resend_due(self, older_than: float) -> int:
-        """Re-send every unacknowledged message last sent more than ``older_than`` seconds ago."""
         now = time.monotonic()
         with self.lock:
-            due = [(k, t, p) for k, (t, p, sent) in self.unacked.items() if now - sent >= older_than]
-            for key, topic, payload in due:
-                self.unacked[key] = (topic, payload, now)
+            due, sends = next_send(0, now, self.resend_seconds, self.resend_max_seconds)
+            self.unacked[msg.msg_id] = Unacked(topic, payload, now, due, sends)
+        self.client.publish(topic, payload, qos=1)
+
+    def resend_due(self, older_than: float | None = None) -> int:
+        """Re-send the unacknowledged messages that are due; returns how many.
+
+        Default: on the agent's schedule (:func:`device_agent.transport.outbox.next_send`: ``resend_seconds``,
+        doubled after each send up to ``resend_max_seconds``, jittered), so a lagging server is not flooded with
+        copies faster than real agents would send them. ``older_than``: every message last sent at least that
+        many seconds ago (the fleet's final drain).
+        """
+        now = time.monotonic()
+        with self.lock:
+            due = [
+                (k, m)
+                for k, m in self.unacked.items()
+                if (now >= m.due if older_than is None else now - m.last_sent >= older_than)
+            ]
+            for key, m in due:
+                next_due, sends = next_send(m.sends, now, self.resend_seconds, self.resend_max_seconds)
+                self.unacked[key] = Unacked(m.topic, m.payload, now, next_due, sends)
             self.counters.resent += len(due)
-        for _key, topic, payload in due:
-            self.client.publish(topic, payload, qos=1)
+        for _key, m in due:
+            self.client.publish(m.topic, m.payload, qos=1)
         return len(due)
 
     def checkin(self) -> None:
@@ -241,6 +278,8 @@ class EmulatedDevice:
             self.report(a, done)
             return
         self.report(a, DeploymentState.DOWNLOADING)
+        if self.download_delay > 0:
+            time.sleep(self.download_delay)  # the test-only in-flight window (see ``download_delay``)
         ok, size = self._download(a)
         if not ok:
             self._finish(a, DeploymentState.FAILED, ReasonCode.DIGEST_MISMATCH if size else ReasonCode.DOWNLOAD_FAILED)
@@ -266,12 +305,18 @@ class EmulatedDevice:
         with self.lock:
             if state == DeploymentState.COMMITTED:
                 self.counters.committed += 1
+                self.kept = [*(s for s in self.kept if s != a.bundle_sha256), a.bundle_sha256][-2:]
             else:
                 self.counters.failed += 1
         self.report(a, state, reason)
 
     def _download(self, a: Assignment) -> tuple[bool, int]:
-        """GET the bundle (the device token only for the server's own origin) and check its sha256."""
+        """GET the bundle (the device token only for the server's own origin) and check its sha256; an archive
+        kept from one of the last two commits is reused without a request, as the agent does."""
+        with self.lock:
+            if a.bundle_sha256 in self.kept:
+                self.counters.reused += 1
+                return True, a.bundle_size
         server = self.prov.server.url.rstrip("/")
         url = a.bundle_url if a.bundle_url.startswith(("http://", "https://")) else server + a.bundle_url
         headers = {"Authorization": f"Bearer {self.prov.server.token}"} if url.startswith(server) else {}

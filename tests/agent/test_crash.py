@@ -70,7 +70,8 @@ def _assert_consistent(state_dir: Path, outcome: DeploymentState, version: str) 
     other = state.inactive_slot()
     if state.slots[other] is None:
         assert not (state_dir / "slots" / other).exists()
-    assert list((state_dir / "download").iterdir()) == []
+    kept = {f"{sha}.bundle" for sha in state.committed_bundles[-2:]}  # the archives kept for a rollback
+    assert {p.name for p in (state_dir / "download").iterdir()} == kept
     seq = [DeploymentState(r["state"]) for r in state.outbox if r["deployment_id"] == "dep-2"]
     current = DeploymentState.NOTIFIED
     for s in seq:  # duplicates are fine (re-sent after a restart); going backwards is not

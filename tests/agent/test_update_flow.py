@@ -86,9 +86,9 @@ def test_first_install_then_upgrade(
     assert states(agent, "dep-2") == HAPPY
     assert agent.state.active_slot != first_slot
     assert agent.runtime.current is not None and agent.runtime.current.manifest.version == "1.1.0"
-    # both slots hold verified bundles; the download folder is empty again
+    # both slots hold verified bundles; the download folder holds only the two kept archives
     assert all(agent.state.slots.values())
-    assert list((agent.state_dir / "download").iterdir()) == []
+    assert {p.name for p in (agent.state_dir / "download").iterdir()} == {f"{v1.sha256}.bundle", f"{v2.sha256}.bundle"}
 
 
 def test_finished_deployment_is_rereported_not_reinstalled(
@@ -231,7 +231,8 @@ def test_bad_update_refused_old_model_keeps_serving(
     inactive = agent.state.inactive_slot()
     assert agent.state.slots[inactive] is None
     assert not (agent.state_dir / "slots" / inactive).exists()
-    assert list((agent.state_dir / "download").iterdir()) == []
+    kept = {f"{sha}.bundle" for sha in agent.state.committed_bundles}  # only the committed 1.0.0 is kept
+    assert {p.name for p in (agent.state_dir / "download").iterdir()} == kept
 
 
 def test_older_release_refused_unless_signed_rollback(
