@@ -20,6 +20,9 @@ at most 60 s; every device reverted in at most 10 s after a halt; telemetry sent
 documented ceiling of 1,000 devices per minute as the baseline ratio.
 
 ``python -m bench.scale_bench --devices 1000,10000 --ingest 0,2 [--database postgresql|sqlite] [--append]``.
+
+``--idle-devices N`` runs the idle mode instead (:mod:`bench.scale_idle`): N devices in several emulator processes
+through edge brokers bridged to the server's broker, connected and idle; the entry it appends says ``"mode": "idle"``.
 """
 
 from __future__ import annotations
@@ -326,11 +329,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database", choices=("postgresql", "sqlite"), default="postgresql")
     parser.add_argument("--idle", type=float, default=0.0, help="measure the connected, idle fleet for SECONDS")
     parser.add_argument("--append", action="store_true", help="add to bench/results/scale.json")
+    parser.add_argument(
+        "--real-agents", default="", help="comma-separated sizes of real-agent fleets instead (bench/scale_agents.py)"
+    )
+    idle = parser.add_argument_group("idle mode (bench/scale_idle.py): no rollout, N devices connected and idle")
+    idle.add_argument("--idle-devices", type=int, default=0, metavar="N", help="run the idle mode with N devices")
+    idle.add_argument("--idle-seconds", type=float, default=120.0, help="length of the measured idle window")
+    idle.add_argument("--shards", type=int, default=0, help="emulator processes (default: fewest of <=15,000)")
+    idle.add_argument("--edges", type=int, default=0, help="edge brokers (default: fewest of <=16,000 devices)")
+    idle.add_argument("--connect-rate", type=float, default=250.0, help="device connections per second, in all")
+    idle.add_argument("--heartbeat-seconds", type=float, default=60.0, help="check-in period (the agent's default)")
+    idle.add_argument("--results", type=Path, default=RESULTS / "scale.json", help="the idle mode appends here")
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.devices.split(",") if x]
     ingest = [int(x) for x in args.ingest.split(",") if x]
     if args.database == "sqlite" and any(ingest):
         parser.error("ingest processes need PostgreSQL (SQLite has one writer)")
+    if args.real_agents:  # always appended: real-agent runs are long and kept beside the emulated ones
+        from bench.scale_agents import run_real
+
+        run_real(RESULTS, [int(x) for x in args.real_agents.split(",") if x], ingest, args.database)
+        return 0
+    if args.idle_devices:  # always appended to the list of runs
+        from bench.scale_idle import plan_layout, run_idle
+
+        try:
+            layout = plan_layout(args.idle_devices, args.shards or None, args.edges or None)
+        except ValueError as exc:
+            parser.error(str(exc))
+        run_idle(
+            args.results,
+            args.idle_devices,
+            ingest,
+            args.database,
+            args.idle_seconds,
+            layout,
+            args.connect_rate,
+            args.heartbeat_seconds,
+        )
+        return 0
     run_matrix(RESULTS, sizes, ingest, args.database, args.append, args.idle)
     return 0
 

@@ -4,7 +4,7 @@
 each as its own MQTT session on :class:`edgeota.fleet.mqtt_loop.SharedNetworkLoop` (one epoll thread, no
 thread per device), runs command handling and downloads on a small pool of workers (per device in order),
 and from one timer thread sends each device's telemetry window every ``telemetry_seconds``, a check-in every
-``heartbeat_seconds``, and re-sends unacknowledged messages after ``resend_seconds``.
+``heartbeat_seconds``, and re-sends unacknowledged messages as the agent does (after ``resend_seconds``, doubling).
 
 :meth:`EmulatedFleet.snapshot` says how many devices are connected, serve which version, and how many
 telemetry windows were sent. :meth:`EmulatedFleet.stop` removes every retained presence message it left and
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import paho.mqtt.client as mqtt
 
 from edgeota.emulator.device import EmulatedDevice
 from edgeota.fleet.mqtt_loop import SharedNetworkLoop
@@ -39,7 +40,9 @@ class EmulatorConfig:
     labels: Mapping[str, str] = field(default_factory=dict)
     telemetry_seconds: float = 10.0
     heartbeat_seconds: float = 120.0
-    resend_seconds: float = 5.0
+    resend_seconds: float = 30.0
+    """First re-send of an unacknowledged message, then doubling up to ``resend_max_seconds`` (the agent's defaults)."""
+    resend_max_seconds: float = 600.0
     requests_per_window: int = 50
     workers: int = 8
     """Threads handling commands and downloads (per device in order)."""
@@ -60,6 +63,8 @@ class FleetSnapshot:
     download_bytes: int
     download_failures: dict[str, int]
     """Devices by the reason of their last failed download."""
+    reused: int = 0
+    """Installs that skipped the download because the device kept the archive (a rollback to the release before)."""
 
 
 class EmulatedFleet:
@@ -109,7 +114,13 @@ class EmulatedFleet:
         cfg = self.config
         for prov in provisions:
             device = EmulatedDevice(
-                prov, self.http, self.loop.dispatch, cfg.fail_versions, requests_per_window=cfg.requests_per_window
+                prov,
+                self.http,
+                self.loop.dispatch,
+                cfg.fail_versions,
+                requests_per_window=cfg.requests_per_window,
+                resend_seconds=cfg.resend_seconds,
+                resend_max_seconds=cfg.resend_max_seconds,
             )
             self.devices.append(device)
 
@@ -137,7 +148,7 @@ class EmulatedFleet:
         # Spread each device's windows and check-ins over the period, so the fleet does not send in bursts.
         next_window = {id(d): time.monotonic() + cfg.telemetry_seconds * (i / n) for i, d in enumerate(self.devices)}
         next_checkin = {id(d): time.monotonic() + cfg.heartbeat_seconds * (i / n) for i, d in enumerate(self.devices)}
-        next_resend = time.monotonic() + cfg.resend_seconds
+        next_resend = time.monotonic() + 1.0
         while not self._stop.wait(0.2):
             now = time.monotonic()
             for device in self.devices:
@@ -151,10 +162,10 @@ class EmulatedFleet:
                     if device.connected.is_set():
                         self.loop.dispatch(device.device_id, device.checkin)
             if now >= next_resend:
-                next_resend = now + cfg.resend_seconds
+                next_resend = now + 1.0  # each message has its own due time (see EmulatedDevice.resend_due)
                 for device in self.devices:
                     if device.connected.is_set():
-                        device.resend_due(cfg.resend_seconds)
+                        device.resend_due()
 
     # ------------------------------------------------------------------ reading
 
@@ -173,6 +184,7 @@ class EmulatedFleet:
                 totals["unacked"] += len(device.unacked)
                 totals["rejected"] += c.rejected
                 totals["bytes"] += c.download_bytes
+                totals["reused"] += c.reused
                 if c.last_failure:
                     failures[c.last_failure] += 1
             totals["connected"] += int(device.connected.is_set())
@@ -187,6 +199,7 @@ class EmulatedFleet:
             rejected_commands=totals["rejected"],
             download_bytes=totals["bytes"],
             download_failures=dict(failures),
+            reused=totals["reused"],
         )
 
     # ------------------------------------------------------------------ tear-down
@@ -204,22 +217,46 @@ class EmulatedFleet:
             if not any(d.unacked for d in self.devices):
                 return True
             for device in self.devices:
-                device.resend_due(self.config.resend_seconds)
+                device.resend_due(older_than=min(5.0, self.config.resend_seconds))
             time.sleep(0.5)
         return not any(d.unacked for d in self.devices)
 
-    def stop(self) -> None:
+    def leave(self, timeout: float = 30.0) -> dict[str, int]:
+        """Remove every retained presence message (waiting up to ``timeout`` s for the broker's acks), then end
+        every session with a DISCONNECT, so the broker publishes no last will; stops the loop.
+
+        Returns ``presence_not_cleared`` (clearing messages the broker had not acknowledged in time, plus devices
+        not connected when asked) and ``disconnects_aborted`` (sessions dropped without a DISCONNECT: their will,
+        a retained "offline", is left on the broker).
+        """
         self.stop_telemetry()
+        infos: list[mqtt.MQTTMessageInfo] = []
+        offline = 0
         for device in self.devices:
             if device.connected.is_set():
-                device.clear_presence()
-        time.sleep(0.5)  # let the loop write the clearing messages before the DISCONNECTs
-        for device in self.devices:
+                infos.append(device.clear_presence())
+            else:
+                offline += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not all(info.is_published() for info in infos):
+            time.sleep(0.2)
+        missing = sum(1 for info in infos if not info.is_published())
+
+        def leave_one(device: EmulatedDevice) -> bool:
+            # DISCONNECT and removal together: the loop reconnects a closed session it still manages after a
+            # second, so disconnecting every device before removing any let the last ones come back online
+            # (and their last will then left a retained "offline").
             device.client.disconnect()
-        for device in self.devices:
-            self.loop.remove(device.client, timeout=2.0)
+            return self.loop.remove(device.client, timeout=5.0)
+
+        with ThreadPoolExecutor(16) as pool:
+            aborted = sum(1 for ok in pool.map(leave_one, self.devices) if not ok)
         self.loop.stop()
         self.http.close()
+        return {"presence_not_cleared": missing + offline, "disconnects_aborted": aborted}
+
+    def stop(self) -> None:
+        self.leave()
 
     def __enter__(self) -> EmulatedFleet:
         return self
