@@ -208,15 +208,7 @@ def _halt(
     """No healthy arm left: pause, or roll every device back to what it ran before the rollout."""
     if view.rollout.plan.on_failure == "pause":
         return [el.SetState(RolloutState.PAUSED, ReasonCode.GATE_FAILED, detail, halted_by=gate)]
-    revert = tuple(sorted(d for d, dep in deployments.items() if dep.state in el.UPDATED_STATES))
-    cancel = tuple(
-        sorted(d for d, dep in deployments.items() if not dep.state.terminal and dep.state not in el.UPDATED_STATES)
-    )
-    out: list[AnyEffect] = []
-    if cancel:
-        out.append(el.CancelDeployments(cancel))
-    if revert:
-        out.append(el.RevertDevices(revert))
+    out: list[AnyEffect] = [*el.revert_effects(deployments)]  # the same revert as every halt
     out.append(
         el.SetState(RolloutState.ROLLED_BACK, ReasonCode.GATE_FAILED, detail, halted_by=gate, revert_ordered=True)
     )

@@ -15,8 +15,13 @@ when the server orders a device back, each of the rollout's install deployments 
 previous bundle again, whichever message shows it first (the rollback deployment's ``committed``
 report, or a check-in showing the older bundle, before, during or after that report), a committed
 install moves to ``rolled_back`` with reason ``server_rollback``: the model was not found unhealthy
-on the device. Only a committed install with no ``reverted_by`` that a check-in shows replaced by an
-older bundle is ``rolled_back`` with ``health_failed`` (the device undid it by itself). Targeting
+on the device. A halt orders back at once every device whose install was already sent, in flight
+ones included: such an install is cancelled (``failed``/``cancelled``) and gets ``reverted_by`` too. The
+device usually finishes it anyway (it never hears the cancel), then runs the rollback it queued meanwhile;
+the install's late ``committed`` (:func:`is_late_commit`) finds the rollback deployment already there, so
+no second one is made, and a cancelled install is never landed (it stays ``failed``). Only a committed
+install with no ``reverted_by`` that a check-in shows replaced by an older bundle is ``rolled_back`` with
+``health_failed`` (the device undid it by itself). Targeting
 skips a device only for a ``rolled_back`` install whose reason is not ``server_rollback``
 (:func:`ota_server.services.rollouts.compute_targeting`).
 """
@@ -220,11 +225,21 @@ def on_checkin(
     committed install the device no longer runs, replaced by an older bundle, becomes ``rolled_back``
     (``server_rollback`` when the server ordered that rollback, see the module docstring, else
     ``health_failed``); the active deployment takes the check-in's state if it is progress; an open one
-    the device already runs is ``committed`` ("reconciled from check-in"); the rest still open are sent
-    again (one :class:`Resend`, last).
+    the device already runs is ``committed`` ("reconciled from check-in"), unless the device is busy with
+    another deployment of that model (a rollback queued behind a cancelled install it still finishes: it has
+    not run yet, and the install may yet replace what the device runs); the rest still open are sent again
+    (one :class:`Resend`, last).
     """
     effects: list[DeploymentEffect] = []
     resend: list[str] = []
+    # Models the device is still changing: it runs another install of them (a cancelled one it finishes anyway,
+    # say), so what it runs now may not last, and a deployment queued behind is not done yet. (A shadow does not
+    # change what the device serves.)
+    busy = {
+        d.model_name
+        for d in deployments
+        if active_deployment_id is not None and d.id == active_deployment_id and d.mode != "shadow"
+    }
     for dep in deployments:
         state = dep.state
         model = running.get(dep.model_name)
@@ -258,7 +273,7 @@ def on_checkin(
             if new is not None:
                 effects.append(Transition(dep.id, "checkin_active", new))
                 state = new
-        if runs_it and not is_active and state != DS.COMMITTED:
+        if runs_it and not is_active and state != DS.COMMITTED and dep.model_name not in busy:
             effects.append(
                 Transition(dep.id, "checkin_runs_it", DS.COMMITTED, ReasonCode.OK, "reconciled from check-in")
             )

@@ -84,6 +84,32 @@ def _lock_superseded_rollouts(session: Session, rollout_id: str, device_ids: tup
         session.execute(select(Rollout.id).where(Rollout.id == other).with_for_update())
 
 
+LOOKUP_CHUNK = 5000
+"""Ids per ``IN (...)`` list: far below PostgreSQL's and SQLite's limits on bound parameters."""
+
+
+def _assign_lookups(
+    session: Session, device_ids: tuple[str, ...], model: str
+) -> tuple[dict[str, Device], dict[str, DeviceModel], dict[str, list[Deployment]]]:
+    """For :func:`assign`: the devices, their running ``model`` rows, and their open deployments of ``model``."""
+    devices: dict[str, Device] = {}
+    running: dict[str, DeviceModel] = {}
+    open_others: dict[str, list[Deployment]] = {}
+    open_states = [s.value for s in DeploymentState if not s.terminal]
+    session.flush()  # rows this unit of work added before (another stage, another arm) are found too
+    for start in range(0, len(device_ids), LOOKUP_CHUNK):
+        chunk = device_ids[start : start + LOOKUP_CHUNK]
+        devices.update((d.id, d) for d in session.scalars(select(Device).where(Device.id.in_(chunk))))
+        models = select(DeviceModel).where(DeviceModel.device_id.in_(chunk), DeviceModel.model_name == model)
+        running.update((m.device_id, m) for m in session.scalars(models))
+        others = select(Deployment).where(
+            Deployment.device_id.in_(chunk), Deployment.model_name == model, Deployment.state.in_(open_states)
+        )
+        for dep in session.scalars(others):
+            open_others.setdefault(dep.device_id, []).append(dep)
+    return devices, running, open_others
+
+
 def assign(
     session: Session,
     rollout: Rollout,
@@ -102,18 +128,19 @@ def assign(
     mode = Plan.from_json(rollout.plan).mode
     new_ids: list[str] = []
     _lock_superseded_rollouts(session, rollout.id, device_ids, release.model_name)
+    shadow = mode == "shadow"
+    # Everything the loop reads, in a few queries for any number of devices (one query per device and table
+    # before: 2,000 devices took seconds), and without autoflushing the rows added so far on every lookup.
+    devices, running_models, open_others = _assign_lookups(session, device_ids, release.model_name)
     for device_id in device_ids:
-        device = session.get(Device, device_id)
+        device = devices.get(device_id)
         if device is None or device.hardware_profile not in bundles:
             continue
         bundle = bundles[device.hardware_profile]
-        shadow = mode == "shadow"
-        running = None if shadow else session.get(DeviceModel, (device_id, bundle.model_name))
+        running = None if shadow else running_models.get(device_id)
         # Supersede any other open deployment of this model on the device (shadows only other shadows).
-        for other in session.scalars(
-            select(Deployment).where(Deployment.device_id == device_id, Deployment.model_name == bundle.model_name)
-        ):
-            if not DeploymentState(other.state).terminal and (other.mode == "shadow") == shadow:
+        for other in open_others.get(device_id, []):
+            if (other.mode == "shadow") == shadow:
                 server_move(other, "supersede", now, f"superseded by rollout {rollout.id}")
         already = running is not None and running.bundle_sha256 == bundle.sha256
         dep = Deployment(
@@ -208,36 +235,62 @@ def revert_devices(
     Each reverted install deployment keeps its state and gets ``reverted_by`` = the rollback
     deployment's id: the typed record that the server ordered it back (see
     :mod:`ota_server.rollout.deployment_rules` for how a committed install then ends). At most one
-    rollback deployment per (rollout, device). For a shadow rollout nothing is installed: the
-    shadows are ended (``rolled_back``) and a ``shadow_stop`` goes into ``outbox`` for each.
+    rollback deployment per (rollout, device): a device that already has one (its install was reverted
+    when the rollout halted and then committed late) only gets ``reverted_by`` set. A device whose install
+    has no previous bundle is skipped and named in the rollout's note (:func:`listed`: the first
+    :data:`SKIPPED_NAMED`, then a count). A constant number of queries for any number of devices. For a shadow
+    rollout nothing is installed: the shadows are ended (``rolled_back``) and a ``shadow_stop`` goes into
+    ``outbox`` for each.
     """
     if Plan.from_json(rollout.plan).mode == "shadow":
         _stop_shadows(session, rollout, device_ids, actor, now, outbox)
         return []
-    new_ids: list[str] = []
-    skipped: list[str] = []
-    for dep in list(
-        session.scalars(
-            select(Deployment).where(
+    # Three queries whatever the number of devices (a halt reverts thousands at once): the installs, the
+    # rollback deployments this rollout already made for them, and the bundles they ran before. Past
+    # LOOKUP_CHUNK ids the device filter is left to Python: one query over the rollout instead of an id list
+    # longer than the database takes.
+    ids = set(device_ids)
+    few = len(ids) <= LOOKUP_CHUNK
+    installs = [
+        dep
+        for dep in session.scalars(
+            select(Deployment)
+            .where(
                 Deployment.rollout_id == rollout.id,
                 Deployment.mode == Plan.from_json(rollout.plan).mode,
-                Deployment.device_id.in_(device_ids),
                 Deployment.retried.is_(False),
+                *([Deployment.device_id.in_(sorted(ids))] if few else []),
             )
+            .order_by(Deployment.device_id)
         )
-    ):
-        exists = session.scalar(
-            select(Deployment).where(
+        if dep.device_id in ids
+    ]
+    if not installs:
+        return []
+    rollbacks: dict[str, str] = {
+        device_id: rollback_id
+        for device_id, rollback_id in session.execute(
+            select(Deployment.device_id, Deployment.id).where(
                 Deployment.rollout_id == rollout.id,
-                Deployment.device_id == dep.device_id,
                 Deployment.mode == "rollback",
+                *([Deployment.device_id.in_(sorted({d.device_id for d in installs}))] if few else []),
             )
         )
-        if exists is not None:
+        if device_id in ids
+    }
+    shas = sorted({dep.previous_bundle_sha256 for dep in installs if dep.previous_bundle_sha256})
+    previous_bundles = (
+        {b.sha256: b for b in session.scalars(select(Bundle).where(Bundle.sha256.in_(shas)))} if shas else {}
+    )
+    new_ids: list[str] = []
+    skipped: list[str] = []
+    for dep in installs:
+        existing = rollbacks.get(dep.device_id)
+        if existing is not None:
             if dep.reverted_by is None:
-                dep.reverted_by = exists.id
+                dep.reverted_by = existing
             continue
-        previous = session.get(Bundle, dep.previous_bundle_sha256) if dep.previous_bundle_sha256 else None
+        previous = previous_bundles.get(dep.previous_bundle_sha256) if dep.previous_bundle_sha256 else None
         if previous is None:
             skipped.append(dep.device_id)
             continue
@@ -259,6 +312,7 @@ def revert_devices(
         )
         session.add(back)
         dep.reverted_by = back.id
+        rollbacks[dep.device_id] = back.id  # at most one per (rollout, device), even for two rows of one device
         audit.record(
             session,
             actor,
@@ -270,7 +324,7 @@ def revert_devices(
         )
         new_ids.append(back.id)
     if skipped and note_skipped:
-        note(rollout, f"no previous bundle to revert: {', '.join(skipped)}")
+        note(rollout, f"no previous bundle to revert: {listed(skipped)}")
     elif skipped:
         # A late revert from ingest, which holds only a share lock on the rollout: its row is not written here
         # (two ingest writers upgrading their share locks would deadlock); the audit log says it instead.
@@ -287,6 +341,16 @@ def revert_devices(
             )
     session.flush()
     return new_ids
+
+
+SKIPPED_NAMED = 20
+"""Device ids a note names before it only counts the rest (a rollout's detail stays short at any fleet size)."""
+
+
+def listed(ids: list[str], limit: int = SKIPPED_NAMED) -> str:
+    """``ids`` joined by commas, the first ``limit`` of them and then "and N more"."""
+    shown = ", ".join(ids[:limit])
+    return shown if len(ids) <= limit else f"{shown} and {len(ids) - limit} more"
 
 
 def _stop_shadows(

@@ -12,7 +12,8 @@ effects describe state, not increments.
 The effects are the dataclasses of :mod:`ota_server.rollout.effects` (re-exported here). Facts that later
 decisions read are typed fields of :class:`SetState`, never words of its ``detail``:
 ``halted_by`` names the gate that fired (:class:`Gate`), ``revert_ordered`` says that the devices
-were ordered back to their previous bundle (a late commit is then reverted too).
+were ordered back to their previous bundle: the updated ones and those whose install was already sent,
+cancelled and reverted at once (:func:`revert_effects`); a late commit then finds its rollback deployment.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ __all__ = [  # the effects (ota_server.rollout.effects) are re-exported: decide 
     "DS",
     "FAILED_STATES",
     "RETRYABLE_REASONS",
+    "REVERT_AT_ONCE_STATES",
     "SCHEDULE_FROM",
+    "SENT_STATES",
     "UPDATED_STATES",
     "ApproveStage",
     "Assign",
@@ -71,6 +74,7 @@ __all__ = [  # the effects (ota_server.rollout.effects) are re-exported: decide 
     "count",
     "decide",
     "retry_due",
+    "revert_effects",
     "schedule",
     "will_retry",
 ]
@@ -78,6 +82,11 @@ __all__ = [  # the effects (ota_server.rollout.effects) are re-exported: decide 
 DS = DeploymentState
 UPDATED_STATES = frozenset({DS.INSTALLING, DS.TRIAL, DS.COMMITTED})
 """Deployment states in which the device may already run the new bundle (so rollback must revert it)."""
+SENT_STATES = frozenset(s for s in DS if not s.terminal and s != DS.PENDING)
+"""Open deployments the device has been sent: it may still install the bundle after the server cancels them."""
+REVERT_AT_ONCE_STATES = UPDATED_STATES | SENT_STATES
+"""Deployment states whose device a halt that reverts orders back at once (:func:`revert_effects`): it runs the new
+bundle, or may still install it."""
 FAILED_STATES = frozenset({DS.FAILED, DS.ROLLED_BACK})
 MOVED_BY_SERVER = frozenset({ReasonCode.SUPERSEDED})
 """Reasons of a ``failed`` deployment the server ended itself because a newer rollout took the device: not a
@@ -180,15 +189,24 @@ def _halt(view: RolloutView, deployments: Mapping[str, DeploymentView], gate: Ga
     if view.plan.on_failure == "pause":
         return [SetState(RolloutState.PAUSED, ReasonCode.GATE_FAILED, detail, halted_by=gate, gates=gates)]
     return [
-        *_revert(deployments),
+        *revert_effects(deployments),
         SetState(
             RolloutState.ROLLED_BACK, ReasonCode.GATE_FAILED, detail, halted_by=gate, revert_ordered=True, gates=gates
         ),
     ]
 
 
-def _revert(deployments: Mapping[str, DeploymentView]) -> list[Effect]:
-    revert = tuple(sorted(d.device_id for d in deployments.values() if d.state in UPDATED_STATES))
+def revert_effects(deployments: Mapping[str, DeploymentView]) -> list[Effect]:
+    """Order the rollout's devices back: the effects of a halt that reverts (see :data:`REVERT_AT_ONCE_STATES`).
+
+    An install already sent (any open state but ``pending``) is cancelled and its device reverted in the same
+    unit of work: the device never hears the cancel and usually finishes the install, but it queues the signed
+    rollback assignment that arrives meanwhile and runs it next, so it lands on its previous bundle without the
+    server waiting for the install's late ``committed``. A ``pending`` install (never sent) is only cancelled;
+    an updated device (``installing``/``trial``/``committed``) is only reverted. Every halt that reverts uses
+    it (a staged rollout's gate, ``rollback``, ``abort --revert``, a bandit rollout with no healthy arm).
+    """
+    revert = tuple(sorted(d.device_id for d in deployments.values() if d.state in REVERT_AT_ONCE_STATES))
     cancel = tuple(
         sorted(d.device_id for d in deployments.values() if not d.state.terminal and d.state not in UPDATED_STATES)
     )
@@ -382,11 +400,11 @@ def apply_command(view: RolloutView, command: Command, now: datetime | None = No
         return [*cancel, SetState(RolloutState.ABORTED, ReasonCode.MANUAL, "aborted")]
     if command == "abort_revert":
         return [
-            *_revert(view.deployments),
+            *revert_effects(view.deployments),
             SetState(RolloutState.ABORTED, ReasonCode.MANUAL, "aborted and reverted", revert_ordered=True),
         ]
     return [
-        *_revert(view.deployments),
+        *revert_effects(view.deployments),
         SetState(RolloutState.ROLLED_BACK, ReasonCode.MANUAL, "rolled back", revert_ordered=True),
     ]
 

@@ -66,10 +66,11 @@ def test_last_stage_completes() -> None:
     assert effects == [el.SetState(RolloutState.COMPLETED, ReasonCode.OK, "all stages passed")]
 
 
-def test_failure_rate_over_gate_rolls_back_updated_devices_and_cancels_the_rest() -> None:
+def test_failure_rate_over_gate_rolls_back_updated_and_sent_devices_and_cancels_the_in_flight() -> None:
     d = deps({"d00": DS.FAILED, "d01": DS.COMMITTED, "d02": DS.TRIAL, "d03": DS.NOTIFIED})
     effects = el.decide(view(CANARY, d, stage=1), T0)
-    assert effects[:2] == [el.CancelDeployments(("d03",)), el.RevertDevices(("d01", "d02"))]
+    # d03 was sent: cancelled and reverted at once (it may still install the bundle); d00 failed: left alone
+    assert effects[:2] == [el.CancelDeployments(("d03",)), el.RevertDevices(("d01", "d02", "d03"))]
     assert isinstance(effects[2], el.SetState) and effects[2].state == RolloutState.ROLLED_BACK
     assert effects[2].reason == ReasonCode.GATE_FAILED
 
@@ -144,7 +145,8 @@ def test_abort_stop_here_versus_revert() -> None:
     stop = el.apply_command(view(CANARY, d), "abort")
     assert stop[0] == el.CancelDeployments(("d01",)) and stop[-1].state == RolloutState.ABORTED  # type: ignore[union-attr]
     revert = el.apply_command(view(CANARY, d), "abort_revert")
-    assert el.RevertDevices(("d00",)) in revert and el.CancelDeployments(("d01", "d02")) in revert
+    # d02 was sent (downloading): cancelled and reverted; d01 never left the server (pending): only cancelled
+    assert el.RevertDevices(("d00", "d02")) in revert and el.CancelDeployments(("d01", "d02")) in revert
 
 
 def test_duplicate_late_and_out_of_order_reports() -> None:

@@ -224,11 +224,13 @@ def test_late_commit_after_rollback_is_reverted(
     assert {d["device_id"]: d["reason"] for d in status["deployments"] if d["mode"] == "install"}[slow.device_id] == (
         "cancelled"
     )
-    assert len(assignments(ctx, slow.device_id)) == 2  # cancelled before it switched: nothing to revert yet
-    finish(ctx, slow)  # ...but the device completes the install anyway
+    # Cancelled before it switched, but it was sent: its rollback goes out at once, queued on the device
     back = assignments(ctx, slow.device_id)[-1]
+    assert len(assignments(ctx, slow.device_id)) == 3
     assert back.mode == "rollback" and back.version == "1.0.0"
-    finish(ctx, back)
+    finish(ctx, slow)  # ...the device completes the install anyway: that late commit sends no second rollback
+    assert {a.deployment_id for a in assignments(ctx, slow.device_id)[2:]} == {back.deployment_id}
+    finish(ctx, back)  # then runs the rollback it queued
     assert client.get(f"/api/v1/devices/{slow.device_id}", headers=AUTH).json()["models"][0]["version"] == "1.0.0"
 
 
