@@ -149,7 +149,7 @@ def _revert_ordered(session: Session, dep: Deployment) -> bool:
     return rollout is not None and rollout.reverted
 
 
-def _hold_rollout(session: Session, dep: Deployment) -> None:
+def hold_rollout(session: Session, dep: Deployment, known: Known | None = None) -> None:
     """Share-lock ``dep``'s rollout row, then re-read ``dep`` locked, before a report is applied to it.
 
     A rollout's decisions (roll back, cancel, supersede) take that row ``FOR UPDATE`` in whichever process
@@ -157,9 +157,10 @@ def _hold_rollout(session: Session, dep: Deployment) -> None:
     an API worker) waits for such a decision to commit and then sees it: without this, a ``committed``
     applied over a cancellation that committed meanwhile was lost, and the device was never reverted. Share
     locks do not wait for each other, so ingest transactions do not serialise among themselves. On SQLite
-    (one writer at a time) this is a plain read.
+    (one writer at a time) this is a plain read. A batch takes these locks for all its reports at once
+    (:func:`ota_server.services.ingest_prefetch.lock_reported`): a deployment in ``known.locked`` is held already.
     """
-    if session.get_bind().dialect.name == "sqlite":
+    if (known is not None and dep.id in known.locked) or session.get_bind().dialect.name == "sqlite":
         return
     session.execute(select(Rollout.id).where(Rollout.id == dep.rollout_id).with_for_update(read=True))
     session.refresh(dep, with_for_update=True)
@@ -194,7 +195,7 @@ def handle_status(session: Session, device_id: str, report: StatusReport, known:
         result.ignored = "unknown_deployment"
         return result
     if dep.rollout_id is not None:
-        _hold_rollout(session, dep)
+        hold_rollout(session, dep, known)
     session.add(
         StatusEvent(
             device_id=device_id,

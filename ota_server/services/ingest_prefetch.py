@@ -19,7 +19,16 @@ from sqlalchemy import select, text, tuple_
 from sqlalchemy.orm import Session
 
 from edgeota_contract.messages import CheckIn, FeedbackReport, Presence, StatusReport, TelemetryWindow
-from ota_server.models import Bundle, Deployment, Device, DeviceMessage, DeviceModel, TelemetryRecord, utcnow
+from ota_server.models import (
+    Bundle,
+    Deployment,
+    Device,
+    DeviceMessage,
+    DeviceModel,
+    Rollout,
+    TelemetryRecord,
+    utcnow,
+)
 from ota_server.services.telemetry_aggregates import AggregateBatch, AggregationConfig, WindowPart, flush
 from ota_server.services.telemetry_rows import insert_window_rows
 
@@ -42,6 +51,9 @@ class Known:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     bundle_profiles: dict[str, str | None] = field(default_factory=dict)
     """Hardware profile of each telemetry bundle sha of the batch (None: no such bundle stored)."""
+    locked: set[str] = field(default_factory=set)
+    """Deployments the batch's status reports name, re-read under ``FOR UPDATE`` after a share lock on their
+    rollouts (PostgreSQL): a report applied to one of these needs no lock of its own (:func:`lock_reported`)."""
     staged: dict[tuple[str, str, int], WindowPart] = field(default_factory=dict)
     """A window's aggregate part, from its handler until :meth:`remember` adds it to :attr:`aggregates`."""
     aggregates: AggregateBatch = field(default_factory=AggregateBatch)
@@ -91,40 +103,87 @@ def prefetch(
     is written before the batch's one insert, so no savepoint can roll back a row it holds).
     """
     known = Known(aggregation=aggregation or AggregationConfig(), window_rows=[] if bulk_windows else None)
-    device_ids = {device_id for device_id, _ in batch}
-    if device_ids:
-        now = utcnow()
-        active = select(Device).where(Device.id.in_(device_ids), Device.decommissioned_at.is_(None))
-        for device in session.scalars(active):
-            device.last_seen = now  # once per batch, not one UPDATE per message
-            known.rows.append(device)
-    # Only check-ins and status reports record what a device runs; telemetry and presence need neither lookup.
-    reporting = {device_id for device_id, m in batch if isinstance(m, CheckIn | StatusReport)}
-    if lookups and reporting:
-        known.model_devices = reporting
-        for row in session.scalars(select(DeviceModel).where(DeviceModel.device_id.in_(reporting))):
-            known.models[(row.device_id, row.model_name)] = row
-        checkins = {device_id for device_id, m in batch if isinstance(m, CheckIn)}
-        if checkins:
-            known.deployments = {device_id: [] for device_id in checkins}
-            for dep in session.scalars(select(Deployment).where(Deployment.device_id.in_(checkins))):
-                known.deployments[dep.device_id].append(dep)
-    deployment_ids = {m.deployment_id for _, m in batch if isinstance(m, StatusReport)}
-    if deployment_ids:
-        known.rows.extend(session.scalars(select(Deployment).where(Deployment.id.in_(deployment_ids))))
-    keys = [msg_key(d, m.msg_id) for d, m in batch if isinstance(m, StatusReport)]
-    if keys:
-        known.messages.update(session.scalars(select(DeviceMessage.msg_id).where(DeviceMessage.msg_id.in_(keys))))
-    windows = {(d, m.boot_id, m.seq) for d, m in batch if isinstance(m, TelemetryWindow)}
-    if windows:
-        known.windows.update(_stored_windows(session, sorted(windows)))
-        shas = {m.bundle_sha256 for _, m in batch if isinstance(m, TelemetryWindow)}
-        known.bundle_profiles = dict.fromkeys(shas)
-        for sha, profile in session.execute(
-            select(Bundle.sha256, Bundle.hardware_profile).where(Bundle.sha256.in_(shas))
-        ):
-            known.bundle_profiles[sha] = profile
+    # No autoflush: the devices' last_seen (and every write the handlers make) reaches the database at the
+    # batch's end, so the row locks those writes take are held for the flush and commit only, not the whole
+    # batch (a device's messages reach both ingest processes of a shared subscription, which then wait on its row).
+    with session.no_autoflush:
+        device_ids = {device_id for device_id, _ in batch}
+        if device_ids:
+            now = utcnow()
+            active = select(Device).where(Device.id.in_(device_ids), Device.decommissioned_at.is_(None))
+            for device in session.scalars(active):
+                device.last_seen = now  # once per batch, not one UPDATE per message
+                known.rows.append(device)
+        # Only check-ins and status reports record what a device runs; telemetry and presence need neither lookup.
+        reporting = {device_id for device_id, m in batch if isinstance(m, CheckIn | StatusReport)}
+        if lookups and reporting:
+            known.model_devices = reporting
+            for row in session.scalars(select(DeviceModel).where(DeviceModel.device_id.in_(reporting))):
+                known.models[(row.device_id, row.model_name)] = row
+            checkins = {device_id for device_id, m in batch if isinstance(m, CheckIn)}
+            if checkins:
+                known.deployments = {device_id: [] for device_id in checkins}
+                for dep in session.scalars(select(Deployment).where(Deployment.device_id.in_(checkins))):
+                    known.deployments[dep.device_id].append(dep)
+        statuses = [m for _, m in batch if isinstance(m, StatusReport)]
+        if statuses:  # a committed report records the running bundle: its row, without a query per report
+            shas = {m.bundle_sha256 for m in statuses}
+            known.rows.extend(session.scalars(select(Bundle).where(Bundle.sha256.in_(shas))))
+        deployment_ids = {m.deployment_id for m in statuses}
+        if deployment_ids:
+            if session.get_bind().dialect.name == "sqlite":
+                known.rows.extend(session.scalars(select(Deployment).where(Deployment.id.in_(deployment_ids))))
+            else:
+                lock_reported(session, known, deployment_ids)
+        keys = [msg_key(d, m.msg_id) for d, m in batch if isinstance(m, StatusReport)]
+        if keys:
+            known.messages.update(session.scalars(select(DeviceMessage.msg_id).where(DeviceMessage.msg_id.in_(keys))))
+        windows = {(d, m.boot_id, m.seq) for d, m in batch if isinstance(m, TelemetryWindow)}
+        if windows:
+            known.windows.update(_stored_windows(session, sorted(windows)))
+            shas = {m.bundle_sha256 for _, m in batch if isinstance(m, TelemetryWindow)}
+            known.bundle_profiles = dict.fromkeys(shas)
+            for sha, profile in session.execute(
+                select(Bundle.sha256, Bundle.hardware_profile).where(Bundle.sha256.in_(shas))
+            ):
+                known.bundle_profiles[sha] = profile
     return known
+
+
+def lock_reported(session: Session, known: Known, deployment_ids: set[str]) -> None:
+    """Share-lock the rollouts of ``deployment_ids``, then load those deployments ``FOR UPDATE`` (PostgreSQL).
+
+    The locks a status report needs (see :func:`ota_server.services.ingest.hold_rollout`), taken for the whole
+    batch in two statements instead of two per report, always in one order (rollouts, then deployments, each by
+    id), so two writers taking them for overlapping batches wait for each other instead of deadlocking. The
+    deployments are read after their locks are granted (``populate_existing``): a decision committed
+    meanwhile (rollback, cancel, supersede) is what the handlers see. The rollout rows stay in the session
+    (a late commit reads whether its rollout ordered a revert).
+    """
+    rollout_ids = sorted(
+        {
+            rid
+            for rid in session.scalars(
+                select(Deployment.rollout_id).where(
+                    Deployment.id.in_(deployment_ids), Deployment.rollout_id.is_not(None)
+                )
+            )
+            if rid is not None
+        }
+    )
+    if rollout_ids:
+        rollouts = select(Rollout).where(Rollout.id.in_(rollout_ids)).order_by(Rollout.id).with_for_update(read=True)
+        known.rows.extend(session.scalars(rollouts.execution_options(populate_existing=True)))
+    deployments = (
+        select(Deployment)
+        .where(Deployment.id.in_(deployment_ids))
+        .order_by(Deployment.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    for dep in session.scalars(deployments):
+        known.rows.append(dep)
+        known.locked.add(dep.id)
 
 
 _STORED_PG = text(
