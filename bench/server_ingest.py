@@ -198,13 +198,37 @@ def _publish(host: str, port: int, streams: list[list[tuple[str, bytes]]], clien
     return start
 
 
+def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds so far of each named process (0.0 for one that is gone); this process as ``bench``."""
+    import psutil
+
+    out = {}
+    for name, pid in pids.items():
+        try:
+            times = psutil.Process(pid).cpu_times()
+            out[name] = times.user + times.system
+        except psutil.Error:
+            out[name] = 0.0
+    return out
+
+
 def run_ingest(
-    database: str, devices: int, windows: int, batch_max: int, workers: int | None, ingest_processes: int = 0
+    database: str,
+    devices: int,
+    windows: int,
+    batch_max: int,
+    workers: int | None,
+    ingest_processes: int = 0,
+    ingest_protocol: str | None = None,
 ) -> dict[str, Any]:
     """One server (real process, real Mosquitto) ingesting every device's reports at once; stored per second.
 
-    ``ingest_processes`` > 0: that many ``edgeota server ingest`` processes share the device topics (MQTT 5 shared
-    subscription group ``ingest``) and ``edgeota server run`` only publishes (``mqtt_subscribe = false``).
+    ``ingest_processes`` > 0: that many ``edgeota server ingest`` processes share the device topics (shared
+    subscription group ``ingest``) and ``edgeota server run`` only publishes (``mqtt_subscribe = false``);
+    ``ingest_protocol`` (``"5"``, ``"3.1.1"``) sets their MQTT version (default: the server's ``auto``, MQTT 5).
+    The result includes the CPU seconds each part used from the first publish to the last ack (``cpu_s``): the
+    bench process (its 4 publishing connections and the ack counter), the broker, ``server run`` and each ingest
+    process.
     """
     from sqlalchemy import create_engine, func, select
 
@@ -257,7 +281,11 @@ def run_ingest(
                         pass
                     time.sleep(0.2)
                 if ingest_processes:  # after `server run` migrated the database
-                    ingesters = start_ingest_processes(exe, env, work, ingest_processes)
+                    ingest_env = {
+                        **env,
+                        **({"EDGEOTA_SERVER_MQTT_PROTOCOL": ingest_protocol} if ingest_protocol else {}),
+                    }
+                    ingesters = start_ingest_processes(exe, ingest_env, work, ingest_processes)
                 release = api.upload(bundle).release_id
                 for i in range(devices):
                     api.provision("x86", device_id=f"ing-{i:05d}")
@@ -279,13 +307,18 @@ def run_ingest(
                 acks = _AckCounter(broker.host, broker.port)
                 metrics_before = api.metrics()
                 load_before = os.getloadavg()
+                pids = {"bench": os.getpid(), "broker": broker.pid, "server_run": proc.pid}
+                pids.update({f"ingest_{k}": p.pid for k, p in enumerate(ingesters)})
+                cpu_before = _cpu_seconds(pids)
                 start = _publish(broker.host, broker.port, streams, 4)
                 published = time.perf_counter() - start
+                publish_cpu = _cpu_seconds({"bench": os.getpid()})["bench"] - cpu_before["bench"]
                 deadline = time.monotonic() + max(300.0, sent / 10)
                 while time.monotonic() < deadline and not want <= acks.acked:
                     time.sleep(0.2)
                 elapsed = (acks.last_ack or time.perf_counter()) - start
                 load_after = os.getloadavg()
+                cpu_used = {k: round(v - cpu_before[k], 2) for k, v in _cpu_seconds(pids).items()}
                 time.sleep(1.0)
                 metrics = api.metrics()
                 with db.connect() as conn:
@@ -341,7 +374,10 @@ def run_ingest(
         "all_acked": complete,
         "ack_messages": acks.ack_messages,
         "telemetry_window_bytes": round(sum(window_bytes) / max(1, len(window_bytes))),
+        "ingest_protocol": ingest_protocol or ("auto" if ingest_processes else None),
         "publish_s": round(published, 2),
+        "publish_cpu_s": round(publish_cpu, 2),
+        "cpu_s": cpu_used,
         "elapsed_s": round(elapsed, 2),
         "messages_per_s": round(sent / elapsed, 1),
         "stored_per_s": round(unique / elapsed, 1),

@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 import zlib
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +98,10 @@ class IngestQueue:
                 return False
             self._items.append(item)
             self._bytes += size
-            self._cond.notify_all()
+            if len(self._items) == 1:
+                # Only the writer waits for items, and only on an empty queue (putters wait only on a full,
+                # so non-empty, one): no other put can have someone to wake.
+                self._cond.notify_all()
             return True
 
     def take(self, max_items: int, timeout: float) -> list[Incoming]:
@@ -264,10 +267,11 @@ def apply_batch(ctx: ServerContext, sessions: sessionmaker[Session], batch: list
     for (index, _, _), result in zip(parsed, applied, strict=True):
         outcomes[index] = result.outcome
     for outcome, item in zip(outcomes, batch, strict=True):
-        ctx.metrics.inc(f"ingest_{outcome}")
         if outcome not in ("ok", "error", "malformed"):  # errors and malformed ones are logged where found
             level = logging.WARNING if outcome in ("unknown_device", "rate_limited") else logging.INFO
             log_event(log, f"ingest_{outcome}", level, topic=item.topic)
+    for outcome, count in Counter(outcomes).items():  # one locked increment per outcome, not per message
+        ctx.metrics.inc(f"ingest_{outcome}", count)
     ctx.metrics.inc("ingest_batches")
     return outcomes
 
