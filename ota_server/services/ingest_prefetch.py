@@ -103,14 +103,17 @@ def prefetch(
     is written before the batch's one insert, so no savepoint can roll back a row it holds).
     """
     known = Known(aggregation=aggregation or AggregationConfig(), window_rows=[] if bulk_windows else None)
-    # No autoflush: the devices' last_seen (and every write the handlers make) reaches the database at the
-    # batch's end, so the row locks those writes take are held for the flush and commit only, not the whole
-    # batch (a device's messages reach both ingest processes of a shared subscription, which then wait on its row).
+    # The batch's devices are locked first (PostgreSQL), in id order: a device's row holds its report watermark,
+    # which a check-in reads and a report moves, and a shared subscription hands one device's messages to both
+    # ingest processes; reading it unlocked let a check-in judged against an old watermark overwrite a newer one
+    # (and land an install it did not know was committed as "device went back"). No autoflush while loading.
     with session.no_autoflush:
         device_ids = {device_id for device_id, _ in batch}
         if device_ids:
             now = utcnow()
             active = select(Device).where(Device.id.in_(device_ids), Device.decommissioned_at.is_(None))
+            if session.get_bind().dialect.name != "sqlite":
+                active = active.order_by(Device.id).with_for_update().execution_options(populate_existing=True)
             for device in session.scalars(active):
                 device.last_seen = now  # once per batch, not one UPDATE per message
                 known.rows.append(device)
@@ -154,8 +157,9 @@ def lock_reported(session: Session, known: Known, deployment_ids: set[str]) -> N
     """Share-lock the rollouts of ``deployment_ids``, then load those deployments ``FOR UPDATE`` (PostgreSQL).
 
     The locks a status report needs (see :func:`ota_server.services.ingest.hold_rollout`), taken for the whole
-    batch in two statements instead of two per report, always in one order (rollouts, then deployments, each by
-    id), so two writers taking them for overlapping batches wait for each other instead of deadlocking. The
+    batch in two statements instead of two per report, always in one order (after the batch's devices: rollouts,
+    then deployments, each by id), so two writers taking them for overlapping batches wait for each other
+    instead of deadlocking. The
     deployments are read after their locks are granted (``populate_existing``): a decision committed
     meanwhile (rollback, cancel, supersede) is what the handlers see. The rollout rows stay in the session
     (a late commit reads whether its rollout ordered a revert).
