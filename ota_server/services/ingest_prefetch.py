@@ -113,7 +113,10 @@ def prefetch(
             now = utcnow()
             active = select(Device).where(Device.id.in_(device_ids), Device.decommissioned_at.is_(None))
             if session.get_bind().dialect.name != "sqlite":
-                active = active.order_by(Device.id).with_for_update().execution_options(populate_existing=True)
+                # NO KEY UPDATE: what an UPDATE of these columns takes anyway; it leaves the key-share locks of
+                # foreign keys alone (a rollout inserting 10,000 deployments deadlocked against FOR UPDATE).
+                active = active.order_by(Device.id).with_for_update(key_share=True)
+                active = active.execution_options(populate_existing=True)
             for device in session.scalars(active):
                 device.last_seen = now  # once per batch, not one UPDATE per message
                 known.rows.append(device)
@@ -182,7 +185,7 @@ def lock_reported(session: Session, known: Known, deployment_ids: set[str]) -> N
         select(Deployment)
         .where(Deployment.id.in_(deployment_ids))
         .order_by(Deployment.id)
-        .with_for_update()
+        .with_for_update(key_share=True)  # NO KEY UPDATE: status events inserted elsewhere still key-share them
         .execution_options(populate_existing=True)
     )
     for dep in session.scalars(deployments):

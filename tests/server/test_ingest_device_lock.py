@@ -9,6 +9,7 @@ newer watermark, and could land the just-committed install as "device went back"
 from __future__ import annotations
 
 import threading
+import uuid
 
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -55,6 +56,52 @@ def test_a_writer_waits_for_another_writers_batch_of_the_same_device(
             assert device is not None
             assert dep.state == DeploymentState.COMMITTED.value, (dep.state, dep.reason, dep.detail)
             assert device.report_seq == newest_seq  # the newer report's watermark, not the check-in's
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+def test_a_batchs_device_lock_does_not_block_a_new_deployment_of_that_device(
+    client: TestClient, ctx: ServerContext, make_bundle: BundleFactory
+) -> None:
+    """A batch locks its devices FOR NO KEY UPDATE: a rollout inserting deployments of those devices (a foreign key,
+    so a key-share lock on each device) goes on meanwhile. With FOR UPDATE the two waited for each other and a
+    10,000-device rollout could not be created while ingest ran (a deadlock, retried until it gave up: 503).
+    SQLite has one writer at a time, so there the insert waits for the batch."""
+    a = fleet(client, ctx, make_bundle, 1)["dev0"]
+    sessions, engine = writer_sessions(ctx)
+    try:
+        with sessions() as first, first.begin():
+            ingest_prefetch.prefetch(first, [(a.device_id, checkin_message("x86", [], boot_id=BOOT))])
+
+            def insert() -> None:
+                with ctx.sessions() as other, other.begin():
+                    dep = other.get(Deployment, a.deployment_id)
+                    assert dep is not None
+                    other.add(
+                        Deployment(
+                            id=uuid.uuid4().hex,
+                            device_id=a.device_id,
+                            mode="install",
+                            stage=0,
+                            model_name=dep.model_name,
+                            version=dep.version,
+                            bundle_sha256=dep.bundle_sha256,
+                            release_counter=dep.release_counter,
+                            state=DeploymentState.PENDING.value,
+                            created_at=dep.created_at,
+                            updated_at=dep.updated_at,
+                        )
+                    )
+
+            other = threading.Thread(target=insert)
+            other.start()
+            other.join(timeout=3)
+            blocked = other.is_alive()
+        other.join(timeout=30)
+        assert blocked == ctx.settings.resolved_database_url.startswith("sqlite")
+        with ctx.sessions() as session:
+            assert len(session.scalars(select(Deployment).where(Deployment.device_id == a.device_id)).all()) == 2
     finally:
         if engine is not None:
             engine.dispose()
