@@ -278,7 +278,8 @@ def revert_devices(
         )
         if device_id in ids
     }
-    shas = sorted({dep.previous_bundle_sha256 for dep in installs if dep.previous_bundle_sha256})
+    previous_of = _previous_bundles(session, installs)
+    shas = sorted(set(previous_of.values()))
     previous_bundles = (
         {b.sha256: b for b in session.scalars(select(Bundle).where(Bundle.sha256.in_(shas)))} if shas else {}
     )
@@ -290,7 +291,7 @@ def revert_devices(
             if dep.reverted_by is None:
                 dep.reverted_by = existing
             continue
-        previous = previous_bundles.get(dep.previous_bundle_sha256) if dep.previous_bundle_sha256 else None
+        previous = previous_bundles.get(previous_of.get(dep.id, ""))
         if previous is None:
             skipped.append(dep.device_id)
             continue
@@ -341,6 +342,36 @@ def revert_devices(
             )
     session.flush()
     return new_ids
+
+
+def _previous_bundles(session: Session, installs: list[Deployment]) -> dict[str, str]:
+    """The bundle each install's device goes back to, by install id: the one it ran when the install was assigned,
+    or, when the server did not know it then, the device's model record now.
+
+    The server's view can lag its devices: an install assigned while the device's previous install was still in
+    flight (superseded, then committed late) recorded no previous bundle. By the time of the revert the late commit
+    or a check-in has usually recorded what the device runs: that bundle, or, if the record already shows this
+    install's bundle, the one it replaced. One query per LOOKUP_CHUNK devices, for the installs that need it.
+    """
+    previous = {dep.id: dep.previous_bundle_sha256 for dep in installs if dep.previous_bundle_sha256}
+    unknown = [dep for dep in installs if not dep.previous_bundle_sha256]
+    if unknown:
+        keys = {(dep.device_id, dep.model_name) for dep in unknown}
+        devices = sorted({device_id for device_id, _ in keys})
+        models: dict[tuple[str, str], DeviceModel] = {}
+        for start in range(0, len(devices), LOOKUP_CHUNK):
+            rows = session.scalars(
+                select(DeviceModel).where(DeviceModel.device_id.in_(devices[start : start + LOOKUP_CHUNK]))
+            )
+            models.update(((m.device_id, m.model_name), m) for m in rows if (m.device_id, m.model_name) in keys)
+        for dep in unknown:
+            model = models.get((dep.device_id, dep.model_name))
+            if model is None:
+                continue
+            sha = model.previous_bundle_sha256 if model.bundle_sha256 == dep.bundle_sha256 else model.bundle_sha256
+            if sha:
+                previous[dep.id] = sha
+    return previous
 
 
 SKIPPED_NAMED = 20

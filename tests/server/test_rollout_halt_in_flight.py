@@ -327,3 +327,33 @@ def test_the_note_of_devices_without_a_previous_bundle_stays_short(
         rollout = session.get(Rollout, rid)
         assert rollout is not None
         assert rollout.detail.endswith(f"no previous bundle to revert: {', '.join(fleet[:20])} and 5 more")
+
+
+def test_a_halt_reverts_a_device_whose_previous_bundle_the_server_learnt_only_after_assigning(
+    client: TestClient, ctx: ServerContext, make_bundle: BundleFactory
+) -> None:
+    """1.1.0 was assigned while the device's 1.0.0 install was still in flight (superseded, previous bundle unknown);
+    the late commit of 1.0.0 then recorded what the device runs. The halt reverts it to 1.0.0, not "no previous
+    bundle" (seen at 10,000 devices: 779 devices left on 1.1.0)."""
+    client.post("/api/v1/devices", json={"device_id": "p0", "hardware_profile": "x86"}, headers=AUTH)
+    old = upload(client, make_bundle("1.0.0", "x86")).json()["release_id"]
+    new = upload(client, make_bundle("1.1.0", "x86")).json()["release_id"]
+    for release in (old, new):
+        body = {"release_id": release, "selector": {"device_ids": ["p0"]}, "stages": [{"percent": 100}], "start": True}
+        assert client.post("/api/v1/rollouts", json=body, headers=AUTH).status_code == 201
+        tick(ctx)
+    v1, v2 = (a for a in assignments(ctx, "p0") if a.mode == "install")
+    installs = {d.version: d for d in _rows(ctx, _rollout_of(ctx, v2.deployment_id), "install")["p0"]}
+    assert installs["1.1.0"].previous_bundle_sha256 is None  # unknown when it was assigned
+    finish(ctx, v1)  # the superseded install commits late: the server now knows the device runs 1.0.0
+    rid = _rollout_of(ctx, v2.deployment_id)
+    assert client.post(f"/api/v1/rollouts/{rid}/rollback", headers=AUTH).status_code == 200
+    back = assignments(ctx, "p0")[-1]
+    assert (back.mode, back.version, back.bundle_sha256) == ("rollback", "1.0.0", v1.bundle_sha256)
+
+
+def _rollout_of(ctx: ServerContext, deployment_id: str) -> str:
+    with ctx.sessions() as session:
+        dep = session.get(Deployment, deployment_id)
+        assert dep is not None and dep.rollout_id is not None
+        return dep.rollout_id
