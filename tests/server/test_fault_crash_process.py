@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from device_agent.store import read_state
+from device_agent.update.archives import archive_name, archives_to_keep
 from edgeota_contract.bundle import sha256_file
 from edgeota_contract.provisioning import DeviceProvisioning
 from edgeota_contract.states import DeploymentState, deployment_transition_allowed
@@ -140,4 +141,6 @@ def test_kill_9_inside_steps_then_the_server_sees_a_consistent_sequence(
             assert sorted(p.name for p in folder.iterdir()) == sorted(f.name for f in info.manifest.files)
             for entry in info.manifest.files:
                 assert sha256_file(folder / entry.name) == entry.sha256
-            assert list((state_dir / "download").iterdir()) == []
+            # The download folder holds only the archives the agent keeps (the committed bundles), no partial file.
+            kept = {archive_name(sha) for sha in archives_to_keep(state)}
+            assert {p.name for p in (state_dir / "download").iterdir()} == kept

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from device_agent.store import read_state
+from device_agent.update.archives import archive_name, archives_to_keep
 from edgeota_contract.provisioning import DeviceProvisioning
 from ota_server.tuf_repo import TufRepository
 from tests.agent.bundles import make_bundle
@@ -95,4 +97,7 @@ def test_agent_installs_through_tuf_and_refuses_expired_metadata(
             )
             assert (dep["state"], dep["reason"]) == ("failed", "repository_metadata_expired"), dep
             assert running_version(server, "tuf-dev") == "1.0.0"
-            assert not list((state / "download").glob("*.bundle"))
+            # Nothing of the refused v2 stays: only the archives the agent keeps of what it committed (v1).
+            kept = {archive_name(sha) for sha in archives_to_keep(read_state(state))}
+            assert {p.name for p in (state / "download").glob("*.bundle")} <= kept
+            assert archive_name(dep["bundle_sha256"]) not in kept
