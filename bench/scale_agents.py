@@ -28,7 +28,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -54,9 +53,9 @@ from bench.fleet_bench import (
     agent_settings,
     default_max_concurrent,
 )
-from bench.scale_bench import AWS_IOT_JOBS_PER_MINUTE, _database, _stored_windows
+from bench.scale_bench import AWS_IOT_JOBS_PER_MINUTE, _database, _stored_windows, start_ingest
 from edgeota.fleet.config import FAST_AGENT_SETTINGS
-from edgeota.fleet.stack import Stack, local_stack, prepare_workdir, server_env
+from edgeota.fleet.stack import local_stack, prepare_workdir
 from ota_server.client import ApiClient, ApiClientError
 from ota_server.client_plans import StagePlan
 
@@ -173,23 +172,6 @@ def append_run(target: Path, entry: Mapping[str, Any]) -> list[Any]:
     return runs
 
 
-def _start_ingest(stack: Stack, count: int, extra: dict[str, str]) -> list[int]:
-    """``count`` ``edgeota server ingest`` processes on the stack's broker and database (as the emulated runs)."""
-    env = {
-        **server_env(
-            stack.workdir / "server",
-            1,
-            stack.broker,
-            stack.admin_token,
-            stack.release_key_path.with_name("release.pub.pem"),
-        ),
-        **extra,
-        "EDGEOTA_SERVER_MQTT_SUBSCRIBE": "true",
-    }
-    argv = [sys.executable, "-m", "edgeota.cli", "server", "ingest", "--instance"]
-    return [stack.supervisor.start(f"ingest-{k}", [*argv, str(k)], env=env).pid for k in range(count)]
-
-
 def bench_agents(devices: int, ingest_processes: int, database: str, timeout: float = 0.0) -> dict[str, Any]:
     """One real-agent run (see the module docstring); a missed goal or a failed phase is recorded, not raised.
 
@@ -218,7 +200,7 @@ def bench_agents(devices: int, ingest_processes: int, database: str, timeout: fl
             ApiClient.connect(stack.server_url, stack.admin_token, 120) as api,
         ):
             server_pids = [child.pid for child in stack.supervisor.children]
-            server_pids += _start_ingest(stack, ingest_processes, extra)
+            server_pids += start_ingest(stack, ingest_processes, extra)
             v1, v2, _ = _releases(stack)
             ids = [api.upload(r.bundles[PROFILE]).release_id for r in (v1, v2)]
             wire = WireCounter(stack.broker.host, stack.broker.port)

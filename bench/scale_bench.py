@@ -43,7 +43,7 @@ import psutil
 
 from bench.fleet_bench import Peaks
 from edgeota.emulator.fleet import EmulatedFleet, EmulatorConfig
-from edgeota.fleet.stack import local_stack, prepare_workdir, server_env
+from edgeota.fleet.stack import Stack, local_stack, prepare_workdir, server_env
 from ota_server.client import ApiClient, ApiClientError
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -142,6 +142,24 @@ def _stored_windows(db_url: str, prefix: str) -> tuple[int, int]:
         engine.dispose()
 
 
+def start_ingest(stack: Stack, count: int, extra: dict[str, str]) -> list[int]:
+    """``count`` ``edgeota server ingest`` processes on the stack's broker and database, under its supervisor;
+    their pids. ``extra``: the server settings of the run (database, shared-subscription group)."""
+    env = {
+        **server_env(
+            stack.workdir / "server",
+            1,
+            stack.broker,
+            stack.admin_token,
+            stack.release_key_path.with_name("release.pub.pem"),
+        ),
+        **extra,
+        "EDGEOTA_SERVER_MQTT_SUBSCRIBE": "true",
+    }
+    argv = [sys.executable, "-m", "edgeota.cli", "server", "ingest", "--instance"]
+    return [stack.supervisor.start(f"ingest-{k}", [*argv, str(k)], env=env).pid for k in range(count)]
+
+
 def bench_run(
     devices: int, ingest_processes: int, database: str, timeout: float, idle_seconds: float
 ) -> dict[str, Any]:
@@ -161,20 +179,7 @@ def bench_run(
             extra.update({"EDGEOTA_SERVER_MQTT_SHARED_GROUP": group, "EDGEOTA_SERVER_MQTT_SUBSCRIBE": "false"})
         with local_stack(workdir, "mosquitto", server_env_extra=extra) as stack:
             server_pids = [child.pid for child in stack.supervisor.children]
-            ingest_env = {
-                **server_env(
-                    workdir / "server",
-                    1,
-                    stack.broker,
-                    stack.admin_token,
-                    stack.release_key_path.with_name("release.pub.pem"),
-                ),
-                **extra,
-                "EDGEOTA_SERVER_MQTT_SUBSCRIBE": "true",
-            }
-            for k in range(ingest_processes):
-                argv = [sys.executable, "-m", "edgeota.cli", "server", "ingest", "--instance", str(k)]
-                server_pids.append(stack.supervisor.start(f"ingest-{k}", argv, env=ingest_env).pid)
+            server_pids += start_ingest(stack, ingest_processes, extra)
             peaks = Peaks({"server": server_pids, "broker": [stack.broker.pid], "devices": [os.getpid()]})
             try:
                 _phases(stack, devices, prefix, db_url, timeout, idle_seconds, peaks, out)

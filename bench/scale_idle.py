@@ -202,7 +202,7 @@ def idle_run(
     workdir: Path | None = None,
 ) -> dict[str, Any]:
     """One idle run (see the module docstring); never raises for what it measures, records an error instead."""
-    from bench.scale_bench import PROFILE, WORK, _database, _stored_windows
+    from bench.scale_bench import PROFILE, WORK, _database, _stored_windows, start_ingest
 
     workdir = prepare_workdir(workdir or WORK / f"idle-{devices}-{ingest_processes}-{database}")
     prefix = f"i{uuid.uuid4().hex[:6]}"
@@ -229,10 +229,7 @@ def idle_run(
                 **extra,
             }
             server_pids = [child.pid for child in stack.supervisor.children]
-            for k in range(ingest_processes):
-                argv = [sys.executable, "-m", "edgeota.cli", "server", "ingest", "--instance", str(k)]
-                ingest_env = {**env, "EDGEOTA_SERVER_MQTT_SUBSCRIBE": "true"}
-                server_pids.append(stack.supervisor.start(f"ingest-{k}", argv, env=ingest_env).pid)
+            server_pids += start_ingest(stack, ingest_processes, extra)
             try:
                 emulator = EmulatorConfig(
                     devices=devices,

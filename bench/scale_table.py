@@ -52,8 +52,14 @@ def rollout_rows(runs: list[dict[str, Any]]) -> list[str]:
         kind = "emulated" if run.get("emulated") else "real agents"
         telemetry = f"{_n(run.get('telemetry_sent'))} / {_n(run.get('telemetry_stored'))} / "
         telemetry += _n(run.get("telemetry_doubled"))
+        if "telemetry_sent" not in run:
+            telemetry = "not run"
         halt = run.get("seconds_halt_to_all_reverted")
         halt_text = _n(halt, " s") if halt is not None else f"not reached ({_n(run.get('reverted'))} back)"
+        if "seconds_halt_to_all_reverted" not in run:
+            halt_text = "not run"
+        if run.get("error"):  # a phase broke: the run stopped there (its entry says why)
+            halt_text += " (stopped: see `error`)"
         rows.append(
             f"| {run['devices']:,} | {kind} | {run.get('ingest_processes', 0)} | {_n(run.get('committed'))} "
             f"| {_n(run.get('seconds_to_all_committed'), ' s')} | {_per_minute(run)} | {halt_text} | {telemetry} "
