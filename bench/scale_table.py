@@ -29,7 +29,7 @@ def _n(value: Any, unit: str = "", digits: int = 1, missing: str = "not reached"
 
 def _rss(run: dict[str, Any], key: str = "peak_rss_mb") -> str:
     rss = run.get(key) or {}
-    return " / ".join(f"{rss.get(k, 0):,.0f}" for k in ("server", "broker", "devices"))
+    return " / ".join("-" if rss.get(k) is None else f"{rss[k]:,.0f}" for k in ("server", "broker", "devices"))
 
 
 def _per_minute(run: dict[str, Any]) -> str:
