@@ -226,8 +226,8 @@ class EmulatedFleet:
         every session with a DISCONNECT, so the broker publishes no last will; stops the loop.
 
         Returns ``presence_not_cleared`` (clearing messages the broker had not acknowledged in time, plus devices
-        not connected when asked) and ``disconnects_aborted`` (sessions dropped without a DISCONNECT: their will,
-        a retained "offline", is left on the broker).
+        not connected when asked) and ``disconnects_aborted`` (sessions dropped without a DISCONNECT, those not
+        closed within another ``timeout`` seconds included: their will, a retained "offline", is left on the broker).
         """
         self.stop_telemetry()
         infos: list[mqtt.MQTTMessageInfo] = []
@@ -241,13 +241,18 @@ class EmulatedFleet:
         while time.monotonic() < deadline and not all(info.is_published() for info in infos):
             time.sleep(0.2)
         missing = sum(1 for info in infos if not info.is_published())
+        # The disconnects get as long again; what is left then is dropped by the loop's stop (a busy loop at
+        # 10,000 devices took minutes per thousand, one removal at a time).
+        deadline = time.monotonic() + timeout
 
         def leave_one(device: EmulatedDevice) -> bool:
             # DISCONNECT and removal together: the loop reconnects a closed session it still manages after a
             # second, so disconnecting every device before removing any let the last ones come back online
             # (and their last will then left a retained "offline").
+            if time.monotonic() >= deadline:
+                return False
             device.client.disconnect()
-            return self.loop.remove(device.client, timeout=5.0)
+            return self.loop.remove(device.client, timeout=max(0.05, min(5.0, deadline - time.monotonic())))
 
         with ThreadPoolExecutor(16) as pool:
             aborted = sum(1 for ok in pool.map(leave_one, self.devices) if not ok)
