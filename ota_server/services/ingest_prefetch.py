@@ -1,7 +1,7 @@
 """What a batch of device messages needs looked up, loaded in a few queries before its handlers run.
 
 A batch of messages applied in one transaction (``ota_server.ingest_queue``) first calls
-:func:`prefetch`: one query loads the batch's devices and one each finds the status msg ids and
+:func:`prefetch`: one query loads (on PostgreSQL: locks) the batch's devices and one each finds the status msg ids and
 telemetry keys already stored, so the handlers (:mod:`ota_server.services.ingest`) need no lookup per
 message for them (and sets ``last_seen`` once per device). With ``lookups`` (the batch's fast pass) it
 also loads the devices' model rows and the check-in devices' deployments, so a heartbeat check-in costs
@@ -92,13 +92,13 @@ def prefetch(
 ) -> Known:
     """Load the batch's devices into the session and find which of its reports are stored already.
 
-    At most six queries whatever the batch size (devices, their reported deployments, status msg
-    ids, telemetry keys and, with ``lookups``, the devices' model rows and the check-in devices'
-    deployments); the rows stay in the session for the handlers' lookups. Without ``lookups`` the
+    At most nine queries whatever the batch size (devices, the reported and the telemetry bundles, the reported
+    deployments with their rollouts' locks (three on PostgreSQL, see :func:`lock_reported`), status msg ids,
+    telemetry keys and, with ``lookups``, the devices' model rows and the check-in devices' deployments); the
+    rows stay in the session for the handlers' lookups. Without ``lookups`` the
     handlers query model rows and deployments themselves (the careful pass: a savepoint rolled back
     must not leave a row in :class:`Known` that the session no longer holds). ``aggregation``: how
-    telemetry windows are grouped into aggregates (default :class:`AggregationConfig`); one more query
-    finds the hardware profile of the batch's telemetry bundles. ``bulk_windows``: the telemetry handler
+    telemetry windows are grouped into aggregates (default :class:`AggregationConfig`). ``bulk_windows``: the telemetry handler
     stages plain window rows for :func:`flush_windows` instead of adding ORM objects (the fast pass: nothing
     is written before the batch's one insert, so no savepoint can roll back a row it holds).
     """
@@ -132,9 +132,14 @@ def prefetch(
                 for dep in session.scalars(select(Deployment).where(Deployment.device_id.in_(checkins))):
                     known.deployments[dep.device_id].append(dep)
         statuses = [m for _, m in batch if isinstance(m, StatusReport)]
-        if statuses:  # a committed report records the running bundle: its row, without a query per report
-            shas = {m.bundle_sha256 for m in statuses}
-            known.rows.extend(session.scalars(select(Bundle).where(Bundle.sha256.in_(shas))))
+        telemetry = [m for _, m in batch if isinstance(m, TelemetryWindow)]
+        shas = {m.bundle_sha256 for m in statuses} | {m.bundle_sha256 for m in telemetry}
+        if shas:  # one query: a committed report records its running bundle, a window needs its bundle's profile
+            bundles = {b.sha256: b for b in session.scalars(select(Bundle).where(Bundle.sha256.in_(shas)))}
+            known.rows.extend(bundles.values())
+            for window in telemetry:
+                bundle = bundles.get(window.bundle_sha256)
+                known.bundle_profiles[window.bundle_sha256] = bundle.hardware_profile if bundle is not None else None
         deployment_ids = {m.deployment_id for m in statuses}
         if deployment_ids:
             if session.get_bind().dialect.name == "sqlite":
@@ -147,12 +152,6 @@ def prefetch(
         windows = {(d, m.boot_id, m.seq) for d, m in batch if isinstance(m, TelemetryWindow)}
         if windows:
             known.windows.update(_stored_windows(session, sorted(windows)))
-            shas = {m.bundle_sha256 for _, m in batch if isinstance(m, TelemetryWindow)}
-            known.bundle_profiles = dict.fromkeys(shas)
-            for sha, profile in session.execute(
-                select(Bundle.sha256, Bundle.hardware_profile).where(Bundle.sha256.in_(shas))
-            ):
-                known.bundle_profiles[sha] = profile
     return known
 
 
