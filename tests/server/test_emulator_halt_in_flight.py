@@ -13,7 +13,6 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +22,12 @@ from edgeota.emulator.fleet import EmulatedFleet, EmulatorConfig
 from tests.conftest import Broker
 from tests.server.conftest import ADMIN, BundleFactory, Keys
 from tests.server.procs import ServerProcess
+from tests.server.test_server_process import wait_for
 
 pytestmark = pytest.mark.integration
 DEVICES = 24
 HOLD_SECONDS = 4.0
 """How long each 1.1.0 download is held: the window in which the rollback is ordered."""
-
-
-def _until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _deployments(db: Path, rollout_id: str) -> list[tuple[str, str, str, str, str | None, str]]:
@@ -74,7 +64,9 @@ def test_a_rollback_ordered_while_installs_are_in_flight_brings_every_device_bac
                 "start": True,
             }
             first = server.api("POST", "/api/v1/rollouts", json=body)["rollout_id"]
-            _until(lambda: server.api("GET", f"/api/v1/rollouts/{first}")["state"] == "completed", 60, "v1 everywhere")
+            wait_for(
+                lambda: server.api("GET", f"/api/v1/rollouts/{first}")["state"] == "completed", 60, "v1 everywhere"
+            )
             assert fleet.snapshot().versions == {"1.0.0": DEVICES}
 
             for device in fleet.devices:
@@ -88,7 +80,7 @@ def test_a_rollback_ordered_while_installs_are_in_flight_brings_every_device_bac
                 counts: dict[str, int] = server.api("GET", f"/api/v1/rollouts/{second}")["counts"]
                 return counts["downloading"] > 0 and counts["notified"] + counts["downloading"] == DEVICES
 
-            _until(in_flight, 30, "every device sent 1.1.0, some downloading it")
+            wait_for(in_flight, 30, "every device sent 1.1.0, some downloading it")
             ordered = time.monotonic()
             server.api("POST", f"/api/v1/rollouts/{second}/rollback", json={"reason": "test"})
             for device in fleet.devices:
@@ -104,14 +96,14 @@ def test_a_rollback_ordered_while_installs_are_in_flight_brings_every_device_bac
 
             # Each device finishes the cancelled 1.1.0 (it never heard the cancel), then the rollback it queued:
             # 1.0.0, 1.1.0, 1.0.0 again.
-            _until(
+            wait_for(
                 lambda: fleet.snapshot().committed == 3 * DEVICES and fleet.snapshot().versions == {"1.0.0": DEVICES},
                 60,
                 "every device through 1.1.0 and back on 1.0.0",
             )
             back_after = time.monotonic() - ordered
             expected = {"ordered": DEVICES, "reverted": DEVICES, "pending": 0, "not_reverted": 0}
-            _until(
+            wait_for(
                 lambda: server.api("GET", f"/api/v1/rollouts/{second}")["revert"] == expected,
                 30,
                 "the revert summary saying every device reverted",
